@@ -1,0 +1,434 @@
+//! The job file: what to train, on which data, for how long.
+//!
+//! Parsing rejects unknown keys and wrong types with the line and column of the offence;
+//! [`JobConfig::validate`] then checks the values against each other. See the README's
+//! "Job file" section for every key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid job file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid job file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// A name for the run, used in logs and output paths.
+    #[serde(default = "default_name")]
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    pub output: OutputSpec,
+}
+
+/// The model shape: a preset, optionally with fields overridden, or a full explicit shape
+/// (`preset = "custom"` is implied when no preset is named).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub preset: Option<String>,
+    pub vocab_size: Option<i64>,
+    pub dim: Option<i64>,
+    pub n_layers: Option<i64>,
+    pub n_heads: Option<i64>,
+    pub n_kv_heads: Option<i64>,
+    pub head_dim: Option<i64>,
+    pub ffn_dim: Option<i64>,
+    pub norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub max_seq_len: Option<i64>,
+    pub tie_embeddings: Option<bool>,
+    /// Start from these weights (a Hugging Face Llama directory) instead of a random init.
+    pub init_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Directory holding the dataset's `manifest.json` (written by `kiln prepare`).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Tokens per training sequence.
+    pub seq_len: i64,
+    /// Sequences per optimizer step.
+    pub batch_size: i64,
+    /// Sequences per forward/backward pass; `batch_size / micro_batch_size` micro-batches
+    /// are accumulated per step. Defaults to `batch_size` (no accumulation).
+    pub micro_batch_size: Option<i64>,
+    pub steps: i64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16`.
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    /// Intra-op CPU threads for libtorch; 0 keeps libtorch's default.
+    #[serde(default)]
+    pub threads: i64,
+    #[serde(default = "default_log_every")]
+    pub log_every: i64,
+    /// Evaluate on the validation split every N steps (and after the last); 0 disables.
+    #[serde(default = "default_eval_every")]
+    pub eval_every: i64,
+    /// Validation batches per evaluation (of `micro_batch_size` sequences).
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: i64,
+}
+
+/// Every field has a default, so `[optimizer]` may name only what it changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerSpec {
+    pub lr: f64,
+    /// The floor the decay ends at, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: i64,
+    /// `cosine`, `linear` or `constant` after warmup.
+    pub schedule: String,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Apply weight decay to embeddings (and a tied output head) too.
+    pub decay_embeddings: bool,
+    /// Apply weight decay to RMSNorm gains too.
+    pub decay_norms: bool,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            lr: 3e-4,
+            min_lr_ratio: 0.1,
+            warmup_steps: 0,
+            schedule: "cosine".into(),
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            decay_embeddings: false,
+            decay_norms: false,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Directory for the final weights (a Hugging Face Llama directory) and the metrics log.
+    pub dir: PathBuf,
+}
+
+fn default_name() -> String {
+    "kiln".into()
+}
+fn default_seed() -> u64 {
+    1234
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_precision() -> String {
+    "auto".into()
+}
+fn default_log_every() -> i64 {
+    10
+}
+fn default_eval_every() -> i64 {
+    100
+}
+fn default_eval_batches() -> i64 {
+    8
+}
+
+impl JobConfig {
+    /// Reads, parses and validates a job file. Relative paths inside it are resolved against
+    /// the job file's directory.
+    pub fn load(path: &Path) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut job = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        job.resolve_paths(base);
+        job.validate(path)?;
+        Ok(job)
+    }
+
+    /// Parses job-file text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, JobError> {
+        toml::from_str(text).map_err(|e| JobError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(text, &e),
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data.path);
+        resolve(&mut self.output.dir);
+        if let Some(p) = self.model.init_from.as_mut() {
+            resolve(p);
+        }
+    }
+
+    /// Micro-batch size, defaulting to the whole batch.
+    pub fn micro_batch_size(&self) -> i64 {
+        self.train.micro_batch_size.unwrap_or(self.train.batch_size)
+    }
+
+    /// Micro-batches accumulated per optimizer step.
+    pub fn accumulation_steps(&self) -> i64 {
+        self.train.batch_size / self.micro_batch_size()
+    }
+
+    /// Checks values against each other; `path` only names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), JobError> {
+        let fail = |key: &'static str, message: String| {
+            Err(JobError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })
+        };
+        let t = &self.train;
+        let o = &self.optimizer;
+        if t.seq_len < 2 {
+            return fail(
+                "train.seq_len",
+                format!("must be at least 2, got {}", t.seq_len),
+            );
+        }
+        if t.batch_size < 1 {
+            return fail(
+                "train.batch_size",
+                format!("must be at least 1, got {}", t.batch_size),
+            );
+        }
+        let mb = self.micro_batch_size();
+        if mb < 1 || t.batch_size % mb != 0 {
+            return fail(
+                "train.micro_batch_size",
+                format!("must divide train.batch_size ({}), got {mb}", t.batch_size),
+            );
+        }
+        if t.steps < 1 {
+            return fail(
+                "train.steps",
+                format!("must be at least 1, got {}", t.steps),
+            );
+        }
+        if t.log_every < 1 {
+            return fail(
+                "train.log_every",
+                format!("must be at least 1, got {}", t.log_every),
+            );
+        }
+        if t.eval_every < 0 || t.eval_batches < 1 {
+            return fail(
+                "train.eval_every",
+                "eval_every must be >= 0 and eval_batches >= 1".into(),
+            );
+        }
+        if t.threads < 0 {
+            return fail("train.threads", format!("must be >= 0, got {}", t.threads));
+        }
+        if !matches!(t.precision.as_str(), "auto" | "fp32" | "bf16") {
+            return fail(
+                "train.precision",
+                format!("expected auto, fp32 or bf16, got {:?}", t.precision),
+            );
+        }
+        let device_ok = t.device == "auto"
+            || t.device == "cpu"
+            || t.device == "cuda"
+            || t.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            return fail(
+                "train.device",
+                format!("expected auto, cpu, cuda or cuda:N, got {:?}", t.device),
+            );
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return fail(
+                "optimizer.lr",
+                format!("must be a positive number, got {}", o.lr),
+            );
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return fail(
+                "optimizer.min_lr_ratio",
+                format!("must be in [0, 1], got {}", o.min_lr_ratio),
+            );
+        }
+        if o.warmup_steps < 0 {
+            return fail(
+                "optimizer.warmup_steps",
+                format!("must be >= 0, got {}", o.warmup_steps),
+            );
+        }
+        if !matches!(o.schedule.as_str(), "cosine" | "linear" | "constant") {
+            return fail(
+                "optimizer.schedule",
+                format!("expected cosine, linear or constant, got {:?}", o.schedule),
+            );
+        }
+        for (key, b) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return fail(key, format!("must be in [0, 1), got {b}"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return fail("optimizer.eps", format!("must be positive, got {}", o.eps));
+        }
+        if o.weight_decay < 0.0 {
+            return fail(
+                "optimizer.weight_decay",
+                format!("must be >= 0, got {}", o.weight_decay),
+            );
+        }
+        if o.grad_clip < 0.0 {
+            return fail(
+                "optimizer.grad_clip",
+                format!("must be >= 0 (0 disables), got {}", o.grad_clip),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Renders a TOML error as "line L, column C: what", so the user can find it without the
+/// multi-line snippet the toml crate prints.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end_matches('\n').to_owned();
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
+/// One-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+preset = "tiny"
+
+[data]
+path = "data"
+
+[train]
+seq_len = 64
+batch_size = 8
+micro_batch_size = 4
+steps = 10
+
+[output]
+dir = "out"
+"#;
+
+    fn parse(text: &str) -> Result<JobConfig, JobError> {
+        let job = JobConfig::parse(text, Path::new("job.toml"))?;
+        job.validate(Path::new("job.toml"))?;
+        Ok(job)
+    }
+
+    #[test]
+    fn good_file_gets_defaults() {
+        let job = parse(GOOD).unwrap();
+        assert_eq!(job.accumulation_steps(), 2);
+        assert_eq!(job.optimizer, OptimizerSpec::default());
+        assert_eq!(job.train.device, "auto");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let text = GOOD.replace("steps = 10", "steps = 10\nlearning_rate = 0.1");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 14, column 1"), "{err}");
+        assert!(err.contains("unknown field `learning_rate`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_column() {
+        let text = GOOD.replace("seq_len = 64", "seq_len = \"long\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 10, column 11"), "{err}");
+        assert!(
+            err.contains("invalid type: string \"long\", expected i64"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn values_are_checked_against_each_other() {
+        let text = GOOD.replace("micro_batch_size = 4", "micro_batch_size = 3");
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid job file job.toml: train.micro_batch_size: must divide train.batch_size (8), got 3"
+        );
+        let text = format!("{GOOD}\n[optimizer]\nschedule = \"step\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("optimizer.schedule: expected cosine, linear or constant"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_job_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let job = JobConfig::load(&path).unwrap();
+        assert_eq!(job.data.path, dir.path().join("data"));
+        assert_eq!(job.output.dir, dir.path().join("out"));
+    }
+}

@@ -1,0 +1,133 @@
+//! The dataset manifest: `manifest.json` at the root of a dataset written by `kiln prepare`.
+//!
+//! It names the tokenizer, the vocabulary size and the end-of-document id, and lists every
+//! Parquet shard of each split with its document and token counts and a SHA-256 checksum.
+//! Readers trust nothing that the manifest does not vouch for.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The value of [`Manifest::format`].
+pub const FORMAT: &str = "kiln-token-shards";
+/// The version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// The file name of the manifest inside a dataset directory.
+pub const FILE_NAME: &str = "manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("no dataset at {dir}: {file} is missing; run `kiln prepare` to create one")]
+    Missing { dir: PathBuf, file: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid dataset manifest: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub tokenizer: TokenizerInfo,
+    /// Number of token ids the tokenizer can produce; every token is below it.
+    pub vocab_size: u32,
+    /// The id appended after each document.
+    pub eos_id: u32,
+    /// Name of the list column that holds each document's tokens.
+    pub token_column: String,
+    pub train: Split,
+    pub validation: Split,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerInfo {
+    /// `gpt2`, `cl100k_base`, `o200k_base` or `huggingface`.
+    pub kind: String,
+    /// For `huggingface`: the SHA-256 of the `tokenizer.json` used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    pub documents: u64,
+    pub tokens: u64,
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardInfo {
+    /// Path relative to the dataset directory.
+    pub path: String,
+    pub documents: u64,
+    pub tokens: u64,
+    pub row_groups: u64,
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Reads `DIR/manifest.json` and checks its format and version.
+    pub fn load(dir: &Path) -> Result<Self, ManifestError> {
+        let path = dir.join(FILE_NAME);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ManifestError::Missing {
+                    dir: dir.to_owned(),
+                    file: path,
+                })
+            }
+            Err(source) => return Err(ManifestError::Read { path, source }),
+        };
+        let invalid = |message: String| ManifestError::Invalid {
+            path: path.clone(),
+            message,
+        };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if m.format != FORMAT {
+            return Err(invalid(format!(
+                "format is {:?}, expected {FORMAT:?}",
+                m.format
+            )));
+        }
+        if m.version != VERSION {
+            return Err(invalid(format!(
+                "version {} is not supported by this build (it reads version {VERSION})",
+                m.version
+            )));
+        }
+        if m.eos_id >= m.vocab_size {
+            return Err(invalid(format!(
+                "eos_id {} is not below vocab_size {}",
+                m.eos_id, m.vocab_size
+            )));
+        }
+        for split in [&m.train, &m.validation] {
+            for s in &split.shards {
+                let p = Path::new(&s.path);
+                if p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
+                    return Err(invalid(format!(
+                        "shard path {:?} must be relative and stay inside the dataset",
+                        s.path
+                    )));
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn to_json(&self) -> String {
+        // A manifest is plain data; serialization cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,341 @@
+//! The token shard: one Parquet file, one row per document.
+//!
+//! Schema (written by [`ShardWriter`], read by [`read_shard`]):
+//!
+//! | column   | Arrow type                  | meaning                                        |
+//! |----------|-----------------------------|------------------------------------------------|
+//! | `doc_id` | `int64`, not null           | index of the document in the prepared corpus   |
+//! | `tokens` | `list<int32 not null>`, not null | the document's token ids, EOS appended    |
+//!
+//! Row groups hold about [`ROW_GROUP_TOKENS`] tokens each (a document is never split);
+//! columns are zstd-compressed. Any Parquet reader (pyarrow, DuckDB, Spark) reads it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{Int32Builder, ListBuilder};
+use arrow_array::{Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+use crate::tokenizer::hex;
+
+/// Target tokens per row group: large enough for efficient reads, small enough to stream.
+pub const ROW_GROUP_TOKENS: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {path} is missing")]
+    Missing { path: PathBuf },
+    #[error("cannot read shard {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "shard {path} is corrupt: its SHA-256 is {actual} but the manifest records {expected}; prepare the dataset again or restore the file"
+    )]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("shard {path} is not a readable Parquet file: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("shard {path}: column {column:?} {problem}")]
+    Column {
+        path: PathBuf,
+        column: String,
+        problem: String,
+    },
+    #[error(
+        "shard {path} holds token {token} (document {doc}) but the tokenizer has {vocab_size} ids"
+    )]
+    TokenOutOfRange {
+        path: PathBuf,
+        doc: u64,
+        token: i64,
+        vocab_size: u32,
+    },
+    #[error("shard {path}: {field} is {actual} but the manifest records {expected}")]
+    CountMismatch {
+        path: PathBuf,
+        field: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("cannot write shard {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Int64, false),
+        Field::new(
+            "tokens",
+            DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
+            false,
+        ),
+    ]))
+}
+
+/// What a finished shard holds, for the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardSummary {
+    pub documents: u64,
+    pub tokens: u64,
+    pub row_groups: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes documents into one shard, cutting row groups every [`ROW_GROUP_TOKENS`] tokens.
+pub struct ShardWriter {
+    path: PathBuf,
+    writer: ArrowWriter<File>,
+    ids: Vec<i64>,
+    tokens: ListBuilder<Int32Builder>,
+    pending_tokens: usize,
+    documents: u64,
+    total_tokens: u64,
+    row_groups: u64,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path) -> Result<Self, ShardError> {
+        let write_err = |message: String| ShardError::Write {
+            path: path.to_owned(),
+            message,
+        };
+        let file = File::create(path).map_err(|e| write_err(e.to_string()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).map_err(|e| write_err(e.to_string()))?,
+            ))
+            .set_max_row_group_row_count(None)
+            .build();
+        let writer = ArrowWriter::try_new(file, schema(), Some(props))
+            .map_err(|e| write_err(e.to_string()))?;
+        Ok(ShardWriter {
+            path: path.to_owned(),
+            writer,
+            ids: Vec::new(),
+            tokens: ListBuilder::new(Int32Builder::new()).with_field(Arc::new(Field::new(
+                "item",
+                DataType::Int32,
+                false,
+            ))),
+            pending_tokens: 0,
+            documents: 0,
+            total_tokens: 0,
+            row_groups: 0,
+        })
+    }
+
+    pub fn push(&mut self, doc_id: u64, tokens: &[u32]) -> Result<(), ShardError> {
+        self.ids.push(doc_id as i64);
+        for &t in tokens {
+            self.tokens.values().append_value(t as i32);
+        }
+        self.tokens.append(true);
+        self.pending_tokens += tokens.len();
+        self.documents += 1;
+        self.total_tokens += tokens.len() as u64;
+        if self.pending_tokens >= ROW_GROUP_TOKENS {
+            self.flush_row_group()?;
+        }
+        Ok(())
+    }
+
+    fn flush_row_group(&mut self) -> Result<(), ShardError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let ids: ArrayRef = Arc::new(Int64Array::from(std::mem::take(&mut self.ids)));
+        let tokens: ArrayRef = Arc::new(self.tokens.finish());
+        let batch =
+            RecordBatch::try_new(schema(), vec![ids, tokens]).map_err(|e| ShardError::Write {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        self.writer
+            .write(&batch)
+            .and_then(|()| self.writer.flush())
+            .map_err(|e| ShardError::Write {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        self.pending_tokens = 0;
+        self.row_groups += 1;
+        Ok(())
+    }
+
+    /// Closes the file and returns its summary, checksum included.
+    pub fn finish(mut self) -> Result<ShardSummary, ShardError> {
+        self.flush_row_group()?;
+        self.writer.close().map_err(|e| ShardError::Write {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        let (bytes, sha256) = file_sha256(&self.path)?;
+        Ok(ShardSummary {
+            documents: self.documents,
+            tokens: self.total_tokens,
+            row_groups: self.row_groups,
+            bytes,
+            sha256,
+        })
+    }
+}
+
+/// Size and SHA-256 of a file.
+pub fn file_sha256(path: &Path) -> Result<(u64, String), ShardError> {
+    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(|e| io_error(path, e))?;
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ShardError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ShardError::Missing {
+            path: path.to_owned(),
+        }
+    } else {
+        ShardError::Io {
+            path: path.to_owned(),
+            source: e,
+        }
+    }
+}
+
+/// The documents of one shard: their ids and their tokens, concatenated.
+#[derive(Debug, Default)]
+pub struct ShardTokens {
+    pub doc_ids: Vec<u64>,
+    /// `offsets[i]..offsets[i + 1]` are document i's tokens; `offsets.len() == docs + 1`.
+    pub offsets: Vec<usize>,
+    pub tokens: Vec<u32>,
+}
+
+/// Reads a shard's `column` of token lists, checking every id against `vocab_size`.
+pub fn read_shard(path: &Path, column: &str, vocab_size: u32) -> Result<ShardTokens, ShardError> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let parquet_err = |e: &dyn std::fmt::Display| ShardError::Parquet {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| parquet_err(&e))?
+        .build()
+        .map_err(|e| parquet_err(&e))?;
+    let mut out = ShardTokens {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    for batch in reader {
+        let batch = batch.map_err(|e| parquet_err(&e))?;
+        let col_err = |problem: String| ShardError::Column {
+            path: path.to_owned(),
+            column: column.to_owned(),
+            problem,
+        };
+        let list = batch
+            .column_by_name(column)
+            .ok_or_else(|| col_err("is not in the file".into()))?;
+        let list = list.as_any().downcast_ref::<ListArray>().ok_or_else(|| {
+            col_err(format!(
+                "has type {}, expected list<int32>",
+                list.data_type()
+            ))
+        })?;
+        let values = list
+            .values()
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| {
+                col_err(format!(
+                    "has type {}, expected list<int32>",
+                    list.data_type()
+                ))
+            })?;
+        let ids = batch
+            .column_by_name("doc_id")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
+        let list_offsets = list.value_offsets();
+        for row in 0..list.len() {
+            let doc = ids
+                .as_ref()
+                .map_or(out.doc_ids.len() as u64, |ids| ids.value(row) as u64);
+            let (start, end) = (list_offsets[row] as usize, list_offsets[row + 1] as usize);
+            for i in start..end {
+                let t = values.value(i);
+                if t < 0 || t as u32 >= vocab_size {
+                    return Err(ShardError::TokenOutOfRange {
+                        path: path.to_owned(),
+                        doc,
+                        token: t as i64,
+                        vocab_size,
+                    });
+                }
+                out.tokens.push(t as u32);
+            }
+            out.doc_ids.push(doc);
+            out.offsets.push(out.tokens.len());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.parquet");
+        let mut w = ShardWriter::create(&path).unwrap();
+        w.push(3, &[1, 2, 3, 9]).unwrap();
+        w.push(5, &[4, 9]).unwrap();
+        let summary = w.finish().unwrap();
+        assert_eq!(
+            (summary.documents, summary.tokens, summary.row_groups),
+            (2, 6, 1)
+        );
+        let got = read_shard(&path, "tokens", 10).unwrap();
+        assert_eq!(got.doc_ids, vec![3, 5]);
+        assert_eq!(got.offsets, vec![0, 4, 6]);
+        assert_eq!(got.tokens, vec![1, 2, 3, 9, 4, 9]);
+        let err = read_shard(&path, "tokens", 9).unwrap_err().to_string();
+        assert!(
+            err.ends_with("holds token 9 (document 3) but the tokenizer has 9 ids"),
+            "{err}"
+        );
+        let err = read_shard(&path, "ids", 10).unwrap_err().to_string();
+        assert!(err.ends_with("column \"ids\" is not in the file"), "{err}");
+        let err = read_shard(&path, "doc_id", 10).unwrap_err().to_string();
+        assert!(
+            err.ends_with("column \"doc_id\" has type Int64, expected list<int32>"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_file_is_a_parquet_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.parquet");
+        let mut w = ShardWriter::create(&path).unwrap();
+        w.push(0, &[1, 2, 3]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = read_shard(&path, "tokens", 10).unwrap_err();
+        assert!(matches!(err, ShardError::Parquet { .. }), "{err}");
+    }
+}

@@ -1,0 +1,344 @@
+//! `kiln`: the command-line front end. Each subcommand parses its arguments, validates them
+//! into a library config and calls the library; nothing here trains or tokenizes by itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kiln_proto::job::JobConfig;
+use kiln_shard_loader::dataset::SplitName;
+use kiln_shard_loader::prepare::{prepare, PrepareOptions};
+use kiln_shard_loader::{TokenDataset, Tokenizer};
+use kiln_worker::device::{resolve_bf16, resolve_device};
+use kiln_worker::eval::evaluate;
+use kiln_worker::generate::{generate, SampleOptions};
+use kiln_worker::hf::{self, SaveOptions};
+use kiln_worker::model::DecayPolicy;
+use kiln_worker::train::{train, Event, KILN_META};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Pre-train Llama-style language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize text or JSONL files into a dataset of Parquet token shards.
+    Prepare {
+        /// Files, directories or glob patterns to read.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Output directory for the shards and manifest.json.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// gpt2, cl100k_base, o200k_base, or the path of a Hugging Face tokenizer.json.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// End-of-document token of a tokenizer.json (found automatically when common).
+        #[arg(long)]
+        eos_token: Option<String>,
+        /// Field holding the text in JSONL files.
+        #[arg(long, default_value = "text")]
+        text_key: String,
+        /// Share of documents held out for validation (every round(1/f)-th document).
+        #[arg(long, default_value_t = 0.05)]
+        val_fraction: f64,
+        /// Start a new shard after about this many tokens.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: u64,
+        /// Replace an existing dataset in the output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Train a model as a job file describes.
+    Train {
+        job: PathBuf,
+        /// Print nothing but errors (the metrics log is still written).
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Generate text from trained weights.
+    Sample {
+        /// A model directory (Kiln's output or a Hugging Face Llama directory).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 50)]
+        top_k: i64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Tokenizer name or tokenizer.json; defaults to the one the model was trained with.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Print the mean next-token cross-entropy of a model on a dataset split, as JSON.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// A dataset directory written by `kiln prepare`.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "validation")]
+        split: String,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Evaluate at most this many sequences (default: the whole split).
+        #[arg(long)]
+        max_sequences: Option<usize>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Write a model directory as a Hugging Face directory (optionally bf16, sharded).
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// float32 or bfloat16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        /// Largest safetensors file, in bytes, before the weights are split.
+        #[arg(long, default_value_t = 5_000_000_000)]
+        max_shard_bytes: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Prepare {
+            inputs,
+            output,
+            tokenizer,
+            eos_token,
+            text_key,
+            val_fraction,
+            shard_tokens,
+            force,
+        } => {
+            let options = PrepareOptions {
+                inputs,
+                output: output.clone(),
+                tokenizer,
+                eos_token,
+                text_key,
+                val_fraction,
+                shard_tokens,
+                force,
+                progress: true,
+            };
+            let m = prepare(&options)?;
+            println!(
+                "prepared {}: {} train documents ({} tokens in {} shards), {} validation documents ({} tokens); tokenizer {} (vocab {}, eos {})",
+                output.display(),
+                m.train.documents,
+                m.train.tokens,
+                m.train.shards.len(),
+                m.validation.documents,
+                m.validation.tokens,
+                m.tokenizer.kind,
+                m.vocab_size,
+                m.eos_id
+            );
+            Ok(())
+        }
+        Command::Train { job, quiet } => {
+            let job = JobConfig::load(&job)?;
+            let summary = train(&job, &mut |e| {
+                if !quiet {
+                    print_event(e)
+                }
+            })?;
+            if !quiet {
+                if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+                    println!("done: training loss {first:.4} -> {last:.4}");
+                }
+            }
+            Ok(())
+        }
+        Command::Sample {
+            model,
+            prompt,
+            tokens,
+            temperature,
+            top_k,
+            seed,
+            tokenizer,
+            device,
+        } => {
+            let device = resolve_device(&device)?;
+            let tokenizer = load_tokenizer(&model, tokenizer)?;
+            let llama = hf::load(&model, DecayPolicy::default(), device)?;
+            let mut ids = tokenizer.encode(&prompt)?;
+            if ids.is_empty() {
+                ids.push(tokenizer.eos_id());
+            }
+            let options = SampleOptions {
+                max_new_tokens: tokens,
+                temperature,
+                top_k,
+                seed,
+                stop_token: None,
+            };
+            let out = generate(&llama, &ids, &options);
+            println!("{}{}", prompt, tokenizer.decode(&out)?);
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            split,
+            seq_len,
+            batch_size,
+            max_sequences,
+            device,
+        } => {
+            let split = match split.as_str() {
+                "train" => SplitName::Train,
+                "validation" => SplitName::Validation,
+                other => bail!("unknown split {other:?}: expected train or validation"),
+            };
+            let device = resolve_device(&device)?;
+            let bf16 = resolve_bf16("auto", device)?;
+            let llama = hf::load(&model, DecayPolicy::default(), device)?;
+            let dataset = TokenDataset::open(&data)?;
+            let vocab = dataset.manifest().vocab_size;
+            if i64::from(vocab) > llama.config.vocab_size {
+                bail!(
+                    "the dataset {} has {vocab} token ids but the model's vocab_size is {}",
+                    data.display(),
+                    llama.config.vocab_size
+                );
+            }
+            let mut sampler = dataset.sampler(split, seq_len, 0, false)?;
+            let r = evaluate(&llama, &mut sampler, batch_size.max(1), max_sequences, bf16);
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Export {
+            model,
+            out,
+            dtype,
+            max_shard_bytes,
+        } => {
+            let kind = match dtype.as_str() {
+                "float32" | "fp32" => tch::Kind::Float,
+                "bfloat16" | "bf16" => tch::Kind::BFloat16,
+                other => bail!("unknown dtype {other:?}: expected float32 or bfloat16"),
+            };
+            let llama = hf::load(&model, DecayPolicy::default(), tch::Device::Cpu)?;
+            let meta = std::fs::read_to_string(model.join(KILN_META)).ok();
+            let eos_id = meta
+                .as_deref()
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                .and_then(|v| v.get("eos_id").and_then(|e| e.as_u64()))
+                .map(|e| e as u32);
+            let options = SaveOptions {
+                kind,
+                max_shard_bytes,
+                eos_id,
+            };
+            hf::save(&llama, &out, &options)?;
+            if let Some(meta) = meta {
+                std::fs::write(out.join(KILN_META), meta)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            println!("exported {} to {}", model.display(), out.display());
+            Ok(())
+        }
+    }
+}
+
+/// The tokenizer named on the command line, else the one recorded beside the weights, else a
+/// `tokenizer.json` in the model directory.
+fn load_tokenizer(model: &std::path::Path, name: Option<String>) -> Result<Tokenizer> {
+    if let Some(name) = name {
+        return Ok(Tokenizer::load(&name, None)?);
+    }
+    if let Ok(text) = std::fs::read_to_string(model.join(KILN_META)) {
+        let meta: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", model.join(KILN_META).display()))?;
+        if let Some(kind) = meta.get("tokenizer").and_then(|k| k.as_str()) {
+            if kind != "huggingface" {
+                return Ok(Tokenizer::load(kind, None)?);
+            }
+        }
+    }
+    let local = model.join("tokenizer.json");
+    if local.is_file() {
+        return Ok(Tokenizer::load(&local.to_string_lossy(), None)?);
+    }
+    bail!(
+        "no tokenizer known for {}: pass --tokenizer (gpt2, cl100k_base, o200k_base or a tokenizer.json)",
+        model.display()
+    )
+}
+
+fn print_event(e: &Event) {
+    match e {
+        Event::Start {
+            params,
+            device,
+            bf16,
+            peak_flops,
+            train_sequences,
+            validation_sequences,
+            ..
+        } => println!(
+            "model {:.2}M parameters on {device}{} | measured matmul peak {:.1} TFLOP/s | {train_sequences} train and {validation_sequences} validation sequences",
+            *params as f64 / 1e6,
+            if *bf16 { " (bf16 autocast)" } else { " (fp32)" },
+            peak_flops / 1e12
+        ),
+        Event::Step {
+            step,
+            steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            mfu,
+            step_s,
+        } => println!(
+            "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step",
+            mfu * 100.0,
+            step_s * 1e3
+        ),
+        Event::Eval {
+            step, val_loss, tokens,
+        } => println!("step {step:>6} | validation loss {val_loss:.4} over {tokens} tokens"),
+        Event::Saved { path } => println!("saved weights to {}", path.display()),
+    }
+}

@@ -1,0 +1,98 @@
+//! Device and precision choice, and the measured matmul ceiling MFU is reported against.
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DeviceError {
+    #[error("device {0:?} was asked for but CUDA is not available on this machine")]
+    NoCuda(String),
+    #[error("device {0:?} is not recognised: expected auto, cpu, cuda or cuda:N")]
+    Unknown(String),
+    #[error("precision bf16 needs a CUDA device (autocast); use fp32 on the CPU")]
+    Bf16OnCpu,
+}
+
+/// `auto` picks the first GPU when CUDA is available, else the CPU.
+pub fn resolve_device(name: &str) -> Result<Device, DeviceError> {
+    let cuda = tch::Cuda::is_available();
+    let index = match name {
+        "auto" => return Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    match index {
+        None => Err(DeviceError::Unknown(name.to_owned())),
+        Some(n) if cuda && (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
+        Some(_) => Err(DeviceError::NoCuda(name.to_owned())),
+    }
+}
+
+/// Whether the forward pass runs under bf16 autocast: `auto` means yes on CUDA.
+pub fn resolve_bf16(precision: &str, device: Device) -> Result<bool, DeviceError> {
+    match (precision, device) {
+        ("bf16", Device::Cpu) => Err(DeviceError::Bf16OnCpu),
+        ("bf16", _) => Ok(true),
+        ("auto", Device::Cuda(_)) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// The matmul throughput this device reaches, in FLOP/s: the best of a few square matrix
+/// multiplies (fp32 on the CPU, bf16 on CUDA), the ceiling MFU is measured against.
+pub fn measure_matmul_flops(device: Device) -> f64 {
+    let (n, kind, reps) = match device {
+        Device::Cpu => (1024i64, Kind::Float, 3),
+        _ => (8192, Kind::BFloat16, 10),
+    };
+    tch::no_grad(|| {
+        let a = Tensor::randn([n, n], (kind, device));
+        let b = Tensor::randn([n, n], (kind, device));
+        let _ = a.matmul(&b); // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            sync(device);
+            let t = Instant::now();
+            let c = a.matmul(&b);
+            let _ = c.sum(Kind::Float).double_value(&[]);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        2.0 * (n * n * n) as f64 / best
+    })
+}
+
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_always_available_and_bad_names_are_refused() {
+        assert_eq!(resolve_device("cpu"), Ok(Device::Cpu));
+        assert_eq!(
+            resolve_device("tpu").unwrap_err().to_string(),
+            "device \"tpu\" is not recognised: expected auto, cpu, cuda or cuda:N"
+        );
+        if !tch::Cuda::is_available() {
+            assert_eq!(resolve_device("auto"), Ok(Device::Cpu));
+            assert_eq!(
+                resolve_device("cuda:1"),
+                Err(DeviceError::NoCuda("cuda:1".into()))
+            );
+        }
+        assert_eq!(
+            resolve_bf16("bf16", Device::Cpu),
+            Err(DeviceError::Bf16OnCpu)
+        );
+        assert_eq!(resolve_bf16("auto", Device::Cpu), Ok(false));
+    }
+}

@@ -1,0 +1,21 @@
+//! Kiln's training engine on libtorch (through tch).
+//!
+//! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
+//! - [`params`]: parameters and gradients as views into flat buffers.
+//! - [`model`]: the Llama 3 transformer.
+//! - [`optim`]: AdamW, gradient clipping, learning-rate schedules.
+//! - [`hf`]: Hugging Face checkpoint directories in and out.
+//! - [`train`]: the single-process training loop of `kiln train`.
+//! - [`generate`] and [`eval`]: sampling text and measuring loss.
+//!
+//! Architecture invariant: nothing here knows about gRPC or the coordinator.
+
+pub mod config;
+pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod hf;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod train;

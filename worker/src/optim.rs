@@ -1,0 +1,196 @@
+//! AdamW with decoupled weight decay over the flat parameter buffer, global-norm gradient
+//! clipping, and the learning-rate schedule.
+//!
+//! The update is the one `torch.optim.AdamW` makes (PyTorch's single-tensor path):
+//!
+//! ```text
+//! p  *= 1 - lr * weight_decay            (decayed parameters only)
+//! m   = lerp(m, g, 1 - beta1)
+//! v   = beta2 * v + (1 - beta2) * g * g
+//! p  -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//! ```
+//!
+//! Its state (`exp_avg`, `exp_avg_sq`, `step`) is plain tensors Kiln reads and writes.
+
+use tch::{Kind, Tensor};
+
+use crate::params::ParamStore;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    /// Updates taken so far.
+    pub step: i64,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, params: &ParamStore) -> Self {
+        AdamW {
+            config,
+            exp_avg: params.flat.zeros_like(),
+            exp_avg_sq: params.flat.zeros_like(),
+            step: 0,
+        }
+    }
+
+    /// One update of every parameter in `params` from `params.grad`, at learning rate `lr`.
+    pub fn step(&mut self, params: &ParamStore, lr: f64) {
+        let c = self.config;
+        self.step += 1;
+        let t = self.step as f64;
+        tch::no_grad(|| {
+            if c.weight_decay != 0.0 {
+                for s in params.segments() {
+                    let n = s.decay_end - s.range.start;
+                    if n > 0 {
+                        let _ = params
+                            .flat
+                            .narrow(0, s.range.start, n)
+                            .g_mul_scalar_(1.0 - lr * c.weight_decay);
+                    }
+                }
+            }
+            let g = &params.grad;
+            let _ = self.exp_avg.lerp_(g, 1.0 - c.beta1);
+            let _ = self
+                .exp_avg_sq
+                .g_mul_scalar_(c.beta2)
+                .addcmul_(g, &(g * (1.0 - c.beta2)));
+            let step_size = lr / (1.0 - c.beta1.powf(t));
+            let bias_correction2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
+            let denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
+            let update = &self.exp_avg / denom * step_size;
+            let mut flat = params.flat.shallow_clone();
+            let _ = flat.g_sub_(&update);
+        });
+    }
+}
+
+/// Scales `grad` in place so its global L2 norm is at most `max_norm` (0 disables), as
+/// `torch.nn.utils.clip_grad_norm_` does, and returns the norm before clipping.
+pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> f64 {
+    let norm = grad.norm().to_kind(Kind::Double);
+    let total = norm.double_value(&[]);
+    if max_norm > 0.0 {
+        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            let mut g = grad.shallow_clone();
+            let _ = g.g_mul_scalar_(coef);
+        }
+    }
+    total
+}
+
+/// Learning rate at a step: linear warmup to `lr`, then decay to `lr * min_lr_ratio`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LrSchedule {
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: i64,
+    pub total_steps: i64,
+    pub kind: ScheduleKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+impl ScheduleKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cosine" => Some(ScheduleKind::Cosine),
+            "linear" => Some(ScheduleKind::Linear),
+            "constant" => Some(ScheduleKind::Constant),
+            _ => None,
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The rate for optimizer step `step` (0-based):
+    /// - warmup, `step < W`: `lr * (step + 1) / W`;
+    /// - then with `p = (step - W) / max(1, total - W - 1)` clamped to [0, 1] and
+    ///   `floor = lr * min_lr_ratio`: cosine `floor + (lr - floor) * (1 + cos(pi p)) / 2`,
+    ///   linear `lr - (lr - floor) * p`, constant `lr`.
+    pub fn at(&self, step: i64) -> f64 {
+        let w = self.warmup_steps;
+        if step < w {
+            return self.lr * (step + 1) as f64 / w as f64;
+        }
+        let span = (self.total_steps - w - 1).max(1) as f64;
+        let p = ((step - w) as f64 / span).clamp(0.0, 1.0);
+        let floor = self.lr * self.min_lr_ratio;
+        match self.kind {
+            ScheduleKind::Cosine => {
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+            ScheduleKind::Linear => self.lr - (self.lr - floor) * p,
+            ScheduleKind::Constant => self.lr,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(kind: ScheduleKind) -> LrSchedule {
+        LrSchedule {
+            lr: 1.0,
+            min_lr_ratio: 0.1,
+            warmup_steps: 4,
+            total_steps: 14,
+            kind,
+        }
+    }
+
+    #[test]
+    fn warmup_then_cosine_reaches_the_floor() {
+        let s = schedule(ScheduleKind::Cosine);
+        assert_eq!(s.at(0), 0.25);
+        assert_eq!(s.at(3), 1.0);
+        assert_eq!(s.at(4), 1.0);
+        let mid =
+            s.at(4 + 9 / 2) - (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * 4.0 / 9.0).cos()));
+        assert!(mid.abs() < 1e-15);
+        assert!((s.at(13) - 0.1).abs() < 1e-15);
+        assert!((s.at(100) - 0.1).abs() < 1e-15);
+    }
+
+    #[test]
+    fn linear_and_constant_follow_their_formulas() {
+        let s = schedule(ScheduleKind::Linear);
+        assert!((s.at(4 + 3) - (1.0 - 0.9 * 3.0 / 9.0)).abs() < 1e-15);
+        assert!((s.at(13) - 0.1).abs() < 1e-15);
+        let s = schedule(ScheduleKind::Constant);
+        assert_eq!(s.at(13), 1.0);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let g = Tensor::from_slice(&[3.0f32, 4.0]);
+        let norm = clip_grad_norm(&g, 1.0);
+        assert!((norm - 5.0).abs() < 1e-6);
+        let clipped: Vec<f32> = Vec::try_from(&g).unwrap();
+        let coef = 1.0 / (5.0 + 1e-6);
+        assert!((clipped[0] as f64 - 3.0 * coef).abs() < 1e-6);
+        assert!((clipped[1] as f64 - 4.0 * coef).abs() < 1e-6);
+        // Below the limit nothing changes.
+        let g = Tensor::from_slice(&[0.3f32, 0.4]);
+        clip_grad_norm(&g, 1.0);
+        assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![0.3, 0.4]);
+    }
+}

@@ -1,0 +1,316 @@
+//! `kiln train`: the single-process training loop.
+//!
+//! Each optimizer step takes global samples `step * batch_size ..` from the seeded sequence
+//! order, runs `batch_size / micro_batch_size` forward/backward passes, adds each pass's
+//! gradients into the flat gradient buffer, clips the global norm, and applies AdamW at the
+//! scheduled rate. Every `log_every` steps it reports loss, learning rate, gradient norm,
+//! tokens/s and MFU; every `eval_every` steps (and after the last) the validation loss. The
+//! final weights are written as a Hugging Face directory under `output.dir/model`, and every
+//! report is appended to `output.dir/metrics.jsonl`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_proto::job::JobConfig;
+use kiln_shard_loader::dataset::{DatasetError, SplitName};
+use kiln_shard_loader::{SequenceSampler, TokenDataset};
+use serde::Serialize;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{ConfigError, LlamaConfig};
+use crate::device::{self, DeviceError};
+use crate::eval::evaluate;
+use crate::hf::{self, HfError, SaveOptions};
+use crate::model::{DecayPolicy, Llama};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Data(#[from] DatasetError),
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    #[error(
+        "the dataset {dir} uses token ids up to {dataset_vocab} ({tokenizer}) but the model's vocab_size is {model_vocab}; set model.vocab_size to at least {dataset_vocab}"
+    )]
+    VocabTooSmall {
+        dir: PathBuf,
+        tokenizer: String,
+        dataset_vocab: u32,
+        model_vocab: i64,
+    },
+    #[error("train.seq_len {seq_len} exceeds the model's max_seq_len {max}")]
+    SeqTooLong { seq_len: i64, max: i64 },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the loss became {loss} at step {step}; lower optimizer.lr or check the data")]
+    NonFinite { step: i64, loss: f64 },
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Start {
+        params: i64,
+        device: String,
+        bf16: bool,
+        flops_per_token: f64,
+        peak_flops: f64,
+        train_sequences: usize,
+        validation_sequences: usize,
+    },
+    Step {
+        step: i64,
+        steps: i64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens_per_s: f64,
+        mfu: f64,
+        step_s: f64,
+    },
+    Eval {
+        step: i64,
+        val_loss: f64,
+        tokens: u64,
+    },
+    Saved {
+        path: PathBuf,
+    },
+}
+
+/// The outcome of a run: every step's training loss, and the validation losses.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub losses: Vec<f64>,
+    pub val_losses: Vec<(i64, f64)>,
+    pub model_dir: PathBuf,
+}
+
+/// Sidecar written next to the weights so `kiln sample` finds the tokenizer.
+pub const KILN_META: &str = "kiln.json";
+
+pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summary, TrainError> {
+    let t = &job.train;
+    if t.threads > 0 {
+        tch::set_num_threads(t.threads as i32);
+    }
+    let device = device::resolve_device(&t.device)?;
+    let bf16 = device::resolve_bf16(&t.precision, device)?;
+    let dataset = TokenDataset::open(&job.data.path)?;
+    let manifest = dataset.manifest().clone();
+
+    let mut model = match &job.model.init_from {
+        Some(dir) => {
+            let decay = decay_policy(job);
+            hf::load(dir, decay, device)?
+        }
+        None => {
+            let config = LlamaConfig::from_spec(&job.model)?;
+            let model = Llama::new(&config, decay_policy(job), device);
+            model.init(t.seed);
+            model
+        }
+    };
+    let config = model.config.clone();
+    if i64::from(manifest.vocab_size) > config.vocab_size {
+        return Err(TrainError::VocabTooSmall {
+            dir: job.data.path.clone(),
+            tokenizer: manifest.tokenizer.kind.clone(),
+            dataset_vocab: manifest.vocab_size,
+            model_vocab: config.vocab_size,
+        });
+    }
+    if t.seq_len > config.max_seq_len {
+        return Err(TrainError::SeqTooLong {
+            seq_len: t.seq_len,
+            max: config.max_seq_len,
+        });
+    }
+    let seq_len = t.seq_len as usize;
+    let mut train_data = dataset.sampler(SplitName::Train, seq_len, t.seed, true)?;
+    let mut val_data = if t.eval_every > 0 && manifest.validation.tokens > 0 {
+        Some(dataset.sampler(SplitName::Validation, seq_len, 0, false)?)
+    } else {
+        None
+    };
+
+    std::fs::create_dir_all(&job.output.dir).map_err(|source| TrainError::Write {
+        path: job.output.dir.clone(),
+        source,
+    })?;
+    let metrics_path = job.output.dir.join("metrics.jsonl");
+    let mut metrics = File::create(&metrics_path).map_err(|source| TrainError::Write {
+        path: metrics_path.clone(),
+        source,
+    })?;
+    let mut emit = |event: Event| -> Result<(), TrainError> {
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        writeln!(metrics, "{line}").map_err(|source| TrainError::Write {
+            path: metrics_path.clone(),
+            source,
+        })?;
+        on_event(&event);
+        Ok(())
+    };
+
+    let peak_flops = device::measure_matmul_flops(device);
+    let flops_per_token = config.flops_per_token(t.seq_len);
+    emit(Event::Start {
+        params: config.num_params(),
+        device: format!("{device:?}"),
+        bf16,
+        flops_per_token,
+        peak_flops,
+        train_sequences: train_data.len(),
+        validation_sequences: val_data.as_ref().map_or(0, SequenceSampler::len),
+    })?;
+
+    let o = &job.optimizer;
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        },
+        &model.params,
+    );
+    let schedule = LrSchedule {
+        lr: o.lr,
+        min_lr_ratio: o.min_lr_ratio,
+        warmup_steps: o.warmup_steps,
+        total_steps: t.steps,
+        kind: ScheduleKind::parse(&o.schedule).unwrap_or(ScheduleKind::Cosine),
+    };
+    let micro = job.micro_batch_size() as usize;
+    let accum = job.accumulation_steps();
+    let eval_sequences = (t.eval_batches as usize) * micro;
+    let mut summary = Summary::default();
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0usize;
+
+    for step in 0..t.steps {
+        let lr = schedule.at(step);
+        model.params.zero_grad();
+        let mut loss_sum = 0.0;
+        for m in 0..accum {
+            let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
+            let batch = train_data.batch(first, micro);
+            let shape = [micro as i64, t.seq_len];
+            let inputs = Tensor::from_slice(&batch.inputs)
+                .view(shape)
+                .to_device(device);
+            let targets = Tensor::from_slice(&batch.targets)
+                .view(shape)
+                .to_device(device);
+            let loss = tch::autocast(bf16, || model.loss(&inputs, &targets)) / accum as f64;
+            let grads = Tensor::run_backward(&[&loss], &model.params.views(), false, false);
+            model.params.accumulate_grads(&grads);
+            loss_sum += loss.to_kind(Kind::Double).double_value(&[]);
+        }
+        if !loss_sum.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                loss: loss_sum,
+            });
+        }
+        let grad_norm = clip_grad_norm(&model.params.grad, o.grad_clip);
+        optimizer.step(&model.params, lr);
+        summary.losses.push(loss_sum);
+        window_tokens += (t.batch_size * t.seq_len) as usize;
+
+        let last = step + 1 == t.steps;
+        if (step + 1) % t.log_every == 0 || last {
+            device::sync(device);
+            let elapsed = window_start.elapsed().as_secs_f64();
+            let tokens_per_s = window_tokens as f64 / elapsed;
+            let steps_in_window = window_tokens / (t.batch_size * t.seq_len) as usize;
+            emit(Event::Step {
+                step: step + 1,
+                steps: t.steps,
+                loss: loss_sum,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                mfu: tokens_per_s * flops_per_token / peak_flops,
+                step_s: elapsed / steps_in_window.max(1) as f64,
+            })?;
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+        let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last);
+        if let (true, Some(val)) = (due, val_data.as_mut()) {
+            let r = evaluate(&model, val, micro, Some(eval_sequences), bf16);
+            summary.val_losses.push((step + 1, r.loss));
+            emit(Event::Eval {
+                step: step + 1,
+                val_loss: r.loss,
+                tokens: r.tokens,
+            })?;
+            window_start = Instant::now();
+        }
+    }
+
+    let model_dir = job.output.dir.join("model");
+    save_model(
+        &mut model,
+        &model_dir,
+        &manifest_meta(&dataset),
+        manifest.eos_id,
+    )?;
+    emit(Event::Saved {
+        path: model_dir.clone(),
+    })?;
+    summary.model_dir = model_dir;
+    Ok(summary)
+}
+
+fn decay_policy(job: &JobConfig) -> DecayPolicy {
+    DecayPolicy {
+        embeddings: job.optimizer.decay_embeddings,
+        norms: job.optimizer.decay_norms,
+    }
+}
+
+fn manifest_meta(dataset: &TokenDataset) -> serde_json::Value {
+    let m = dataset.manifest();
+    json!({
+        "tokenizer": m.tokenizer.kind,
+        "tokenizer_sha256": m.tokenizer.sha256,
+        "eos_id": m.eos_id,
+        "dataset": dataset.dir(),
+    })
+}
+
+/// Writes the weights (fp32) and Kiln's sidecar with the tokenizer the model was trained with.
+fn save_model(
+    model: &mut Llama,
+    dir: &Path,
+    meta: &serde_json::Value,
+    eos_id: u32,
+) -> Result<(), TrainError> {
+    let options = SaveOptions {
+        eos_id: Some(eos_id),
+        ..SaveOptions::default()
+    };
+    hf::save(model, dir, &options)?;
+    let path = dir.join(KILN_META);
+    let text = serde_json::to_string_pretty(meta).unwrap_or_default();
+    std::fs::write(&path, text).map_err(|source| TrainError::Write { path, source })?;
+    if model.device() != Device::Cpu {
+        device::sync(model.device());
+    }
+    Ok(())
+}
