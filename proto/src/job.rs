@@ -312,7 +312,7 @@ impl JobConfig {
                 return fail(key, format!("must be in [0, 1), got {b}"));
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return fail("optimizer.eps", format!("must be positive, got {}", o.eps));
         }
         if o.weight_decay < 0.0 {

@@ -201,7 +201,11 @@ impl LlamaConfig {
                 self.head_dim
             )));
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.norm_eps.is_nan()
+            || self.norm_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
             return Err(ConfigError::Shape(
                 "norm_eps and rope_theta must be positive".into(),
             ));

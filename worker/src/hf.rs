@@ -172,6 +172,9 @@ pub fn load_weights(model: &Llama, dir: &Path) -> Result<(), HfError> {
     Ok(())
 }
 
+/// A tensor's name, shape and bytes, on the host, ready to serialize.
+type HostTensor = (String, Vec<i64>, Vec<u8>);
+
 /// How [`save`] writes weights.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
@@ -211,7 +214,7 @@ pub fn save(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<(), HfEr
     std::fs::write(&config_path, text).map_err(write_err(&config_path))?;
 
     // Group tensors into shards of at most max_shard_bytes, in parameter order.
-    let mut shards: Vec<Vec<(String, Vec<i64>, Vec<u8>)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
     for e in model.params.entries() {
         let t = e

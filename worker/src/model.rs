@@ -38,19 +38,10 @@ pub struct Llama {
 }
 
 /// Which parameters get weight decay.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct DecayPolicy {
     pub embeddings: bool,
     pub norms: bool,
-}
-
-impl Default for DecayPolicy {
-    fn default() -> Self {
-        DecayPolicy {
-            embeddings: false,
-            norms: false,
-        }
-    }
 }
 
 impl Llama {
@@ -169,11 +160,11 @@ impl Llama {
                 .transpose(1, 2)
                 .reshape([b, t, c.n_heads * c.head_dim])
                 .linear::<Tensor>(self.p(blk.o), None);
-            x = x + attn;
+            x = &x + attn;
             let h = x.rms_norm([c.dim], Some(self.p(blk.mlp_norm)), c.norm_eps);
             let gate = h.linear::<Tensor>(self.p(blk.gate), None).silu();
             let up = h.linear::<Tensor>(self.p(blk.up), None);
-            x = x + (gate * up).linear::<Tensor>(self.p(blk.down), None);
+            x = &x + (gate * up).linear::<Tensor>(self.p(blk.down), None);
         }
         let x = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
         x.linear::<Tensor>(self.p(self.head), None)

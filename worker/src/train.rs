@@ -18,7 +18,7 @@ use kiln_shard_loader::dataset::{DatasetError, SplitName};
 use kiln_shard_loader::{SequenceSampler, TokenDataset};
 use serde::Serialize;
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::config::{ConfigError, LlamaConfig};
 use crate::device::{self, DeviceError};
@@ -203,31 +203,28 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
 
     for step in 0..t.steps {
         let lr = schedule.at(step);
-        model.params.zero_grad();
-        let mut loss_sum = 0.0;
-        for m in 0..accum {
-            let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
-            let batch = train_data.batch(first, micro);
-            let shape = [micro as i64, t.seq_len];
-            let inputs = Tensor::from_slice(&batch.inputs)
-                .view(shape)
-                .to_device(device);
-            let targets = Tensor::from_slice(&batch.targets)
-                .view(shape)
-                .to_device(device);
-            let loss = tch::autocast(bf16, || model.loss(&inputs, &targets)) / accum as f64;
-            let grads = Tensor::run_backward(&[&loss], &model.params.views(), false, false);
-            model.params.accumulate_grads(&grads);
-            loss_sum += loss.to_kind(Kind::Double).double_value(&[]);
-        }
+        let batches: Vec<(Tensor, Tensor)> = (0..accum)
+            .map(|m| {
+                let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
+                let batch = train_data.batch(first, micro);
+                let shape = [micro as i64, t.seq_len];
+                let inputs = Tensor::from_slice(&batch.inputs)
+                    .view(shape)
+                    .to_device(device);
+                let targets = Tensor::from_slice(&batch.targets)
+                    .view(shape)
+                    .to_device(device);
+                (inputs, targets)
+            })
+            .collect();
+        let (loss_sum, grad_norm) =
+            optimizer_step(&mut model, &mut optimizer, &batches, lr, o.grad_clip, bf16);
         if !loss_sum.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
                 loss: loss_sum,
             });
         }
-        let grad_norm = clip_grad_norm(&model.params.grad, o.grad_clip);
-        optimizer.step(&model.params, lr);
         summary.losses.push(loss_sum);
         window_tokens += (t.batch_size * t.seq_len) as usize;
 
@@ -265,7 +262,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
 
     let model_dir = job.output.dir.join("model");
     save_model(
-        &mut model,
+        &model,
         &model_dir,
         &manifest_meta(&dataset),
         manifest.eos_id,
@@ -275,6 +272,32 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     })?;
     summary.model_dir = model_dir;
     Ok(summary)
+}
+
+/// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
+/// zero the gradients, forward and backward each micro-batch with its loss scaled by
+/// `1 / batches.len()`, clip the global gradient norm to `grad_clip` (0: no clipping) and
+/// update with AdamW at `lr`. Returns the step's mean loss and the norm before clipping.
+pub fn optimizer_step(
+    model: &mut Llama,
+    optimizer: &mut AdamW,
+    batches: &[(Tensor, Tensor)],
+    lr: f64,
+    grad_clip: f64,
+    bf16: bool,
+) -> (f64, f64) {
+    model.params.zero_grad();
+    let mut loss_sum = 0.0;
+    let scale = 1.0 / batches.len().max(1) as f64;
+    for (inputs, targets) in batches {
+        let loss = tch::autocast(bf16, || model.loss(inputs, targets)) * scale;
+        let grads = Tensor::run_backward(&[&loss], &model.params.views(), false, false);
+        model.params.accumulate_grads(&grads);
+        loss_sum += loss.to_kind(Kind::Double).double_value(&[]);
+    }
+    let grad_norm = clip_grad_norm(&model.params.grad, grad_clip);
+    optimizer.step(&model.params, lr);
+    (loss_sum, grad_norm)
 }
 
 fn decay_policy(job: &JobConfig) -> DecayPolicy {
@@ -296,7 +319,7 @@ fn manifest_meta(dataset: &TokenDataset) -> serde_json::Value {
 
 /// Writes the weights (fp32) and Kiln's sidecar with the tokenizer the model was trained with.
 fn save_model(
-    model: &mut Llama,
+    model: &Llama,
     dir: &Path,
     meta: &serde_json::Value,
     eos_id: u32,
@@ -308,9 +331,5 @@ fn save_model(
     hf::save(model, dir, &options)?;
     let path = dir.join(KILN_META);
     let text = serde_json::to_string_pretty(meta).unwrap_or_default();
-    std::fs::write(&path, text).map_err(|source| TrainError::Write { path, source })?;
-    if model.device() != Device::Cpu {
-        device::sync(model.device());
-    }
-    Ok(())
+    std::fs::write(&path, text).map_err(|source| TrainError::Write { path, source })
 }

@@ -1,0 +1,66 @@
+//! One training step of a preset (default `125m`) on the CPU: forward, backward, gradient
+//! clipping and AdamW, exactly as `kiln train` runs them. Prints one JSON line.
+//!
+//!   cargo bench --bench train_step -- [PRESET] [BATCH] [SEQ] [STEPS] [THREADS]
+//!
+//! benches/train_step.sh runs it side by side with the same step in plain PyTorch.
+
+use std::time::Instant;
+
+use kiln_worker::config::LlamaConfig;
+use kiln_worker::model::{DecayPolicy, Llama};
+use kiln_worker::optim::{AdamW, AdamWConfig};
+use kiln_worker::train::optimizer_step;
+use tch::{Device, Kind, Tensor};
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or(default.to_owned());
+    let preset = arg(0, "125m");
+    let batch: i64 = arg(1, "4").parse().expect("BATCH is an integer");
+    let seq: i64 = arg(2, "256").parse().expect("SEQ is an integer");
+    let steps: usize = arg(3, "5").parse().expect("STEPS is an integer");
+    let threads: i32 = arg(4, "2").parse().expect("THREADS is an integer");
+    tch::set_num_threads(threads);
+
+    let config = LlamaConfig::preset(&preset).expect("a known preset");
+    let mut model = Llama::new(&config, DecayPolicy::default(), Device::Cpu);
+    model.init(0);
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        &model.params,
+    );
+    tch::manual_seed(1);
+    let tokens = Tensor::randint(
+        config.vocab_size,
+        [batch, seq + 1],
+        (Kind::Int64, Device::Cpu),
+    );
+    let batches = [(tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq))];
+
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let start = Instant::now();
+        let (loss, _) = optimizer_step(&mut model, &mut optimizer, &batches, 1e-4, 1.0, false);
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(loss.is_finite());
+        if i >= 2 {
+            times.push(elapsed); // the first two steps warm up allocators and caches
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"seq\": {seq}, \"threads\": {threads}, \"median_step_s\": {median:.4}, \"tokens_per_s\": {:.1}}}",
+        config.num_params(),
+        (batch * seq) as f64 / median
+    );
+}

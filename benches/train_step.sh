@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One training step, Kiln against plain PyTorch, same shapes, batch and threads, alternating
+# ROUNDS times in one run. Prints each measurement and a Markdown row for RESULTS.md.
+#
+#   benches/train_step.sh [PRESET=125m] [BATCH=4] [SEQ=256] [STEPS=5] [THREADS=2] [ROUNDS=2]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+cd "$KILN_ROOT"
+preset=${1:-125m} batch=${2:-4} seq=${3:-256} steps=${4:-5} threads=${5:-2} rounds=${6:-2}
+scripts/setup.sh --no-build
+cargo bench --locked --bench train_step --no-run -q
+bench=$(cargo bench --locked --bench train_step --no-run --message-format=json -q 2>/dev/null |
+  python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("executable") and m.get("target",{}).get("name")=="train_step": print(m["executable"])')
+results=$(mktemp)
+for r in $(seq "$rounds"); do
+  "$bench" "$preset" "$batch" "$seq" "$steps" "$threads" | tee -a "$results"
+  python3 benches/train_step_torch.py "$preset" "$batch" "$seq" "$steps" "$threads" | tee -a "$results"
+done
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+best = {s: min(r["median_step_s"] for r in rows if r["system"] == s) for s in ("kiln", "pytorch")}
+r = rows[0]
+print(f"| {r['preset']} | {r['batch']}x{r['seq']} | {r['threads']} | "
+      f"{best['kiln']:.3f} s | {best['pytorch']:.3f} s | {best['pytorch'] / best['kiln']:.2f}x |")
+PY
