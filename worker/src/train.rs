@@ -111,7 +111,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     let dataset = TokenDataset::open(&job.data.path)?;
     let manifest = dataset.manifest().clone();
 
-    let mut model = match &job.model.init_from {
+    let model = match &job.model.init_from {
         Some(dir) => {
             let decay = decay_policy(job);
             hf::load(dir, decay, device)?
@@ -217,8 +217,8 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
                 (inputs, targets)
             })
             .collect();
-        let (loss_sum, grad_norm) =
-            optimizer_step(&mut model, &mut optimizer, &batches, lr, o.grad_clip, bf16);
+        let stats = optimizer_step(&model, &mut optimizer, &batches, lr, o.grad_clip, bf16);
+        let (loss_sum, grad_norm) = (stats.loss, stats.grad_norm);
         if !loss_sum.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -274,30 +274,50 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     Ok(summary)
 }
 
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds in forward and backward passes, gradient accumulation included.
+    pub forward_backward_s: f64,
+    /// Seconds in clipping and the AdamW update.
+    pub optimizer_s: f64,
+}
+
 /// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
-/// zero the gradients, forward and backward each micro-batch with its loss scaled by
-/// `1 / batches.len()`, clip the global gradient norm to `grad_clip` (0: no clipping) and
-/// update with AdamW at `lr`. Returns the step's mean loss and the norm before clipping.
+/// forward and backward each micro-batch with its loss scaled by `1 / batches.len()`,
+/// summing the gradients in the flat buffer, clip the global gradient norm to `grad_clip`
+/// (0: no clipping) and update with AdamW at `lr`.
 pub fn optimizer_step(
-    model: &mut Llama,
+    model: &Llama,
     optimizer: &mut AdamW,
     batches: &[(Tensor, Tensor)],
     lr: f64,
     grad_clip: f64,
     bf16: bool,
-) -> (f64, f64) {
-    model.params.zero_grad();
+) -> StepStats {
+    let start = Instant::now();
     let mut loss_sum = 0.0;
     let scale = 1.0 / batches.len().max(1) as f64;
-    for (inputs, targets) in batches {
+    for (i, (inputs, targets)) in batches.iter().enumerate() {
         let loss = tch::autocast(bf16, || model.loss(inputs, targets)) * scale;
         let grads = Tensor::run_backward(&[&loss], &model.params.views(), false, false);
-        model.params.accumulate_grads(&grads);
+        model.params.accumulate_grads(&grads, i == 0);
         loss_sum += loss.to_kind(Kind::Double).double_value(&[]);
     }
+    let backward_done = Instant::now();
     let grad_norm = clip_grad_norm(&model.params.grad, grad_clip);
     optimizer.step(&model.params, lr);
-    (loss_sum, grad_norm)
+    device::sync(model.device());
+    StepStats {
+        loss: loss_sum,
+        grad_norm,
+        forward_backward_s: (backward_done - start).as_secs_f64(),
+        optimizer_s: backward_done.elapsed().as_secs_f64(),
+    }
 }
 
 fn decay_policy(job: &JobConfig) -> DecayPolicy {
