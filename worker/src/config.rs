@@ -228,13 +228,17 @@ impl LlamaConfig {
     }
 
     /// Training FLOPs per token at sequence length `seq_len`, counted as PaLM (appendix B)
-    /// and TorchTitan do: `6 * N + 12 * n_layers * n_heads * head_dim * seq_len`, where N
-    /// counts the parameters that take part in matrix multiplies (every parameter except the
-    /// input embedding table; the output head counts, also when tied). The attention term
-    /// counts the full score matrix, not half of it for the causal mask.
+    /// and TorchTitan do: `6 * N + 12 * n_layers * n_heads * head_dim * seq_len`, where N is
+    /// every parameter except an untied input embedding table (a lookup, not a matmul; a
+    /// tied table is the output head and counts). The attention term counts the full score
+    /// matrix, not half of it for the causal mask.
     pub fn flops_per_token(&self, seq_len: i64) -> f64 {
-        let matmul_params = self.n_layers * self.block_params() + self.dim * self.vocab_size;
-        6.0 * matmul_params as f64
+        let lookup_only = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab_size * self.dim
+        };
+        6.0 * (self.num_params() - lookup_only) as f64
             + 12.0 * (self.n_layers * self.n_heads * self.head_dim * seq_len) as f64
     }
 
@@ -421,9 +425,13 @@ mod tests {
     #[test]
     fn flops_follow_the_palm_formula() {
         let c = LlamaConfig::preset("8b").unwrap();
-        let n = c.num_params() - c.vocab_size * c.dim; // embedding table excluded
+        let n: i64 = 8_030_261_248 - 128_256 * 4096; // the untied input embedding excluded
         let expected = 6.0 * n as f64 + 12.0 * (32 * 32 * 128 * 8192) as f64;
         assert_eq!(c.flops_per_token(8192), expected);
+        // Tied: the one table is the output head and counts.
+        let c = LlamaConfig::preset("1b").unwrap();
+        let expected = 6.0 * 1_235_814_400f64 + 12.0 * (16 * 32 * 64 * 4096) as f64;
+        assert_eq!(c.flops_per_token(4096), expected);
     }
 
     #[test]
