@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::prepare::{prepare, PrepareOptions};
-use kiln_shard_loader::{TokenDataset, Tokenizer};
+use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
 use kiln_worker::device::{resolve_bf16, resolve_device};
 use kiln_worker::eval::evaluate;
 use kiln_worker::generate::{generate, SampleOptions};
@@ -35,9 +35,10 @@ enum Command {
         /// Files, directories or glob patterns to read.
         #[arg(required = true)]
         inputs: Vec<String>,
-        /// Output directory for the shards and manifest.json.
+        /// Output directory or store URL (s3://, az://, gs://, file://) for the shards and
+        /// manifest.json.
         #[arg(short, long)]
-        output: PathBuf,
+        output: String,
         /// gpt2, cl100k_base, o200k_base, or the path of a Hugging Face tokenizer.json.
         #[arg(long, default_value = "gpt2")]
         tokenizer: String,
@@ -89,9 +90,9 @@ enum Command {
     Eval {
         #[arg(long)]
         model: PathBuf,
-        /// A dataset directory written by `kiln prepare`.
+        /// A dataset directory or store URL written by `kiln prepare`.
         #[arg(long)]
-        data: PathBuf,
+        data: String,
         #[arg(long, default_value = "validation")]
         split: String,
         #[arg(long, default_value_t = 256)]
@@ -103,6 +104,11 @@ enum Command {
         max_sequences: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
+    },
+    /// Inspect or check a prepared dataset.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
     },
     /// Write a model directory as a Hugging Face directory (optionally bf16, sharded).
     Export {
@@ -117,6 +123,14 @@ enum Command {
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_bytes: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Shard count, documents, tokens, row groups and a presence check of each shard, as JSON.
+    Stats { url: String },
+    /// Re-read every shard: checksums, counts, and every token id against the vocabulary.
+    Verify { url: String },
 }
 
 fn main() -> ExitCode {
@@ -162,7 +176,7 @@ fn run(cli: Cli) -> Result<()> {
             let m = prepare(&options)?;
             println!(
                 "prepared {}: {} train documents ({} tokens in {} shards), {} validation documents ({} tokens); tokenizer {} (vocab {}, eos {})",
-                output.display(),
+                output,
                 m.train.documents,
                 m.train.tokens,
                 m.train.shards.len(),
@@ -237,16 +251,39 @@ fn run(cli: Cli) -> Result<()> {
             let vocab = dataset.manifest().vocab_size;
             if i64::from(vocab) > llama.config.vocab_size {
                 bail!(
-                    "the dataset {} has {vocab} token ids but the model's vocab_size is {}",
-                    data.display(),
+                    "the dataset {data} has {vocab} token ids but the model's vocab_size is {}",
                     llama.config.vocab_size
                 );
             }
-            let mut sampler = dataset.sampler(split, seq_len, 0, false)?;
-            let r = evaluate(&llama, &mut sampler, batch_size.max(1), max_sequences, bf16);
+            let options = LoaderOptions {
+                seq_len: seq_len as u64,
+                shuffle: false,
+                prefetch_samples: batch_size as u64 * 4,
+                ..LoaderOptions::default()
+            };
+            let mut loader = dataset.loader(split, options)?;
+            let r = evaluate(&llama, &mut loader, batch_size.max(1), max_sequences, bf16)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Command::Data { command } => match command {
+            DataCommand::Stats { url } => {
+                let stats = TokenDataset::open(&url)?.stats();
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+                Ok(())
+            }
+            DataCommand::Verify { url } => {
+                let dataset = TokenDataset::open(&url)?;
+                dataset.verify()?;
+                let m = dataset.manifest();
+                println!(
+                    "ok: {} shards, {} tokens, checksums and token ids verified",
+                    m.train.shards.len() + m.validation.shards.len(),
+                    m.train.tokens + m.validation.tokens
+                );
+                Ok(())
+            }
+        },
         Command::Export {
             model,
             out,
@@ -331,10 +368,12 @@ fn print_event(e: &Event) {
             tokens_per_s,
             mfu,
             step_s,
+            data_wait,
         } => println!(
-            "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step",
+            "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step | data wait {:.1}%",
             mfu * 100.0,
-            step_s * 1e3
+            step_s * 1e3,
+            data_wait * 100.0
         ),
         Event::Eval {
             step, val_loss, tokens,

@@ -111,6 +111,17 @@ fn missing_corrupt_and_out_of_range_shards_are_named() {
     bytes[mid] ^= 0x40;
     std::fs::write(&shard, &bytes).unwrap();
     let err = train_fails(&f, &job_text(&corrupt, &out, "", ""));
+    // The loader reads row group by row group and checks each against the manifest.
+    assert!(
+        err.contains(&format!(
+            "shard {} (row group 0, bytes 4..",
+            shard.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains(") is corrupt: its SHA-256 is"), "{err}");
+    // `kiln data verify` checks whole files.
+    let err = kiln_err(&["data", "verify", path_str(&corrupt)]);
     assert!(
         err.contains(&format!(
             "shard {} is corrupt: its SHA-256 is",

@@ -63,8 +63,15 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Directory holding the dataset's `manifest.json` (written by `kiln prepare`).
-    pub path: PathBuf,
+    /// The dataset written by `kiln prepare`: a directory, or a store URL (`s3://`,
+    /// `az://`, `gs://`, `file://`, `memory://`).
+    pub path: String,
+    /// Decoded tokens the loader keeps in memory (current and prefetched blocks), in MiB.
+    #[serde(default = "default_memory_cap_mb")]
+    pub memory_cap_mb: u64,
+    /// Sequences per window of the local shuffle.
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,6 +156,12 @@ pub struct OutputSpec {
 fn default_name() -> String {
     "kiln".into()
 }
+fn default_memory_cap_mb() -> u64 {
+    512
+}
+fn default_shuffle_window() -> u64 {
+    4096
+}
 fn default_seed() -> u64 {
     1234
 }
@@ -197,7 +210,11 @@ impl JobConfig {
                 *p = lexical_join(base, p);
             }
         };
-        resolve(&mut self.data.path);
+        if !self.data.path.contains("://") {
+            let mut p = PathBuf::from(&self.data.path);
+            resolve(&mut p);
+            self.data.path = p.to_string_lossy().into_owned();
+        }
         resolve(&mut self.output.dir);
         if let Some(p) = self.model.init_from.as_mut() {
             resolve(p);
@@ -260,6 +277,12 @@ impl JobConfig {
             return fail(
                 "train.eval_every",
                 "eval_every must be >= 0 and eval_batches >= 1".into(),
+            );
+        }
+        if self.data.memory_cap_mb < 1 || self.data.shuffle_window < 1 {
+            return fail(
+                "data.memory_cap_mb",
+                "memory_cap_mb and shuffle_window must be at least 1".into(),
             );
         }
         if t.threads < 0 {
@@ -472,7 +495,7 @@ dir = "out"
         let path = dir.path().join("job.toml");
         std::fs::write(&path, GOOD).unwrap();
         let job = JobConfig::load(&path).unwrap();
-        assert_eq!(job.data.path, dir.path().join("data"));
+        assert_eq!(PathBuf::from(&job.data.path), dir.path().join("data"));
         assert_eq!(job.output.dir, dir.path().join("out"));
     }
 }

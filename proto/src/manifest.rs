@@ -70,6 +70,12 @@ pub struct ShardInfo {
     pub documents: u64,
     pub tokens: u64,
     pub row_groups: u64,
+    /// Tokens in each row group, in file order (they sum to `tokens`): the block sizes the
+    /// global sample order is computed from without opening any shard.
+    pub row_group_tokens: Vec<u64>,
+    /// Lowercase hex SHA-256 of each row group's byte range (from its first column chunk's
+    /// first page to its last column chunk's end): the loader checks every block it reads.
+    pub row_group_sha256: Vec<String>,
     pub bytes: u64,
     /// Lowercase hex SHA-256 of the whole file.
     pub sha256: String,
@@ -89,11 +95,16 @@ impl Manifest {
             }
             Err(source) => return Err(ManifestError::Read { path, source }),
         };
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks manifest text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ManifestError> {
         let invalid = |message: String| ManifestError::Invalid {
-            path: path.clone(),
+            path: path.to_owned(),
             message,
         };
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let m: Manifest = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if m.format != FORMAT {
             return Err(invalid(format!(
                 "format is {:?}, expected {FORMAT:?}",
@@ -114,6 +125,15 @@ impl Manifest {
         }
         for split in [&m.train, &m.validation] {
             for s in &split.shards {
+                if s.row_group_tokens.len() as u64 != s.row_groups
+                    || s.row_group_sha256.len() as u64 != s.row_groups
+                    || s.row_group_tokens.iter().sum::<u64>() != s.tokens
+                {
+                    return Err(invalid(format!(
+                        "shard {:?}: row_group_tokens or row_group_sha256 does not match row_groups and tokens",
+                        s.path
+                    )));
+                }
                 let p = Path::new(&s.path);
                 if p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
                     return Err(invalid(format!(

@@ -1,35 +1,40 @@
-//! A prepared dataset opened for training.
+//! A prepared dataset on an object store, opened for reading.
 //!
-//! [`TokenDataset::open`] reads the manifest; [`TokenDataset::load_split`] reads a split's
-//! shards, checking each file's SHA-256, its document and token counts, and every token id
-//! against the vocabulary, and concatenates the documents (each ends with EOS) into one
-//! token stream. [`SequenceSampler`] cuts that stream into fixed-length sequences and defines
-//! global sample `i` for every `i`: epoch `i / n` visits the `n` sequences in a permutation
-//! seeded by `(seed, epoch)`.
-//!
-//! This whole-split-in-memory reader is sized for datasets that fit in RAM.
+//! [`TokenDataset::open`] reads the manifest from the store; [`TokenDataset::loader`] opens
+//! a [`StreamingLoader`] over one split; [`TokenDataset::verify`] re-reads every shard whole,
+//! checking its SHA-256, its counts and every token id; [`TokenDataset::stats`] summarizes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use kiln_proto::manifest::{Manifest, ManifestError, Split};
+use kiln_proto::manifest::{self, Manifest, ManifestError, Split};
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
 
-use crate::rng::{permutation, SplitMix64};
-use crate::shard::{file_sha256, read_shard, ShardError};
+use crate::loader::{LoaderOptions, StreamingLoader};
+use crate::shard::{read_parquet, ShardError};
+use crate::store::{self, StoreError, StoreLocation};
+use crate::tokenizer::hex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error("cannot start the IO runtime: {0}")]
+    Runtime(String),
     #[error(
-        "the {split} split of {dir} has {tokens} tokens, too few for one sequence of {seq_len} tokens"
+        "the {split} split of {url} has {tokens} tokens, too few for one sequence of {seq_len} tokens"
     )]
     TooSmall {
-        dir: PathBuf,
+        url: String,
         split: &'static str,
-        tokens: usize,
-        seq_len: usize,
+        tokens: u64,
+        seq_len: u64,
     },
 }
 
@@ -49,16 +54,100 @@ impl SplitName {
     }
 }
 
+/// One batch: `inputs[b * seq_len + t]` predicts `targets[b * seq_len + t]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub inputs: Vec<i64>,
+    pub targets: Vec<i64>,
+    /// The global sample index of each row.
+    pub samples: Vec<u64>,
+    /// Wrapping sum of the samples' ledger hashes (see `order::sample_hash`).
+    pub hash: u64,
+}
+
 pub struct TokenDataset {
-    dir: PathBuf,
+    location: StoreLocation,
     manifest: Manifest,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// What `kiln data stats` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub url: String,
+    pub tokenizer: String,
+    pub vocab_size: u32,
+    pub eos_id: u32,
+    pub splits: Vec<SplitStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitStats {
+    pub split: &'static str,
+    pub shards: usize,
+    pub documents: u64,
+    pub tokens: u64,
+    pub row_groups: u64,
+    pub bytes: u64,
+    /// Per shard: path, documents, tokens, row groups, bytes, and whether the object is
+    /// present with the recorded size.
+    pub shard_checks: Vec<ShardCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardCheck {
+    pub path: String,
+    pub documents: u64,
+    pub tokens: u64,
+    pub row_groups: u64,
+    pub bytes: u64,
+    /// `ok`, `missing`, or what is wrong.
+    pub status: String,
 }
 
 impl TokenDataset {
-    pub fn open(dir: &Path) -> Result<Self, DatasetError> {
+    /// Opens the dataset at a URL or path (see [`crate::store`]).
+    pub fn open(url: &str) -> Result<Self, DatasetError> {
+        let location = store::open(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kiln-io")
+            .enable_all()
+            .build()
+            .map_err(|e| DatasetError::Runtime(e.to_string()))?;
+        let name = PathBuf::from(location.display(manifest::FILE_NAME));
+        let got = runtime.block_on(async {
+            let obj = location
+                .store
+                .get(&location.child(manifest::FILE_NAME))
+                .await?;
+            obj.bytes().await
+        });
+        let bytes = match got {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ManifestError::Missing {
+                    dir: PathBuf::from(url),
+                    file: name,
+                }
+                .into())
+            }
+            Err(e) => {
+                return Err(ManifestError::Read {
+                    path: name,
+                    source: std::io::Error::other(e.to_string()),
+                }
+                .into())
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let manifest = Manifest::parse(&text, &name)?;
         Ok(TokenDataset {
-            dir: dir.to_owned(),
-            manifest: Manifest::load(dir)?,
+            location,
+            manifest,
+            runtime: Arc::new(runtime),
         })
     }
 
@@ -66,8 +155,23 @@ impl TokenDataset {
         &self.manifest
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn url(&self) -> &str {
+        &self.location.url
+    }
+
+    /// SHA-256 over the shard checksums: identifies the data a cursor belongs to.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for s in self
+            .manifest
+            .train
+            .shards
+            .iter()
+            .chain(&self.manifest.validation.shards)
+        {
+            h.update(s.sha256.as_bytes());
+        }
+        hex(&h.finalize())
     }
 
     fn split(&self, name: SplitName) -> &Split {
@@ -77,31 +181,64 @@ impl TokenDataset {
         }
     }
 
-    /// Checks every shard of both splits (checksum, counts, token ranges) without keeping
-    /// the tokens.
-    pub fn verify(&self) -> Result<(), DatasetError> {
-        for name in [SplitName::Train, SplitName::Validation] {
-            self.load_split(name)?;
-        }
-        Ok(())
+    /// A streaming loader over a split; an error names the split when it is too small.
+    pub fn loader(
+        &self,
+        name: SplitName,
+        options: LoaderOptions,
+    ) -> Result<StreamingLoader, DatasetError> {
+        let seq_len = options.seq_len;
+        StreamingLoader::open(
+            self.runtime.clone(),
+            &self.location,
+            &self.manifest,
+            name,
+            options,
+        )?
+        .ok_or_else(|| DatasetError::TooSmall {
+            url: self.location.url.clone(),
+            split: name.as_str(),
+            tokens: self.split(name).tokens,
+            seq_len,
+        })
     }
 
-    /// All tokens of a split, documents in manifest order.
-    pub fn load_split(&self, name: SplitName) -> Result<Vec<u32>, DatasetError> {
+    /// Every token of a split, documents in manifest order, each shard checked whole.
+    pub fn read_split(&self, name: SplitName) -> Result<Vec<u32>, DatasetError> {
         let m = &self.manifest;
         let mut tokens = Vec::with_capacity(self.split(name).tokens as usize);
         for shard in &self.split(name).shards {
-            let path = self.dir.join(&shard.path);
-            let (bytes, sha256) = file_sha256(&path)?;
+            let display = self.location.display(&shard.path);
+            let path = self.location.child(&shard.path);
+            let got = self
+                .runtime
+                .block_on(async { self.location.store.get(&path).await?.bytes().await });
+            let bytes = match got {
+                Ok(b) => b,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(ShardError::Missing {
+                        path: display.into(),
+                    }
+                    .into())
+                }
+                Err(e) => {
+                    return Err(ShardError::Store {
+                        path: display,
+                        message: e.to_string(),
+                    }
+                    .into())
+                }
+            };
+            let sha256 = hex(&Sha256::digest(&bytes));
             if sha256 != shard.sha256 {
                 return Err(ShardError::Checksum {
-                    path,
+                    path: display.into(),
                     expected: shard.sha256.clone(),
-                    actual: format!("{sha256} ({bytes} bytes)"),
+                    actual: format!("{sha256} ({} bytes)", bytes.len()),
                 }
                 .into());
             }
-            let got = read_shard(&path, &m.token_column, m.vocab_size)?;
+            let got = read_parquet(bytes, &display, &m.token_column, m.vocab_size)?;
             let counts = [
                 ("documents", shard.documents, got.doc_ids.len() as u64),
                 ("tokens", shard.tokens, got.tokens.len() as u64),
@@ -109,7 +246,7 @@ impl TokenDataset {
             for (field, expected, actual) in counts {
                 if expected != actual {
                     return Err(ShardError::CountMismatch {
-                        path,
+                        path: display.into(),
                         field,
                         expected,
                         actual,
@@ -122,139 +259,61 @@ impl TokenDataset {
         Ok(tokens)
     }
 
-    /// A sampler over a split, or an error naming the split if it is too small.
-    pub fn sampler(
-        &self,
-        name: SplitName,
-        seq_len: usize,
-        seed: u64,
-        shuffle: bool,
-    ) -> Result<SequenceSampler, DatasetError> {
-        let tokens = self.load_split(name)?;
-        SequenceSampler::new(tokens, seq_len, seed, shuffle).ok_or_else(|| DatasetError::TooSmall {
-            dir: self.dir.clone(),
-            split: name.as_str(),
-            tokens: self.split(name).tokens as usize,
-            seq_len,
-        })
-    }
-}
-
-/// One batch: `inputs[b * seq_len + t]` predicts `targets[b * seq_len + t]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub inputs: Vec<i64>,
-    pub targets: Vec<i64>,
-    /// The global sample index of each row.
-    pub samples: Vec<u64>,
-}
-
-/// Fixed-length sequences over a token stream, in a seeded order per epoch.
-pub struct SequenceSampler {
-    tokens: Vec<u32>,
-    seq_len: usize,
-    seed: u64,
-    shuffle: bool,
-    epoch_order: Option<(u64, Vec<u32>)>,
-}
-
-impl SequenceSampler {
-    /// `None` when the stream cannot hold one sequence plus its shifted target.
-    pub fn new(tokens: Vec<u32>, seq_len: usize, seed: u64, shuffle: bool) -> Option<Self> {
-        if seq_len == 0 || tokens.len() < seq_len + 1 {
-            return None;
+    /// Re-reads every shard of both splits: checksums, counts and token ranges.
+    pub fn verify(&self) -> Result<(), DatasetError> {
+        for name in [SplitName::Train, SplitName::Validation] {
+            self.read_split(name)?;
         }
-        Some(SequenceSampler {
-            tokens,
-            seq_len,
-            seed,
-            shuffle,
-            epoch_order: None,
-        })
+        Ok(())
     }
 
-    /// Sequences per epoch.
-    pub fn len(&self) -> usize {
-        (self.tokens.len() - 1) / self.seq_len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The sequence (start offset in the stream) that global sample `i` reads.
-    pub fn sequence_of(&mut self, i: u64) -> usize {
-        let n = self.len() as u64;
-        let (epoch, pos) = (i / n, (i % n) as usize);
-        if !self.shuffle {
-            return pos;
+    /// Counts from the manifest, and whether each shard is present with its recorded size.
+    pub fn stats(&self) -> Stats {
+        let m = &self.manifest;
+        let splits = [SplitName::Train, SplitName::Validation]
+            .into_iter()
+            .map(|name| {
+                let split = self.split(name);
+                let shard_checks = split
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        let head = self
+                            .runtime
+                            .block_on(self.location.store.head(&self.location.child(&s.path)));
+                        let status = match head {
+                            Ok(meta) if meta.size == s.bytes => "ok".to_owned(),
+                            Ok(meta) => format!("size {} differs from the manifest", meta.size),
+                            Err(object_store::Error::NotFound { .. }) => "missing".to_owned(),
+                            Err(e) => format!("unreachable: {e}"),
+                        };
+                        ShardCheck {
+                            path: s.path.clone(),
+                            documents: s.documents,
+                            tokens: s.tokens,
+                            row_groups: s.row_groups,
+                            bytes: s.bytes,
+                            status,
+                        }
+                    })
+                    .collect();
+                SplitStats {
+                    split: name.as_str(),
+                    shards: split.shards.len(),
+                    documents: split.documents,
+                    tokens: split.tokens,
+                    row_groups: split.shards.iter().map(|s| s.row_groups).sum(),
+                    bytes: split.shards.iter().map(|s| s.bytes).sum(),
+                    shard_checks,
+                }
+            })
+            .collect();
+        Stats {
+            url: self.location.url.clone(),
+            tokenizer: m.tokenizer.kind.clone(),
+            vocab_size: m.vocab_size,
+            eos_id: m.eos_id,
+            splits,
         }
-        let stale = self.epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch);
-        if stale {
-            let seed = SplitMix64::mix(&[self.seed, epoch]);
-            self.epoch_order = Some((epoch, permutation(n as usize, seed)));
-        }
-        self.epoch_order
-            .as_ref()
-            .map_or(pos, |(_, p)| p[pos] as usize)
-    }
-
-    /// Global samples `first .. first + batch_size`.
-    pub fn batch(&mut self, first: u64, batch_size: usize) -> Batch {
-        let t = self.seq_len;
-        let mut batch = Batch {
-            batch_size,
-            seq_len: t,
-            inputs: Vec::with_capacity(batch_size * t),
-            targets: Vec::with_capacity(batch_size * t),
-            samples: Vec::with_capacity(batch_size),
-        };
-        for i in first..first + batch_size as u64 {
-            let start = self.sequence_of(i) * t;
-            let window = &self.tokens[start..start + t + 1];
-            batch.inputs.extend(window[..t].iter().map(|&x| x as i64));
-            batch.targets.extend(window[1..].iter().map(|&x| x as i64));
-            batch.samples.push(i);
-        }
-        batch
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_sequence_once_per_epoch_and_targets_shift_by_one() {
-        let tokens: Vec<u32> = (0..101).collect();
-        let mut s = SequenceSampler::new(tokens, 10, 3, true).unwrap();
-        assert_eq!(s.len(), 10);
-        let b = s.batch(0, 10);
-        let mut starts: Vec<i64> = b.inputs.chunks(10).map(|c| c[0]).collect();
-        assert_ne!(
-            starts,
-            (0..10).map(|i| i * 10).collect::<Vec<_>>(),
-            "shuffled"
-        );
-        starts.sort_unstable();
-        assert_eq!(starts, (0..10).map(|i| i * 10).collect::<Vec<_>>());
-        for (x, y) in b.inputs.iter().zip(&b.targets) {
-            assert_eq!(x + 1, *y);
-        }
-        // The next epoch has its own order, and the same seed gives the same stream.
-        let again = SequenceSampler::new((0..101).collect(), 10, 3, true)
-            .unwrap()
-            .batch(0, 20);
-        assert_eq!(&again.inputs[..100], &b.inputs[..]);
-        assert_ne!(&again.inputs[100..], &b.inputs[..]);
-    }
-
-    #[test]
-    fn unshuffled_sampler_reads_in_order() {
-        let mut s = SequenceSampler::new((0..50).collect(), 7, 0, false).unwrap();
-        assert_eq!(s.batch(1, 1).inputs, (7..14).collect::<Vec<i64>>());
-        assert!(SequenceSampler::new((0..7).collect(), 7, 0, false).is_none());
     }
 }

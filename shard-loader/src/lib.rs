@@ -4,19 +4,27 @@
 //!   offline, or a local Hugging Face `tokenizer.json`).
 //! - [`prepare`]: text or JSONL files to Parquet token shards plus a manifest.
 //! - [`shard`]: the shard schema, its writer and its checked reader.
-//! - [`dataset`]: a prepared dataset opened for training: verified shards packed into
-//!   fixed-length sequences in a deterministic, seeded order.
+//! - [`store`]: object stores by URL (local directory, S3, Azure, GCS, in-memory).
+//! - [`order`]: the global sample order, a pure function of block sizes, sequence length
+//!   and seed; rank slices, the resume cursor and the data ledger.
+//! - [`loader`]: the streaming loader: row groups fetched by byte range, decoded off the IO
+//!   runtime, prefetched within a memory cap.
+//! - [`dataset`]: a prepared dataset opened from a store: loaders, verification, stats.
 //!
 //! Architecture invariant: this crate knows nothing of the model or of libtorch; it hands out
 //! plain token ids.
 
 pub mod dataset;
+pub mod loader;
+pub mod order;
 pub mod prepare;
 pub mod shard;
+pub mod store;
 pub mod tokenizer;
 
 mod rng;
 
-pub use dataset::{Batch, SequenceSampler, TokenDataset};
+pub use dataset::{Batch, TokenDataset};
+pub use loader::{LoaderOptions, StreamingLoader};
 pub use shard::ShardError;
 pub use tokenizer::Tokenizer;

@@ -12,15 +12,18 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::manifest::{self, Manifest, ShardInfo, Split, TokenizerInfo};
+use object_store::ObjectStoreExt;
 use rayon::prelude::*;
 
 use crate::shard::{ShardError, ShardWriter};
+use crate::store::{self, StoreError, StoreLocation};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
     pub inputs: Vec<String>,
-    pub output: PathBuf,
+    /// A directory or store URL (see [`crate::store`]).
+    pub output: String,
     pub tokenizer: String,
     pub eos_token: Option<String>,
     pub text_key: String,
@@ -34,7 +37,7 @@ impl Default for PrepareOptions {
     fn default() -> Self {
         PrepareOptions {
             inputs: Vec::new(),
-            output: PathBuf::new(),
+            output: String::new(),
             tokenizer: "gpt2".into(),
             eos_token: None,
             text_key: "text".into(),
@@ -78,7 +81,11 @@ pub enum PrepareError {
         every: u64,
     },
     #[error("{0} already holds a dataset; pass --force to replace it")]
-    Exists(PathBuf),
+    Exists(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot upload {name}: {message}")]
+    Upload { name: String, message: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -166,6 +173,47 @@ fn read_documents(path: &Path, text_key: &str) -> Result<Vec<String>, PrepareErr
     Ok(docs)
 }
 
+fn upload_err(location: &StoreLocation, name: &str, e: object_store::Error) -> PrepareError {
+    PrepareError::Upload {
+        name: location.display(name),
+        message: e.to_string(),
+    }
+}
+
+/// Streams a local file to the store in 8 MiB parts (a multipart upload where the store
+/// has them), so large shards never sit in memory whole.
+async fn upload(location: &StoreLocation, name: &str, local: &Path) -> Result<(), PrepareError> {
+    use tokio::io::AsyncReadExt;
+    let read_err = |source| PrepareError::Read {
+        path: local.to_owned(),
+        source,
+    };
+    let upload = location
+        .store
+        .put_multipart(&location.child(name))
+        .await
+        .map_err(|e| upload_err(location, name, e))?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, 8 << 20);
+    let mut file = tokio::fs::File::open(local).await.map_err(read_err)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).await.map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        writer
+            .wait_for_capacity(4)
+            .await
+            .map_err(|e| upload_err(location, name, e))?;
+        writer.write(&buf[..n]);
+    }
+    writer
+        .finish()
+        .await
+        .map_err(|e| upload_err(location, name, e))?;
+    Ok(())
+}
+
 fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -230,6 +278,8 @@ impl SplitWriter {
                 documents: s.documents,
                 tokens: s.tokens,
                 row_groups: s.row_groups,
+                row_group_tokens: s.row_group_tokens,
+                row_group_sha256: s.row_group_sha256,
                 bytes: s.bytes,
                 sha256: s.sha256,
             });
@@ -251,20 +301,45 @@ pub fn prepare(options: &PrepareOptions) -> Result<Manifest, PrepareError> {
     }
     let tokenizer = Tokenizer::load(&options.tokenizer, options.eos_token.as_deref())?;
     let files = collect_inputs(&options.inputs)?;
-    let out = &options.output;
-    let manifest_path = out.join(manifest::FILE_NAME);
-    if manifest_path.exists() && !options.force {
-        return Err(PrepareError::Exists(out.clone()));
+    let location = store::open(&options.output)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PrepareError::Upload {
+            name: options.output.clone(),
+            message: e.to_string(),
+        })?;
+    let manifest_key = location.child(manifest::FILE_NAME);
+    let exists = runtime.block_on(location.store.head(&manifest_key));
+    match exists {
+        Ok(_) if !options.force => return Err(PrepareError::Exists(options.output.clone())),
+        Ok(_) => {
+            // A dataset is complete only once its manifest exists: remove the old one first.
+            runtime
+                .block_on(location.store.delete(&manifest_key))
+                .map_err(|e| upload_err(&location, manifest::FILE_NAME, e))?;
+        }
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(upload_err(&location, manifest::FILE_NAME, e)),
     }
+    // Shards are written to the local directory itself, or staged in a temporary one and
+    // uploaded to a remote store.
+    let staging;
+    let out: &Path = match &location.local_dir {
+        Some(dir) => dir,
+        None => {
+            staging = tempfile::tempdir().map_err(|source| PrepareError::Write {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+            staging.path()
+        }
+    };
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| PrepareError::Write { path, source }
     };
     std::fs::create_dir_all(out).map_err(write_err(out))?;
-    // A dataset is complete only once its manifest exists: remove the old one first.
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).map_err(write_err(&manifest_path))?;
-    }
 
     let every = if options.val_fraction > 0.0 {
         (1.0 / options.val_fraction).round().max(2.0) as u64
@@ -363,8 +438,27 @@ pub fn prepare(options: &PrepareOptions) -> Result<Manifest, PrepareError> {
         train,
         validation,
     };
+    if location.local_dir.is_none() {
+        for shard in manifest
+            .train
+            .shards
+            .iter()
+            .chain(&manifest.validation.shards)
+        {
+            let local = out.join(&shard.path);
+            runtime.block_on(upload(&location, &shard.path, &local))?;
+        }
+    }
+    let manifest_path = out.join(manifest::FILE_NAME);
     let tmp = out.join(format!("{}.tmp", manifest::FILE_NAME));
     std::fs::write(&tmp, manifest.to_json()).map_err(write_err(&tmp))?;
-    std::fs::rename(&tmp, &manifest_path).map_err(write_err(&manifest_path))?;
+    if location.local_dir.is_some() {
+        std::fs::rename(&tmp, &manifest_path).map_err(write_err(&manifest_path))?;
+    } else {
+        let body = bytes::Bytes::from(manifest.to_json());
+        runtime
+            .block_on(location.store.put(&manifest_key, body.into()))
+            .map_err(|e| upload_err(&location, manifest::FILE_NAME, e))?;
+    }
     Ok(manifest)
 }

@@ -20,7 +20,9 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::properties::WriterProperties;
+use parquet::file::reader::ChunkReader;
 use sha2::{Digest, Sha256};
 
 use crate::tokenizer::hex;
@@ -28,15 +30,26 @@ use crate::tokenizer::hex;
 /// Target tokens per row group: large enough for efficient reads, small enough to stream.
 pub const ROW_GROUP_TOKENS: usize = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ShardError {
     #[error("shard {path} is missing")]
     Missing { path: PathBuf },
-    #[error("cannot read shard {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
+    #[error("cannot read shard {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("cannot read bytes {}..{} of shard {shard}: {message}", range.start, range.end)]
+    Fetch {
+        shard: String,
+        range: std::ops::Range<u64>,
+        message: String,
     },
+    #[error("shard {path} is {actual} bytes but the manifest records {expected}; it was truncated or replaced")]
+    Size {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("cannot reach shard {path}: {message}")]
+    Store { path: String, message: String },
     #[error(
         "shard {path} is corrupt: its SHA-256 is {actual} but the manifest records {expected}; prepare the dataset again or restore the file"
     )]
@@ -90,6 +103,8 @@ pub struct ShardSummary {
     pub documents: u64,
     pub tokens: u64,
     pub row_groups: u64,
+    pub row_group_tokens: Vec<u64>,
+    pub row_group_sha256: Vec<String>,
     pub bytes: u64,
     pub sha256: String,
 }
@@ -103,7 +118,7 @@ pub struct ShardWriter {
     pending_tokens: usize,
     documents: u64,
     total_tokens: u64,
-    row_groups: u64,
+    row_group_tokens: Vec<u64>,
 }
 
 impl ShardWriter {
@@ -133,7 +148,7 @@ impl ShardWriter {
             pending_tokens: 0,
             documents: 0,
             total_tokens: 0,
-            row_groups: 0,
+            row_group_tokens: Vec::new(),
         })
     }
 
@@ -170,8 +185,8 @@ impl ShardWriter {
                 path: self.path.clone(),
                 message: e.to_string(),
             })?;
+        self.row_group_tokens.push(self.pending_tokens as u64);
         self.pending_tokens = 0;
-        self.row_groups += 1;
         Ok(())
     }
 
@@ -183,14 +198,53 @@ impl ShardWriter {
             message: e.to_string(),
         })?;
         let (bytes, sha256) = file_sha256(&self.path)?;
+        let row_group_sha256 = row_group_checksums(&self.path)?;
         Ok(ShardSummary {
+            row_group_sha256,
             documents: self.documents,
             tokens: self.total_tokens,
-            row_groups: self.row_groups,
+            row_groups: self.row_group_tokens.len() as u64,
+            row_group_tokens: self.row_group_tokens,
             bytes,
             sha256,
         })
     }
+}
+
+/// The byte range of row group `rg`: from its first column chunk's first page to the end of
+/// its last column chunk.
+pub fn row_group_range(metadata: &ParquetMetaData, rg: usize) -> std::ops::Range<u64> {
+    let ranges = metadata
+        .row_group(rg)
+        .columns()
+        .iter()
+        .map(|c| c.byte_range());
+    let start = ranges.clone().map(|(s, _)| s).min().unwrap_or(0);
+    let end = ranges.map(|(s, l)| s + l).max().unwrap_or(0);
+    start..end
+}
+
+/// SHA-256 of every row group's byte range of a local Parquet file.
+fn row_group_checksums(path: &Path) -> Result<Vec<String>, ShardError> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let metadata = ParquetMetaDataReader::new()
+        .parse_and_finish(&file)
+        .map_err(|e| ShardError::Parquet {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    (0..metadata.num_row_groups())
+        .map(|rg| {
+            let range = row_group_range(&metadata, rg);
+            let bytes = file
+                .get_bytes(range.start, (range.end - range.start) as usize)
+                .map_err(|e| ShardError::Parquet {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+            Ok(hex(&Sha256::digest(&bytes)))
+        })
+        .collect()
 }
 
 /// Size and SHA-256 of a file.
@@ -209,7 +263,7 @@ fn io_error(path: &Path, e: std::io::Error) -> ShardError {
     } else {
         ShardError::Io {
             path: path.to_owned(),
-            source: e,
+            message: e.to_string(),
         }
     }
 }
@@ -223,14 +277,25 @@ pub struct ShardTokens {
     pub tokens: Vec<u32>,
 }
 
-/// Reads a shard's `column` of token lists, checking every id against `vocab_size`.
+/// Reads a local shard's `column` of token lists, checking every id against `vocab_size`.
 pub fn read_shard(path: &Path, column: &str, vocab_size: u32) -> Result<ShardTokens, ShardError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
+    read_parquet(file, &path.display().to_string(), column, vocab_size)
+}
+
+/// Reads a whole shard from any Parquet source (a file, or bytes fetched from a store);
+/// `name` names it in errors.
+pub fn read_parquet<R: parquet::file::reader::ChunkReader + 'static>(
+    source: R,
+    name: &str,
+    column: &str,
+    vocab_size: u32,
+) -> Result<ShardTokens, ShardError> {
     let parquet_err = |e: &dyn std::fmt::Display| ShardError::Parquet {
-        path: path.to_owned(),
+        path: PathBuf::from(name),
         message: e.to_string(),
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+    let reader = ParquetRecordBatchReaderBuilder::try_new(source)
         .map_err(|e| parquet_err(&e))?
         .build()
         .map_err(|e| parquet_err(&e))?;
@@ -240,56 +305,81 @@ pub fn read_shard(path: &Path, column: &str, vocab_size: u32) -> Result<ShardTok
     };
     for batch in reader {
         let batch = batch.map_err(|e| parquet_err(&e))?;
-        let col_err = |problem: String| ShardError::Column {
-            path: path.to_owned(),
-            column: column.to_owned(),
-            problem,
-        };
-        let list = batch
-            .column_by_name(column)
-            .ok_or_else(|| col_err("is not in the file".into()))?;
-        let list = list.as_any().downcast_ref::<ListArray>().ok_or_else(|| {
-            col_err(format!(
-                "has type {}, expected list<int32>",
-                list.data_type()
-            ))
-        })?;
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<Int32Array>()
-            .ok_or_else(|| {
-                col_err(format!(
-                    "has type {}, expected list<int32>",
-                    list.data_type()
-                ))
-            })?;
-        let ids = batch
-            .column_by_name("doc_id")
-            .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
-        let list_offsets = list.value_offsets();
-        for row in 0..list.len() {
-            let doc = ids
-                .as_ref()
-                .map_or(out.doc_ids.len() as u64, |ids| ids.value(row) as u64);
-            let (start, end) = (list_offsets[row] as usize, list_offsets[row + 1] as usize);
-            for i in start..end {
-                let t = values.value(i);
-                if t < 0 || t as u32 >= vocab_size {
-                    return Err(ShardError::TokenOutOfRange {
-                        path: path.to_owned(),
-                        doc,
-                        token: t as i64,
-                        vocab_size,
-                    });
-                }
-                out.tokens.push(t as u32);
-            }
-            out.doc_ids.push(doc);
-            out.offsets.push(out.tokens.len());
-        }
+        decode_batch(&batch, name, column, vocab_size, &mut out)?;
     }
     Ok(out)
+}
+
+/// Appends the documents of one record batch to `out`. The token column may be a `list` or
+/// `large_list` of `int32`, `int64`, `uint16` or `uint32` (what pyarrow, `datasets` and
+/// other tools write); an optional `doc_id` `int64` column names documents in errors.
+pub fn decode_batch(
+    batch: &RecordBatch,
+    name: &str,
+    column: &str,
+    vocab_size: u32,
+    out: &mut ShardTokens,
+) -> Result<(), ShardError> {
+    use arrow_array::{LargeListArray, UInt16Array, UInt32Array};
+    let col_err = |problem: String| ShardError::Column {
+        path: PathBuf::from(name),
+        column: column.to_owned(),
+        problem,
+    };
+    let array = batch
+        .column_by_name(column)
+        .ok_or_else(|| col_err("is not in the file".into()))?;
+    let wrong_type = || {
+        col_err(format!(
+            "has type {}, expected a list of int32, int64, uint16 or uint32",
+            array.data_type()
+        ))
+    };
+    let (values, offsets): (ArrayRef, Vec<usize>) =
+        if let Some(l) = array.as_any().downcast_ref::<ListArray>() {
+            let o = l.value_offsets().iter().map(|&o| o as usize).collect();
+            (l.values().clone(), o)
+        } else if let Some(l) = array.as_any().downcast_ref::<LargeListArray>() {
+            let o = l.value_offsets().iter().map(|&o| o as usize).collect();
+            (l.values().clone(), o)
+        } else {
+            return Err(wrong_type());
+        };
+    let ids = batch
+        .column_by_name("doc_id")
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
+    let any = values.as_any();
+    let value_at: Box<dyn Fn(usize) -> i64> = if let Some(v) = any.downcast_ref::<Int32Array>() {
+        Box::new(move |i| i64::from(v.value(i)))
+    } else if let Some(v) = any.downcast_ref::<Int64Array>() {
+        Box::new(move |i| v.value(i))
+    } else if let Some(v) = any.downcast_ref::<UInt16Array>() {
+        Box::new(move |i| i64::from(v.value(i)))
+    } else if let Some(v) = any.downcast_ref::<UInt32Array>() {
+        Box::new(move |i| i64::from(v.value(i)))
+    } else {
+        return Err(wrong_type());
+    };
+    for row in 0..array.len() {
+        let doc = ids
+            .as_ref()
+            .map_or(out.doc_ids.len() as u64, |ids| ids.value(row) as u64);
+        for i in offsets[row]..offsets[row + 1] {
+            let t = value_at(i);
+            if t < 0 || t >= i64::from(vocab_size) {
+                return Err(ShardError::TokenOutOfRange {
+                    path: PathBuf::from(name),
+                    doc,
+                    token: t,
+                    vocab_size,
+                });
+            }
+            out.tokens.push(t as u32);
+        }
+        out.doc_ids.push(doc);
+        out.offsets.push(out.tokens.len());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,7 +411,7 @@ mod tests {
         assert!(err.ends_with("column \"ids\" is not in the file"), "{err}");
         let err = read_shard(&path, "doc_id", 10).unwrap_err().to_string();
         assert!(
-            err.ends_with("column \"doc_id\" has type Int64, expected list<int32>"),
+            err.ends_with("column \"doc_id\" has type Int64, expected a list of int32, int64, uint16 or uint32"),
             "{err}"
         );
     }

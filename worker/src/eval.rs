@@ -1,6 +1,6 @@
 //! Mean next-token cross-entropy of a model over a token stream.
 
-use kiln_shard_loader::SequenceSampler;
+use kiln_shard_loader::{ShardError, StreamingLoader};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -19,20 +19,20 @@ pub struct EvalResult {
 /// batches of `batch_size`, with bf16 autocast when `bf16`.
 pub fn evaluate(
     model: &Llama,
-    sampler: &mut SequenceSampler,
+    sampler: &mut StreamingLoader,
     batch_size: usize,
     max_sequences: Option<usize>,
     bf16: bool,
-) -> EvalResult {
+) -> Result<EvalResult, ShardError> {
     let n = max_sequences.map_or(sampler.len(), |m| m.min(sampler.len()).max(1));
     let device = model.device();
     let mut total = 0.0f64;
     let mut tokens = 0u64;
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<(), ShardError> {
         let mut first = 0usize;
         while first < n {
             let b = batch_size.min(n - first);
-            let batch = sampler.batch(first as u64, b);
+            let batch = sampler.batch(first as u64, b)?;
             let shape = [b as i64, batch.seq_len as i64];
             let inputs = Tensor::from_slice(&batch.inputs)
                 .view(shape)
@@ -46,10 +46,11 @@ pub fn evaluate(
             tokens += count;
             first += b;
         }
-    });
-    EvalResult {
+        Ok(())
+    })?;
+    Ok(EvalResult {
         loss: total / tokens.max(1) as f64,
         tokens,
         sequences: n as u64,
-    }
+    })
 }

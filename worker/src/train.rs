@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::{DatasetError, SplitName};
-use kiln_shard_loader::{SequenceSampler, TokenDataset};
+use kiln_shard_loader::{LoaderOptions, ShardError, StreamingLoader, TokenDataset};
 use serde::Serialize;
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -26,6 +26,7 @@ use crate::eval::evaluate;
 use crate::hf::{self, HfError, SaveOptions};
 use crate::model::{DecayPolicy, Llama};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use kiln_shard_loader::order::LedgerEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -36,12 +37,14 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] DatasetError),
     #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
     Hf(#[from] HfError),
     #[error(
         "the dataset {dir} uses token ids up to {dataset_vocab} ({tokenizer}) but the model's vocab_size is {model_vocab}; set model.vocab_size to at least {dataset_vocab}"
     )]
     VocabTooSmall {
-        dir: PathBuf,
+        dir: String,
         tokenizer: String,
         dataset_vocab: u32,
         model_vocab: i64,
@@ -79,6 +82,8 @@ pub enum Event {
         tokens_per_s: f64,
         mfu: f64,
         step_s: f64,
+        /// Share of the window's wall time spent waiting for data.
+        data_wait: f64,
     },
     Eval {
         step: i64,
@@ -138,10 +143,23 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
             max: config.max_seq_len,
         });
     }
-    let seq_len = t.seq_len as usize;
-    let mut train_data = dataset.sampler(SplitName::Train, seq_len, t.seed, true)?;
+    let options = LoaderOptions {
+        seq_len: t.seq_len as u64,
+        seed: t.seed,
+        shuffle: true,
+        shuffle_window: job.data.shuffle_window,
+        memory_cap_bytes: job.data.memory_cap_mb << 20,
+        concurrency: 8,
+        prefetch_samples: 2 * t.batch_size as u64,
+    };
+    let mut train_data = dataset.loader(SplitName::Train, options.clone())?;
     let mut val_data = if t.eval_every > 0 && manifest.validation.tokens > 0 {
-        Some(dataset.sampler(SplitName::Validation, seq_len, 0, false)?)
+        let options = LoaderOptions {
+            shuffle: false,
+            prefetch_samples: (t.eval_batches * job.micro_batch_size()) as u64,
+            ..options
+        };
+        Some(dataset.loader(SplitName::Validation, options)?)
     } else {
         None
     };
@@ -153,6 +171,11 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     let metrics_path = job.output.dir.join("metrics.jsonl");
     let mut metrics = File::create(&metrics_path).map_err(|source| TrainError::Write {
         path: metrics_path.clone(),
+        source,
+    })?;
+    let ledger_path = job.output.dir.join("ledger.jsonl");
+    let mut ledger = File::create(&ledger_path).map_err(|source| TrainError::Write {
+        path: ledger_path.clone(),
         source,
     })?;
     let mut emit = |event: Event| -> Result<(), TrainError> {
@@ -174,7 +197,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         flops_per_token,
         peak_flops,
         train_sequences: train_data.len(),
-        validation_sequences: val_data.as_ref().map_or(0, SequenceSampler::len),
+        validation_sequences: val_data.as_ref().map_or(0, StreamingLoader::len),
     })?;
 
     let o = &job.optimizer;
@@ -203,20 +226,32 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
 
     for step in 0..t.steps {
         let lr = schedule.at(step);
-        let batches: Vec<(Tensor, Tensor)> = (0..accum)
-            .map(|m| {
-                let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
-                let batch = train_data.batch(first, micro);
-                let shape = [micro as i64, t.seq_len];
-                let inputs = Tensor::from_slice(&batch.inputs)
-                    .view(shape)
-                    .to_device(device);
-                let targets = Tensor::from_slice(&batch.targets)
-                    .view(shape)
-                    .to_device(device);
-                (inputs, targets)
-            })
-            .collect();
+        let mut batches = Vec::with_capacity(accum as usize);
+        let mut hash = 0u64;
+        for m in 0..accum {
+            let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
+            let batch = train_data.batch(first, micro)?;
+            hash = hash.wrapping_add(batch.hash);
+            let shape = [micro as i64, t.seq_len];
+            let inputs = Tensor::from_slice(&batch.inputs)
+                .view(shape)
+                .to_device(device);
+            let targets = Tensor::from_slice(&batch.targets)
+                .view(shape)
+                .to_device(device);
+            batches.push((inputs, targets));
+        }
+        let entry = LedgerEntry {
+            step: step as u64,
+            first_sample: (step * t.batch_size) as u64,
+            samples: t.batch_size as u64,
+            hash,
+        };
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        writeln!(ledger, "{line}").map_err(|source| TrainError::Write {
+            path: ledger_path.clone(),
+            source,
+        })?;
         let stats = optimizer_step(&model, &mut optimizer, &batches, lr, o.grad_clip, bf16);
         let (loss_sum, grad_norm) = (stats.loss, stats.grad_norm);
         if !loss_sum.is_finite() {
@@ -243,20 +278,23 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
                 tokens_per_s,
                 mfu: tokens_per_s * flops_per_token / peak_flops,
                 step_s: elapsed / steps_in_window.max(1) as f64,
+                data_wait: train_data.take_wait().as_secs_f64() / elapsed,
             })?;
             window_tokens = 0;
             window_start = Instant::now();
         }
         let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last);
         if let (true, Some(val)) = (due, val_data.as_mut()) {
-            let r = evaluate(&model, val, micro, Some(eval_sequences), bf16);
+            let eval_start = Instant::now();
+            let r = evaluate(&model, val, micro, Some(eval_sequences), bf16)?;
             summary.val_losses.push((step + 1, r.loss));
             emit(Event::Eval {
                 step: step + 1,
                 val_loss: r.loss,
                 tokens: r.tokens,
             })?;
-            window_start = Instant::now();
+            // Evaluation time does not count against training throughput.
+            window_start += eval_start.elapsed();
         }
     }
 
@@ -333,7 +371,7 @@ fn manifest_meta(dataset: &TokenDataset) -> serde_json::Value {
         "tokenizer": m.tokenizer.kind,
         "tokenizer_sha256": m.tokenizer.sha256,
         "eos_id": m.eos_id,
-        "dataset": dataset.dir(),
+        "dataset": dataset.url(),
     })
 }
 
