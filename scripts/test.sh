@@ -12,6 +12,14 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "==> cargo build"
+cargo build --locked --workspace --all-targets
+
+echo "==> starting SeaweedFS (S3) on 127.0.0.1"
+weed_pid=$(mktemp)
+trap 'kill -- -$(cat "$weed_pid") 2>/dev/null || kill $(cat "$weed_pid") 2>/dev/null || true' EXIT
+eval "$(scripts/seaweedfs.sh "$weed_pid")"
+
 echo "==> cargo test"
 # Two tests at a time within each test binary: each libtorch process uses both cores.
 cargo test --locked --workspace -- --test-threads 2

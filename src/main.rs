@@ -54,6 +54,9 @@ enum Command {
         /// Start a new shard after about this many tokens.
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: u64,
+        /// Start a new row group (the unit the loader fetches) after about this many tokens.
+        #[arg(long, default_value_t = 1 << 20)]
+        row_group_tokens: usize,
         /// Replace an existing dataset in the output directory.
         #[arg(long)]
         force: bool,
@@ -144,7 +147,15 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already embed their causes; print each cause only once.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message = format!("{message}: {cause}");
+                }
+            }
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -160,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
             text_key,
             val_fraction,
             shard_tokens,
+            row_group_tokens,
             force,
         } => {
             let options = PrepareOptions {
@@ -170,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
                 text_key,
                 val_fraction,
                 shard_tokens,
+                row_group_tokens,
                 force,
                 progress: true,
             };

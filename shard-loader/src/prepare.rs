@@ -29,6 +29,8 @@ pub struct PrepareOptions {
     pub text_key: String,
     pub val_fraction: f64,
     pub shard_tokens: u64,
+    /// Tokens per row group, the unit the loader fetches.
+    pub row_group_tokens: usize,
     pub force: bool,
     pub progress: bool,
 }
@@ -43,6 +45,7 @@ impl Default for PrepareOptions {
             text_key: "text".into(),
             val_fraction: 0.05,
             shard_tokens: 100_000_000,
+            row_group_tokens: crate::shard::ROW_GROUP_TOKENS,
             force: false,
             progress: true,
         }
@@ -230,17 +233,19 @@ struct SplitWriter {
     name: &'static str,
     dir: PathBuf,
     shard_tokens: u64,
+    row_group_tokens: usize,
     current: Option<ShardWriter>,
     current_tokens: u64,
     split: Split,
 }
 
 impl SplitWriter {
-    fn new(name: &'static str, dir: &Path, shard_tokens: u64) -> Self {
+    fn new(name: &'static str, dir: &Path, shard_tokens: u64, row_group_tokens: usize) -> Self {
         SplitWriter {
             name,
             dir: dir.to_owned(),
             shard_tokens,
+            row_group_tokens,
             current: None,
             current_tokens: 0,
             split: Split::default(),
@@ -252,8 +257,10 @@ impl SplitWriter {
             Some(w) => w,
             None => {
                 let name = self.shard_name(self.split.shards.len());
-                self.current
-                    .insert(ShardWriter::create(&self.dir.join(name))?)
+                self.current.insert(ShardWriter::create(
+                    &self.dir.join(name),
+                    self.row_group_tokens,
+                )?)
             }
         };
         writer.push(doc_id, tokens)?;
@@ -363,8 +370,18 @@ pub fn prepare(options: &PrepareOptions) -> Result<Manifest, PrepareError> {
         .progress_chars("=> "),
     );
 
-    let mut train = SplitWriter::new("train", out, options.shard_tokens.max(1));
-    let mut validation = SplitWriter::new("validation", out, options.shard_tokens.max(1));
+    let mut train = SplitWriter::new(
+        "train",
+        out,
+        options.shard_tokens.max(1),
+        options.row_group_tokens.max(1),
+    );
+    let mut validation = SplitWriter::new(
+        "validation",
+        out,
+        options.shard_tokens.max(1),
+        options.row_group_tokens.max(1),
+    );
     let mut doc_id = 0u64;
     let eos = tokenizer.eos_id();
     // Files are read and tokenized in groups of about 64 MiB so memory stays bounded.

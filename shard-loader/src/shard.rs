@@ -116,13 +116,15 @@ pub struct ShardWriter {
     ids: Vec<i64>,
     tokens: ListBuilder<Int32Builder>,
     pending_tokens: usize,
+    row_group_tokens_target: usize,
     documents: u64,
     total_tokens: u64,
     row_group_tokens: Vec<u64>,
 }
 
 impl ShardWriter {
-    pub fn create(path: &Path) -> Result<Self, ShardError> {
+    /// A writer that cuts a row group once it holds `row_group_tokens` tokens.
+    pub fn create(path: &Path, row_group_tokens: usize) -> Result<Self, ShardError> {
         let write_err = |message: String| ShardError::Write {
             path: path.to_owned(),
             message,
@@ -146,6 +148,7 @@ impl ShardWriter {
                 false,
             ))),
             pending_tokens: 0,
+            row_group_tokens_target: row_group_tokens.max(1),
             documents: 0,
             total_tokens: 0,
             row_group_tokens: Vec::new(),
@@ -161,7 +164,7 @@ impl ShardWriter {
         self.pending_tokens += tokens.len();
         self.documents += 1;
         self.total_tokens += tokens.len() as u64;
-        if self.pending_tokens >= ROW_GROUP_TOKENS {
+        if self.pending_tokens >= self.row_group_tokens_target {
             self.flush_row_group()?;
         }
         Ok(())
@@ -390,7 +393,7 @@ mod tests {
     fn write_then_read_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.parquet");
-        let mut w = ShardWriter::create(&path).unwrap();
+        let mut w = ShardWriter::create(&path, ROW_GROUP_TOKENS).unwrap();
         w.push(3, &[1, 2, 3, 9]).unwrap();
         w.push(5, &[4, 9]).unwrap();
         let summary = w.finish().unwrap();
@@ -420,7 +423,7 @@ mod tests {
     fn truncated_file_is_a_parquet_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.parquet");
-        let mut w = ShardWriter::create(&path).unwrap();
+        let mut w = ShardWriter::create(&path, ROW_GROUP_TOKENS).unwrap();
         w.push(0, &[1, 2, 3]).unwrap();
         w.finish().unwrap();
         let bytes = std::fs::read(&path).unwrap();
