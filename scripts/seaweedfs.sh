@@ -16,7 +16,7 @@ endpoint=http://127.0.0.1:8333
 for _ in $(seq 120); do
   # The bucket exists once a request for an object in it says "missing", not "no bucket".
   if out=$(AWS_ENDPOINT=$endpoint AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SK \
-      KILN_STORE_RETRIES=0 "$KILN_ROOT/target/debug/kiln" data stats s3://kiln-test/probe 2>&1); then :; fi
+      KILN_STORE_RETRIES=0 "${KILN_BIN:-$KILN_ROOT/target/debug/kiln}" data stats s3://kiln-test/probe 2>&1); then :; fi
   if grep -q "is missing" <<<"$out"; then
     echo "export KILN_TEST_S3_ENDPOINT=$endpoint"
     exit 0

@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
+use kiln_shard_loader::index::{index, IndexOptions};
+use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::prepare::{prepare, PrepareOptions};
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
 use kiln_worker::device::{resolve_bf16, resolve_device};
@@ -134,6 +136,25 @@ enum DataCommand {
     Stats { url: String },
     /// Re-read every shard: checksums, counts, and every token id against the vocabulary.
     Verify { url: String },
+    /// Write a manifest for Parquet token files written by other tools (pyarrow, datasets).
+    Index {
+        /// Directory or store URL holding the `*.parquet` files.
+        url: String,
+        /// The column holding each document's token ids.
+        #[arg(long)]
+        column: String,
+        /// Token ids must be below this.
+        #[arg(long)]
+        vocab_size: u32,
+        /// The end-of-document id of the tokenizer that wrote the files.
+        #[arg(long)]
+        eos_id: u32,
+        /// The last N files (in sorted order) become the validation split.
+        #[arg(long, default_value_t = 0)]
+        validation_files: usize,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -274,7 +295,8 @@ fn run(cli: Cli) -> Result<()> {
                 prefetch_samples: batch_size as u64 * 4,
                 ..LoaderOptions::default()
             };
-            let mut loader = dataset.loader(split, options)?;
+            let loader = dataset.loader(split, options)?;
+            let mut loader = MixtureLoader::new(vec![loader], &[1.0], 0);
             let r = evaluate(&llama, &mut loader, batch_size.max(1), max_sequences, bf16)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
@@ -294,6 +316,33 @@ fn run(cli: Cli) -> Result<()> {
                     m.train.shards.len() + m.validation.shards.len(),
                     m.train.tokens + m.validation.tokens
                 );
+                Ok(())
+            }
+            DataCommand::Index {
+                url,
+                column,
+                vocab_size,
+                eos_id,
+                validation_files,
+                force,
+            } => {
+                let options = IndexOptions {
+                    url: url.clone(),
+                    column,
+                    vocab_size,
+                    eos_id,
+                    validation_files,
+                    force,
+                };
+                let m = index(&options)?;
+                println!(
+                "indexed {url}: {} train files ({} documents, {} tokens), {} validation files ({} tokens)",
+                m.train.shards.len(),
+                m.train.documents,
+                m.train.tokens,
+                m.validation.shards.len(),
+                m.validation.tokens
+            );
                 Ok(())
             }
         },

@@ -64,14 +64,38 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// The dataset written by `kiln prepare`: a directory, or a store URL (`s3://`,
-    /// `az://`, `gs://`, `file://`, `memory://`).
-    pub path: String,
+    /// `az://`, `gs://`, `file://`, `memory://`). Either this or `sources`.
+    pub path: Option<String>,
+    /// A mixture: several datasets, each with a weight (its share of every step's samples).
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
     /// Decoded tokens the loader keeps in memory (current and prefetched blocks), in MiB.
     #[serde(default = "default_memory_cap_mb")]
     pub memory_cap_mb: u64,
     /// Sequences per window of the local shuffle.
     #[serde(default = "default_shuffle_window")]
     pub shuffle_window: u64,
+}
+
+/// One dataset of a mixture.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub path: String,
+    pub weight: f64,
+}
+
+impl DataSpec {
+    /// The datasets and their weights: `path` alone is one source of weight 1.
+    pub fn sources(&self) -> Vec<SourceSpec> {
+        match &self.path {
+            Some(path) => vec![SourceSpec {
+                path: path.clone(),
+                weight: 1.0,
+            }],
+            None => self.sources.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,10 +234,18 @@ impl JobConfig {
                 *p = lexical_join(base, p);
             }
         };
-        if !self.data.path.contains("://") {
-            let mut p = PathBuf::from(&self.data.path);
-            resolve(&mut p);
-            self.data.path = p.to_string_lossy().into_owned();
+        let resolve_url = |url: &mut String| {
+            if !url.contains("://") {
+                let mut p = PathBuf::from(&*url);
+                resolve(&mut p);
+                *url = p.to_string_lossy().into_owned();
+            }
+        };
+        if let Some(path) = self.data.path.as_mut() {
+            resolve_url(path);
+        }
+        for source in &mut self.data.sources {
+            resolve_url(&mut source.path);
         }
         resolve(&mut self.output.dir);
         if let Some(p) = self.model.init_from.as_mut() {
@@ -278,6 +310,29 @@ impl JobConfig {
                 "train.eval_every",
                 "eval_every must be >= 0 and eval_batches >= 1".into(),
             );
+        }
+        match (&self.data.path, self.data.sources.len()) {
+            (Some(_), 0) => {}
+            (None, 0) => return fail("data", "give data.path or [[data.sources]]".into()),
+            (Some(_), _) => {
+                return fail(
+                    "data",
+                    "give data.path or [[data.sources]], not both".into(),
+                )
+            }
+            (None, _) => {
+                if let Some(s) = self
+                    .data
+                    .sources
+                    .iter()
+                    .find(|s| !(s.weight.is_finite() && s.weight > 0.0))
+                {
+                    return fail(
+                        "data.sources.weight",
+                        format!("must be a positive number, got {} for {}", s.weight, s.path),
+                    );
+                }
+            }
         }
         if self.data.memory_cap_mb < 1 || self.data.shuffle_window < 1 {
             return fail(
@@ -495,7 +550,10 @@ dir = "out"
         let path = dir.path().join("job.toml");
         std::fs::write(&path, GOOD).unwrap();
         let job = JobConfig::load(&path).unwrap();
-        assert_eq!(PathBuf::from(&job.data.path), dir.path().join("data"));
+        assert_eq!(
+            job.data.path.as_deref().map(PathBuf::from),
+            Some(dir.path().join("data"))
+        );
         assert_eq!(job.output.dir, dir.path().join("out"));
     }
 }

@@ -27,6 +27,10 @@ pub enum DatasetError {
     Shard(#[from] ShardError),
     #[error("cannot start the IO runtime: {0}")]
     Runtime(String),
+    #[error("{0} already holds a dataset; pass --force to replace its manifest")]
+    Exists(String),
+    #[error("no .parquet files under {0}")]
+    NoParquet(String),
     #[error(
         "the {split} split of {url} has {tokens} tokens, too few for one sequence of {seq_len} tokens"
     )]

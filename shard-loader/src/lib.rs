@@ -10,12 +10,16 @@
 //! - [`loader`]: the streaming loader: row groups fetched by byte range, decoded off the IO
 //!   runtime, prefetched within a memory cap.
 //! - [`dataset`]: a prepared dataset opened from a store: loaders, verification, stats.
+//! - [`index`]: a manifest for Parquet token files written by other tools.
+//! - [`mixture`]: several datasets read as one weighted, deterministic stream.
 //!
 //! Architecture invariant: this crate knows nothing of the model or of libtorch; it hands out
 //! plain token ids.
 
 pub mod dataset;
+pub mod index;
 pub mod loader;
+pub mod mixture;
 pub mod order;
 pub mod prepare;
 pub mod shard;

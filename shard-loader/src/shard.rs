@@ -352,35 +352,51 @@ pub fn decode_batch(
         .column_by_name("doc_id")
         .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
     let any = values.as_any();
-    let value_at: Box<dyn Fn(usize) -> i64> = if let Some(v) = any.downcast_ref::<Int32Array>() {
-        Box::new(move |i| i64::from(v.value(i)))
+    // One typed pass per batch: check every id, then append the documents.
+    let docs_before = out.doc_ids.len() as u64;
+    let doc_of = |row: usize| {
+        ids.as_ref()
+            .map_or(docs_before + row as u64, |ids| ids.value(row) as u64)
+    };
+    let first_bad = |bad: Option<usize>, value: &dyn Fn(usize) -> i64| -> Result<(), ShardError> {
+        let Some(i) = bad else { return Ok(()) };
+        let row = offsets.partition_point(|&o| o <= i) - 1;
+        Err(ShardError::TokenOutOfRange {
+            path: PathBuf::from(name),
+            doc: doc_of(row),
+            token: value(i),
+            vocab_size,
+        })
+    };
+    let vocab = i64::from(vocab_size);
+    let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+    let base = out.tokens.len();
+    if let Some(v) = any.downcast_ref::<Int32Array>() {
+        let vals = &v.values()[start..end];
+        let bad = vals.iter().position(|&t| t < 0 || i64::from(t) >= vocab);
+        first_bad(bad.map(|b| b + start), &|i| i64::from(v.value(i)))?;
+        out.tokens.extend(vals.iter().map(|&t| t as u32));
     } else if let Some(v) = any.downcast_ref::<Int64Array>() {
-        Box::new(move |i| v.value(i))
+        let vals = &v.values()[start..end];
+        let bad = vals.iter().position(|&t| t < 0 || t >= vocab);
+        first_bad(bad.map(|b| b + start), &|i| v.value(i))?;
+        out.tokens.extend(vals.iter().map(|&t| t as u32));
     } else if let Some(v) = any.downcast_ref::<UInt16Array>() {
-        Box::new(move |i| i64::from(v.value(i)))
+        let vals = &v.values()[start..end];
+        let bad = vals.iter().position(|&t| i64::from(t) >= vocab);
+        first_bad(bad.map(|b| b + start), &|i| i64::from(v.value(i)))?;
+        out.tokens.extend(vals.iter().map(|&t| u32::from(t)));
     } else if let Some(v) = any.downcast_ref::<UInt32Array>() {
-        Box::new(move |i| i64::from(v.value(i)))
+        let vals = &v.values()[start..end];
+        let bad = vals.iter().position(|&t| i64::from(t) >= vocab);
+        first_bad(bad.map(|b| b + start), &|i| i64::from(v.value(i)))?;
+        out.tokens.extend_from_slice(vals);
     } else {
         return Err(wrong_type());
-    };
+    }
     for row in 0..array.len() {
-        let doc = ids
-            .as_ref()
-            .map_or(out.doc_ids.len() as u64, |ids| ids.value(row) as u64);
-        for i in offsets[row]..offsets[row + 1] {
-            let t = value_at(i);
-            if t < 0 || t >= i64::from(vocab_size) {
-                return Err(ShardError::TokenOutOfRange {
-                    path: PathBuf::from(name),
-                    doc,
-                    token: t,
-                    vocab_size,
-                });
-            }
-            out.tokens.push(t as u32);
-        }
-        out.doc_ids.push(doc);
-        out.offsets.push(out.tokens.len());
+        out.doc_ids.push(doc_of(row));
+        out.offsets.push(base + offsets[row + 1] - start);
     }
     Ok(())
 }

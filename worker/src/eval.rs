@@ -1,6 +1,7 @@
 //! Mean next-token cross-entropy of a model over a token stream.
 
-use kiln_shard_loader::{ShardError, StreamingLoader};
+use kiln_shard_loader::mixture::MixtureLoader;
+use kiln_shard_loader::ShardError;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -19,7 +20,7 @@ pub struct EvalResult {
 /// batches of `batch_size`, with bf16 autocast when `bf16`.
 pub fn evaluate(
     model: &Llama,
-    sampler: &mut StreamingLoader,
+    sampler: &mut MixtureLoader,
     batch_size: usize,
     max_sequences: Option<usize>,
     bf16: bool,

@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::{DatasetError, SplitName};
-use kiln_shard_loader::{LoaderOptions, ShardError, StreamingLoader, TokenDataset};
+use kiln_shard_loader::mixture::MixtureLoader;
+use kiln_shard_loader::{LoaderOptions, ShardError, TokenDataset};
 use serde::Serialize;
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -49,6 +50,10 @@ pub enum TrainError {
         dataset_vocab: u32,
         model_vocab: i64,
     },
+    #[error(
+        "the mixture's datasets {first} and {other} use different tokenizers (vocabulary size or end-of-document id differ)"
+    )]
+    MixedTokenizers { first: String, other: String },
     #[error("train.seq_len {seq_len} exceeds the model's max_seq_len {max}")]
     SeqTooLong { seq_len: i64, max: i64 },
     #[error("cannot write {path}: {source}")]
@@ -113,8 +118,22 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     }
     let device = device::resolve_device(&t.device)?;
     let bf16 = device::resolve_bf16(&t.precision, device)?;
-    let dataset = TokenDataset::open(&job.data.path)?;
+    let sources = job.data.sources();
+    let datasets = sources
+        .iter()
+        .map(|s| TokenDataset::open(&s.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dataset = &datasets[0];
     let manifest = dataset.manifest().clone();
+    for (source, other) in sources.iter().zip(&datasets).skip(1) {
+        let m = other.manifest();
+        if (m.vocab_size, m.eos_id) != (manifest.vocab_size, manifest.eos_id) {
+            return Err(TrainError::MixedTokenizers {
+                first: sources[0].path.clone(),
+                other: source.path.clone(),
+            });
+        }
+    }
 
     let model = match &job.model.init_from {
         Some(dir) => {
@@ -131,7 +150,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     let config = model.config.clone();
     if i64::from(manifest.vocab_size) > config.vocab_size {
         return Err(TrainError::VocabTooSmall {
-            dir: job.data.path.clone(),
+            dir: sources[0].path.clone(),
             tokenizer: manifest.tokenizer.kind.clone(),
             dataset_vocab: manifest.vocab_size,
             model_vocab: config.vocab_size,
@@ -152,14 +171,41 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         concurrency: 8,
         prefetch_samples: 2 * t.batch_size as u64,
     };
-    let mut train_data = dataset.loader(SplitName::Train, options.clone())?;
-    let mut val_data = if t.eval_every > 0 && manifest.validation.tokens > 0 {
+    let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
+    // Each source streams its own order: give each its own seed.
+    let loaders = |split: SplitName, options: &LoaderOptions| {
+        datasets
+            .iter()
+            .enumerate()
+            .map(|(d, ds)| {
+                let seed = if d == 0 {
+                    options.seed
+                } else {
+                    options.seed ^ ((d as u64) << 32)
+                };
+                ds.loader(
+                    split,
+                    LoaderOptions {
+                        seed,
+                        ..options.clone()
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let mut train_data = MixtureLoader::new(loaders(SplitName::Train, &options)?, &weights, t.seed);
+    let has_validation = datasets.iter().all(|d| d.manifest().validation.tokens > 0);
+    let mut val_data = if t.eval_every > 0 && has_validation {
         let options = LoaderOptions {
             shuffle: false,
             prefetch_samples: (t.eval_batches * job.micro_batch_size()) as u64,
             ..options
         };
-        Some(dataset.loader(SplitName::Validation, options)?)
+        Some(MixtureLoader::new(
+            loaders(SplitName::Validation, &options)?,
+            &weights,
+            t.seed,
+        ))
     } else {
         None
     };
@@ -197,7 +243,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         flops_per_token,
         peak_flops,
         train_sequences: train_data.len(),
-        validation_sequences: val_data.as_ref().map_or(0, StreamingLoader::len),
+        validation_sequences: val_data.as_ref().map_or(0, MixtureLoader::len),
     })?;
 
     let o = &job.optimizer;
@@ -299,12 +345,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     }
 
     let model_dir = job.output.dir.join("model");
-    save_model(
-        &model,
-        &model_dir,
-        &manifest_meta(&dataset),
-        manifest.eos_id,
-    )?;
+    save_model(&model, &model_dir, &manifest_meta(dataset), manifest.eos_id)?;
     emit(Event::Saved {
         path: model_dir.clone(),
     })?;
