@@ -101,6 +101,8 @@ pub struct StreamingLoader {
     cache: HashMap<u32, BlockFuture>,
     /// Blocks in the order they entered the cache, for eviction.
     fifo: VecDeque<u32>,
+    /// Decoded bytes of the cached (or in-flight) blocks.
+    cached_bytes: u64,
     wait: Duration,
 }
 
@@ -403,6 +405,7 @@ impl StreamingLoader {
             options,
             cache: HashMap::new(),
             fifo: VecDeque::new(),
+            cached_bytes: 0,
             wait: Duration::ZERO,
         }))
     }
@@ -447,14 +450,8 @@ impl StreamingLoader {
         self.runtime.spawn(fut.clone().map(|_| ()));
         self.cache.insert(block, fut.clone());
         self.fifo.push_back(block);
+        self.cached_bytes += self.blocks[block as usize].tokens * 4;
         fut
-    }
-
-    fn cached_bytes(&self) -> u64 {
-        self.cache
-            .keys()
-            .map(|&b| self.blocks[b as usize].tokens * 4)
-            .sum()
     }
 
     /// Global samples `first .. first + count`, with the blocks of the following samples
@@ -476,7 +473,7 @@ impl StreamingLoader {
         for i in next..next + self.options.prefetch_samples {
             for (b, _) in self.order.span(i).pieces {
                 if keep.insert(b) {
-                    let fits = self.cached_bytes() + self.blocks[b as usize].tokens * 4
+                    let fits = self.cached_bytes + self.blocks[b as usize].tokens * 4
                         <= self.options.memory_cap_bytes;
                     if self.cache.contains_key(&b) || fits {
                         let _started = self.ensure(b);
@@ -522,12 +519,11 @@ impl StreamingLoader {
         }
 
         // Evict the oldest blocks no longer needed while over the cap.
-        let mut budget = self.cached_bytes();
         let mut kept = VecDeque::with_capacity(self.fifo.len());
         while let Some(b) = self.fifo.pop_front() {
-            if budget > self.options.memory_cap_bytes && !keep.contains(&b) {
+            if self.cached_bytes > self.options.memory_cap_bytes && !keep.contains(&b) {
                 self.cache.remove(&b);
-                budget -= self.blocks[b as usize].tokens * 4;
+                self.cached_bytes -= self.blocks[b as usize].tokens * 4;
             } else {
                 kept.push_back(b);
             }

@@ -32,6 +32,8 @@ pub struct GlobalOrder {
     shuffle_window: u64,
     /// `(epoch, block permutation, prefix sums of token counts in that order)`.
     epoch: Option<(u64, Vec<u32>, Vec<u64>)>,
+    /// `(epoch, window, permutation of the window's positions)`.
+    window: Option<(u64, u64, Vec<u32>)>,
 }
 
 /// One sample: its identity and the blocks its tokens come from.
@@ -66,6 +68,7 @@ impl GlobalOrder {
             shuffle,
             shuffle_window: shuffle_window.max(1),
             epoch: None,
+            window: None,
         })
     }
 
@@ -103,7 +106,7 @@ impl GlobalOrder {
     }
 
     /// The epoch and sequence index that global sample `i` reads.
-    pub fn sequence_of(&self, i: u64) -> (u64, u64) {
+    pub fn sequence_of(&mut self, i: u64) -> (u64, u64) {
         let n = self.samples_per_epoch();
         let (epoch, pos) = (i / n, i % n);
         if !self.shuffle {
@@ -112,12 +115,20 @@ impl GlobalOrder {
         let w = self.shuffle_window;
         let window = pos / w;
         let start = window * w;
-        let len = w.min(n - start);
-        let perm = permutation(
-            len as usize,
-            SplitMix64::mix(&[self.seed, epoch, window, 0x5E0]),
-        );
-        (epoch, start + u64::from(perm[(pos - start) as usize]))
+        let stale = self
+            .window
+            .as_ref()
+            .is_none_or(|(e, win, _)| (*e, *win) != (epoch, window));
+        if stale {
+            let len = w.min(n - start);
+            let seed = SplitMix64::mix(&[self.seed, epoch, window, 0x5E0]);
+            self.window = Some((epoch, window, permutation(len as usize, seed)));
+        }
+        let offset = self
+            .window
+            .as_ref()
+            .map_or(0, |(_, _, p)| u64::from(p[(pos - start) as usize]));
+        (epoch, start + offset)
     }
 
     /// The blocks and ranges global sample `i` reads.
@@ -205,7 +216,7 @@ mod tests {
     #[test]
     fn each_epoch_visits_every_sequence_once() {
         let sizes: Vec<u64> = (0..40).map(|i| 50 + (i * 37) % 90).collect();
-        let o = order(&sizes, 16, 7);
+        let mut o = order(&sizes, 16, 7);
         let n = o.samples_per_epoch();
         for epoch in 0..3 {
             let mut seen: Vec<u64> = (epoch * n..(epoch + 1) * n)
@@ -261,8 +272,8 @@ mod tests {
 
     #[test]
     fn partial_hashes_of_ranks_add_up() {
-        let o = order(&[100; 10], 8, 16);
-        let hash = |r: Range<u64>| {
+        let mut o = order(&[100; 10], 8, 16);
+        let mut hash = |r: Range<u64>| {
             r.map(|i| {
                 let (e, j) = o.sequence_of(i);
                 sample_hash(e, j)
