@@ -15,10 +15,17 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> cargo build"
 cargo build --locked --workspace --all-targets
 
-echo "==> starting SeaweedFS (S3) on 127.0.0.1"
+echo "==> starting SeaweedFS (S3) and Azurite (Azure) on 127.0.0.1"
 weed_pid=$(mktemp)
-trap 'kill -- -$(cat "$weed_pid") 2>/dev/null || kill $(cat "$weed_pid") 2>/dev/null || true' EXIT
+azurite_pid=$(mktemp)
+stop() {
+  for f in "$weed_pid" "$azurite_pid"; do
+    [ -s "$f" ] && { kill -- -"$(cat "$f")" 2>/dev/null || kill "$(cat "$f")" 2>/dev/null || true; }
+  done
+}
+trap stop EXIT
 eval "$(scripts/seaweedfs.sh "$weed_pid")"
+eval "$(scripts/azurite.sh "$azurite_pid")"
 
 echo "==> cargo test"
 # Two tests at a time within each test binary: each libtorch process uses both cores.

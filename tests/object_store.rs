@@ -1,6 +1,7 @@
 //! One conformance suite, run against every store backend available here: the local
-//! directory, the in-process memory store, and a real S3 server (SeaweedFS, started by
-//! scripts/test.sh; its endpoint arrives in KILN_TEST_S3_ENDPOINT). Every backend must give
+//! directory, the in-process memory store, a real S3 server (SeaweedFS, started by
+//! scripts/test.sh; its endpoint arrives in KILN_TEST_S3_ENDPOINT) and Azure's emulator
+//! (Azurite, started by scripts/test.sh with a container `kiln-test`; KILN_TEST_AZURITE). Every backend must give
 //! the same shards, the same manifest and the same samples, and read errors must name
 //! what failed.
 
@@ -130,6 +131,13 @@ fn conformance(url: &str, reference: &str) {
     );
 }
 
+/// A prefix no other test run uses: the name of the test's temporary directory.
+fn unique_prefix(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn local_reference(dir: &std::path::Path) -> String {
     let url = path_str(&dir.join("reference")).to_owned();
     prepare_to(&url);
@@ -163,6 +171,21 @@ fn s3_server() {
         .to_string_lossy()
         .into_owned();
     conformance(&format!("s3://kiln-test/{prefix}/data"), &reference);
+}
+
+#[test]
+fn azure_emulator() {
+    assert!(
+        std::env::var_os("KILN_TEST_AZURITE").is_some(),
+        "KILN_TEST_AZURITE is unset: run scripts/test.sh, which starts Azurite, or \
+         `eval \"$(scripts/azurite.sh /tmp/azurite.pid)\"` first"
+    );
+    // Azurite's development account; set before any Azure store is opened.
+    std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
+    let dir = tempfile::tempdir().unwrap();
+    let reference = local_reference(dir.path());
+    let prefix = unique_prefix(dir.path());
+    conformance(&format!("az://kiln-test/{prefix}/data"), &reference);
 }
 
 #[test]
