@@ -164,12 +164,7 @@ fn s3_server() {
     s3_env();
     let dir = tempfile::tempdir().unwrap();
     let reference = local_reference(dir.path());
-    let prefix = dir
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let prefix = unique_prefix(dir.path());
     conformance(&format!("s3://kiln-test/{prefix}/data"), &reference);
 }
 
@@ -192,12 +187,7 @@ fn azure_emulator() {
 fn s3_wrong_credentials_and_unreachable_store_are_named() {
     let endpoint = s3_endpoint();
     let dir = tempfile::tempdir().unwrap();
-    let prefix = dir
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let prefix = unique_prefix(dir.path());
     let url = format!("s3://kiln-test/{prefix}/creds");
     let run = |secret: &str, endpoint: &str, args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
