@@ -231,7 +231,11 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             if !quiet {
                 if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
-                    println!("done: training loss {first:.4} -> {last:.4}");
+                    println!(
+                        "done: training loss {first:.4} -> {last:.4}; waited for data {:.2}% of {:.1} s of training",
+                        100.0 * summary.data_wait_s / summary.train_s.max(1e-9),
+                        summary.train_s
+                    );
                 }
             }
             Ok(())

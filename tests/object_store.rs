@@ -296,3 +296,34 @@ fn truncated_shard_and_wrong_column_type_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_shard_lost_mid_run_names_the_shard_and_byte_range() {
+    let url = "memory://lost/data";
+    prepare_to(url);
+    let ds = TokenDataset::open(url).unwrap();
+    let options = LoaderOptions {
+        seq_len: 64,
+        shuffle: false,
+        prefetch_samples: 0,
+        ..LoaderOptions::default()
+    };
+    let mut loader = ds.loader(SplitName::Train, options).unwrap();
+    // The shard was there when the loader opened; it is gone when its bytes are needed.
+    let location = kiln_shard_loader::store::open(url).unwrap();
+    let shard = &ds.manifest().train.shards[0].path;
+    use object_store::ObjectStoreExt;
+    block_on(location.store.delete(&location.child(shard))).unwrap();
+    let err = loader.batch(0, 1).unwrap_err().to_string();
+    assert!(err.starts_with("cannot read bytes "), "{err}");
+    assert!(err.contains(&format!("of shard {url}/{shard}: ")), "{err}");
+}
+
+/// Runs one future to completion on a throwaway runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}

@@ -89,8 +89,27 @@ fn tiny_model_learns_shakespeare_deterministically() {
     // Same seed, same job: bit-identical losses.
     assert_eq!(losses, step_losses(&runs[1].1));
 
-    // The saved weights give the same validation loss through `kiln eval`.
+    // The weights carry where the data stream continues: 80 steps of 16 samples.
     let model = out.join("model");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("kiln.json")).unwrap()).unwrap();
+    let cursor = &meta["data_cursor"];
+    assert_eq!(cursor["next_sample"], 80 * 16);
+    assert_eq!(
+        (cursor["seed"].as_u64(), cursor["seq_len"].as_u64()),
+        (Some(7), Some(64))
+    );
+    assert_eq!(cursor["dataset"].as_str().map(str::len), Some(64));
+    // One ledger entry per step, each over that step's 16 samples.
+    let ledger = read_metrics(&out.join("ledger.jsonl"));
+    assert_eq!(ledger.len(), 80);
+    assert_eq!(
+        (&ledger[79]["first_sample"], &ledger[79]["samples"]),
+        (&(79 * 16).into(), &16.into())
+    );
+    assert_eq!(ledger, read_metrics(&runs[1].0.join("ledger.jsonl")));
+
+    // The saved weights give the same validation loss through `kiln eval`.
     let eval = kiln_ok(&[
         "eval",
         "--model",

@@ -27,7 +27,7 @@ use crate::eval::evaluate;
 use crate::hf::{self, HfError, SaveOptions};
 use crate::model::{DecayPolicy, Llama};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
-use kiln_shard_loader::order::LedgerEntry;
+use kiln_shard_loader::order::{DataCursor, LedgerEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -106,6 +106,11 @@ pub struct Summary {
     pub losses: Vec<f64>,
     pub val_losses: Vec<(i64, f64)>,
     pub model_dir: PathBuf,
+    /// Seconds of training (evaluation excluded) and of that, waiting for data.
+    pub train_s: f64,
+    pub data_wait_s: f64,
+    /// Where the data stream continues.
+    pub cursor: Option<DataCursor>,
 }
 
 /// Sidecar written next to the weights so `kiln sample` finds the tokenizer.
@@ -313,6 +318,9 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         if (step + 1) % t.log_every == 0 || last {
             device::sync(device);
             let elapsed = window_start.elapsed().as_secs_f64();
+            let wait = train_data.take_wait().as_secs_f64();
+            summary.train_s += elapsed;
+            summary.data_wait_s += wait;
             let tokens_per_s = window_tokens as f64 / elapsed;
             let steps_in_window = window_tokens / (t.batch_size * t.seq_len) as usize;
             emit(Event::Step {
@@ -324,7 +332,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
                 tokens_per_s,
                 mfu: tokens_per_s * flops_per_token / peak_flops,
                 step_s: elapsed / steps_in_window.max(1) as f64,
-                data_wait: train_data.take_wait().as_secs_f64() / elapsed,
+                data_wait: wait / elapsed,
             })?;
             window_tokens = 0;
             window_start = Instant::now();
@@ -344,8 +352,22 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         }
     }
 
+    let cursor = DataCursor {
+        next_sample: (t.steps * t.batch_size) as u64,
+        seed: t.seed,
+        seq_len: t.seq_len as u64,
+        shuffle_window: job.data.shuffle_window,
+        dataset: datasets
+            .iter()
+            .map(TokenDataset::fingerprint)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let model_dir = job.output.dir.join("model");
-    save_model(&model, &model_dir, &manifest_meta(dataset), manifest.eos_id)?;
+    let mut meta = manifest_meta(dataset);
+    meta["data_cursor"] = serde_json::to_value(&cursor).unwrap_or_default();
+    save_model(&model, &model_dir, &meta, manifest.eos_id)?;
+    summary.cursor = Some(cursor);
     emit(Event::Saved {
         path: model_dir.clone(),
     })?;
