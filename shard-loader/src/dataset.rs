@@ -71,6 +71,20 @@ pub struct Batch {
     pub hash: u64,
 }
 
+impl Batch {
+    /// An empty batch with room for `batch_size` rows of `seq_len` tokens.
+    pub fn with_capacity(batch_size: usize, seq_len: usize) -> Self {
+        Batch {
+            batch_size,
+            seq_len,
+            inputs: Vec::with_capacity(batch_size * seq_len),
+            targets: Vec::with_capacity(batch_size * seq_len),
+            samples: Vec::with_capacity(batch_size),
+            hash: 0,
+        }
+    }
+}
+
 pub struct TokenDataset {
     location: StoreLocation,
     manifest: Manifest,

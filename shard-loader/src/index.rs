@@ -15,7 +15,7 @@ use parquet::file::metadata::ParquetMetaDataReader;
 use sha2::{Digest, Sha256};
 
 use crate::dataset::DatasetError;
-use crate::shard::{decode_batch, row_group_range, ShardError, ShardTokens};
+use crate::shard::{decode_reader, row_group_range, ShardError};
 use crate::store::{self, StoreLocation};
 use crate::tokenizer::hex;
 
@@ -107,20 +107,14 @@ pub fn index(options: &IndexOptions) -> Result<Manifest, DatasetError> {
                 .with_row_groups(vec![rg])
                 .build()
                 .map_err(perr)?;
-            let mut out = ShardTokens {
-                offsets: vec![0],
-                ..Default::default()
-            };
-            for batch in reader {
-                let batch = batch.map_err(|e| perr(e.into()))?;
-                decode_batch(
-                    &batch,
-                    &display,
-                    &options.column,
-                    options.vocab_size,
-                    &mut out,
-                )?;
-            }
+            let error_path = format!("{display} (row group {rg})");
+            let out = decode_reader(
+                reader,
+                &display,
+                &error_path,
+                &options.column,
+                options.vocab_size,
+            )?;
             info.documents += out.doc_ids.len() as u64;
             info.tokens += out.tokens.len() as u64;
             info.row_group_tokens.push(out.tokens.len() as u64);

@@ -31,7 +31,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use crate::dataset::{Batch, SplitName};
 use crate::order::{sample_hash, GlobalOrder};
-use crate::shard::{decode_batch, row_group_range, ShardError, ShardTokens};
+use crate::shard::{decode_reader, row_group_range, ShardError};
 use crate::store::StoreLocation;
 use crate::tokenizer::hex;
 
@@ -255,17 +255,17 @@ impl Inner {
             .with_batch_size(8192)
             .build()
             .map_err(perr)?;
-        let mut out = ShardTokens {
-            offsets: vec![0],
-            ..Default::default()
-        };
-        for batch in reader {
-            let batch = batch.map_err(|e| perr(e.into()))?;
-            decode_batch(&batch, &s.display, &self.column, self.vocab_size, &mut out)?;
-        }
+        let error_path = format!("{} (row group {rg})", s.display);
+        let out = decode_reader(
+            reader,
+            &s.display,
+            &error_path,
+            &self.column,
+            self.vocab_size,
+        )?;
         if out.tokens.len() as u64 != block.tokens {
             return Err(ShardError::CountMismatch {
-                path: format!("{} (row group {rg})", s.display).into(),
+                path: error_path.into(),
                 field: "tokens",
                 expected: block.tokens,
                 actual: out.tokens.len() as u64,
@@ -491,14 +491,7 @@ impl StreamingLoader {
         self.wait += start.elapsed();
 
         let t = self.order.seq_len() as usize;
-        let mut batch = Batch {
-            batch_size: count,
-            seq_len: t,
-            inputs: Vec::with_capacity(count * t),
-            targets: Vec::with_capacity(count * t),
-            samples: Vec::with_capacity(count),
-            hash: 0,
-        };
+        let mut batch = Batch::with_capacity(count, t);
         let mut window = Vec::with_capacity(t + 1);
         for (i, span) in spans.iter().enumerate() {
             window.clear();

@@ -141,14 +141,7 @@ impl MixtureLoader {
             .iter()
             .find_map(|(_, p)| p.as_ref().map(|p| p.seq_len))
             .unwrap_or(0);
-        let mut batch = Batch {
-            batch_size: count,
-            seq_len: t,
-            inputs: Vec::with_capacity(count * t),
-            targets: Vec::with_capacity(count * t),
-            samples: Vec::with_capacity(count),
-            hash: 0,
-        };
+        let mut batch = Batch::with_capacity(count, t);
         for (d, (_, part)) in parts.iter().enumerate() {
             if let Some(p) = part {
                 // Distinguish sources in the ledger: the same sequence of two datasets is two

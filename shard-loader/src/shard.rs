@@ -302,12 +302,27 @@ pub fn read_parquet<R: parquet::file::reader::ChunkReader + 'static>(
         .map_err(|e| parquet_err(&e))?
         .build()
         .map_err(|e| parquet_err(&e))?;
+    decode_reader(reader, name, name, column, vocab_size)
+}
+
+/// Decodes every batch a Parquet reader yields; `name` names the shard in token errors,
+/// `error_path` (the shard, perhaps with its row group) in decoding errors.
+pub fn decode_reader(
+    reader: impl Iterator<Item = Result<RecordBatch, arrow_schema::ArrowError>>,
+    name: &str,
+    error_path: &str,
+    column: &str,
+    vocab_size: u32,
+) -> Result<ShardTokens, ShardError> {
     let mut out = ShardTokens {
         offsets: vec![0],
         ..Default::default()
     };
     for batch in reader {
-        let batch = batch.map_err(|e| parquet_err(&e))?;
+        let batch = batch.map_err(|e| ShardError::Parquet {
+            path: PathBuf::from(error_path),
+            message: e.to_string(),
+        })?;
         decode_batch(&batch, name, column, vocab_size, &mut out)?;
     }
     Ok(out)
