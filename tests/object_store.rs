@@ -26,19 +26,24 @@ fn s3_endpoint() -> String {
     })
 }
 
-/// The S3 credentials of the test server, set once for this test process.
-fn s3_env() {
+/// The stores' settings, set once for this test process before any test touches a store:
+/// every test calls this first, so no thread reads the environment while it changes.
+fn store_env() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let endpoint = s3_endpoint();
-        // Set before any store is opened; every S3 test here uses the same values.
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "AK"),
-            ("AWS_SECRET_ACCESS_KEY", "SK"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
+        let mut vars = vec![("AZURE_STORAGE_USE_EMULATOR".to_owned(), "true".to_owned())];
+        if let Ok(endpoint) = std::env::var("KILN_TEST_S3_ENDPOINT") {
+            for (k, v) in [
+                ("AWS_ENDPOINT", endpoint.as_str()),
+                ("AWS_ALLOW_HTTP", "true"),
+                ("AWS_ACCESS_KEY_ID", "AK"),
+                ("AWS_SECRET_ACCESS_KEY", "SK"),
+                ("AWS_REGION", "us-east-1"),
+            ] {
+                vars.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        for (k, v) in vars {
             std::env::set_var(k, v);
         }
     });
@@ -146,6 +151,7 @@ fn local_reference(dir: &std::path::Path) -> String {
 
 #[test]
 fn local_directory_and_file_url() {
+    store_env();
     let dir = tempfile::tempdir().unwrap();
     let reference = local_reference(dir.path());
     let url = format!("file://{}", dir.path().join("via-url").display());
@@ -154,6 +160,7 @@ fn local_directory_and_file_url() {
 
 #[test]
 fn in_memory_store() {
+    store_env();
     let dir = tempfile::tempdir().unwrap();
     let reference = local_reference(dir.path());
     conformance("memory://conformance/data", &reference);
@@ -161,7 +168,8 @@ fn in_memory_store() {
 
 #[test]
 fn s3_server() {
-    s3_env();
+    store_env();
+    s3_endpoint();
     let dir = tempfile::tempdir().unwrap();
     let reference = local_reference(dir.path());
     let prefix = unique_prefix(dir.path());
@@ -170,13 +178,12 @@ fn s3_server() {
 
 #[test]
 fn azure_emulator() {
+    store_env();
     assert!(
         std::env::var_os("KILN_TEST_AZURITE").is_some(),
         "KILN_TEST_AZURITE is unset: run scripts/test.sh, which starts Azurite, or \
          `eval \"$(scripts/azurite.sh /tmp/azurite.pid)\"` first"
     );
-    // Azurite's development account; set before any Azure store is opened.
-    std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
     let dir = tempfile::tempdir().unwrap();
     let reference = local_reference(dir.path());
     let prefix = unique_prefix(dir.path());
@@ -185,6 +192,7 @@ fn azure_emulator() {
 
 #[test]
 fn s3_wrong_credentials_and_unreachable_store_are_named() {
+    store_env();
     let endpoint = s3_endpoint();
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix(dir.path());
@@ -242,6 +250,7 @@ fn s3_wrong_credentials_and_unreachable_store_are_named() {
 
 #[test]
 fn truncated_shard_and_wrong_column_type_are_named() {
+    store_env();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let url = path_str(&data).to_owned();
@@ -299,6 +308,7 @@ fn truncated_shard_and_wrong_column_type_are_named() {
 
 #[test]
 fn a_shard_lost_mid_run_names_the_shard_and_byte_range() {
+    store_env();
     let url = "memory://lost/data";
     prepare_to(url);
     let ds = TokenDataset::open(url).unwrap();
