@@ -23,12 +23,7 @@ with open(out, "w") as f:
                 f.write(json.dumps({"text": "\n\n".join(paras[i:i + 40])}) + "\n")
 PY
 "$kiln" prepare "$work/corpus.jsonl" -o "$work/data" --val-fraction 0.01 --shard-tokens 8000000 >&2
-cargo bench --locked --bench loader --no-run -q
-bench=$(cargo bench --locked --bench loader --no-run --message-format=json -q 2>/dev/null |
-  python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("executable") and m.get("target",{}).get("name")=="loader": print(m["executable"])')
+bench=$(benches/build-bench.sh loader)
 pidfile=$(mktemp)
 trap 'kill -- -$(cat "$pidfile") 2>/dev/null || true' EXIT
 eval "$(KILN_BIN=$kiln scripts/seaweedfs.sh "$pidfile")"

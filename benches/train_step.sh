@@ -8,12 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 cd "$KILN_ROOT"
 preset=${1:-125m} batch=${2:-4} seq=${3:-256} steps=${4:-5} threads=${5:-2} rounds=${6:-2}
 scripts/setup.sh --no-build
-cargo bench --locked --bench train_step --no-run -q
-bench=$(cargo bench --locked --bench train_step --no-run --message-format=json -q 2>/dev/null |
-  python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("executable") and m.get("target",{}).get("name")=="train_step": print(m["executable"])')
+bench=$(benches/build-bench.sh train_step)
 results=$(mktemp)
 for r in $(seq "$rounds"); do
   "$bench" "$preset" "$batch" "$seq" "$steps" "$threads" | tee -a "$results"
