@@ -1,5 +1,6 @@
 //! Kiln's training engine on libtorch (through tch).
 //!
+//! - [`collective`]: all-reduce and friends over a TCP ring or NCCL; the `dp x tp` mesh.
 //! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
 //! - [`params`]: parameters and gradients as views into flat buffers.
 //! - [`model`]: the Llama 3 transformer.
@@ -10,6 +11,7 @@
 //!
 //! Architecture invariant: nothing here knows about gRPC or the coordinator.
 
+pub mod collective;
 pub mod config;
 pub mod device;
 pub mod eval;

@@ -1,0 +1,601 @@
+//! Collectives over a TCP ring, for CPU training on any machine.
+//!
+//! Each group of `n` ranks is a ring: every rank holds one connection to the next rank and
+//! one from the previous. An all-reduce is a reduce-scatter followed by an all-gather
+//! (`2 (n - 1)` steps, each moving `1/n` of the buffer), so every rank sends and receives
+//! `2 (n - 1) / n` of the buffer whatever `n` is — the bandwidth-optimal schedule Gloo and
+//! NCCL use. Chunks are cut into segments; a sender thread writes segment `j` to the next
+//! rank while the calling thread receives and reduces segment `j + 1` from the previous one.
+//!
+//! Wire format: every message is an 8-byte little-endian header followed by the payload.
+//! The header is the payload length, or, with the top bit set, an abort notice carrying the
+//! global rank that failed: a rank that loses a peer tells the next rank before giving up,
+//! so every rank's error names the rank that died rather than the neighbour that gave up.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Tensor};
+
+use super::{chunk_range, host, Collective, CollectiveError, Elem, ReduceOp, Result};
+
+const ABORT: u64 = 1 << 63;
+const MAGIC: &[u8; 4] = b"KILN";
+const WIRE_VERSION: u32 = 1;
+
+/// How long a rank waits for a peer inside a collective: `KILN_COLLECTIVE_TIMEOUT_S`, 600 s
+/// by default (the first step of a large model can be slow on some ranks).
+pub fn collective_timeout() -> Duration {
+    env_secs("KILN_COLLECTIVE_TIMEOUT_S", 600)
+}
+
+/// How long the rendezvous waits for every peer to come up: `KILN_RENDEZVOUS_TIMEOUT_S`,
+/// 300 s by default.
+pub fn rendezvous_timeout() -> Duration {
+    env_secs("KILN_RENDEZVOUS_TIMEOUT_S", 300)
+}
+
+fn env_secs(name: &str, default: u64) -> Duration {
+    let secs = std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(default as f64);
+    Duration::from_secs_f64(secs)
+}
+
+/// Segment size of the pipeline: `KILN_RING_SEGMENT_KB`, 512 KiB by default.
+fn segment_bytes() -> usize {
+    std::env::var("KILN_RING_SEGMENT_KB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|kb| *kb > 0)
+        .unwrap_or(512)
+        << 10
+}
+
+#[derive(Debug)]
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+/// One ring of ranks.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    /// Global ranks of the members, in ring order.
+    members: Vec<usize>,
+    addrs: Vec<String>,
+    /// `None` for a group of one, and after a failure (the ring is then unusable).
+    links: Mutex<Option<Links>>,
+    timeout: Duration,
+    segment: usize,
+}
+
+/// One group to form at the rendezvous.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    /// Names the group on the wire; unique among the groups of one job.
+    pub tag: String,
+    /// Global ranks, in ring order.
+    pub members: Vec<usize>,
+}
+
+impl TcpRing {
+    /// A group with only this rank: every operation leaves its tensors as they are (an
+    /// average of one value is that value).
+    pub fn single(global_rank: usize) -> Self {
+        TcpRing {
+            rank: 0,
+            members: vec![global_rank],
+            addrs: vec!["local".into()],
+            links: Mutex::new(None),
+            timeout: collective_timeout(),
+            segment: segment_bytes(),
+        }
+    }
+
+    /// Forms `groups` (each including `rank` or not) among the processes listening on
+    /// `peers` (`peers[r]` is rank `r`'s `host:port`): listens on `peers[rank]`, connects to
+    /// the next member of each group and accepts one connection from the previous one.
+    /// Returns one ring per group that includes `rank`, in the order of `groups`.
+    pub fn connect(
+        rank: usize,
+        peers: &[String],
+        groups: &[GroupSpec],
+        timeout: Duration,
+    ) -> Result<Vec<TcpRing>> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(CollectiveError::Rendezvous(format!(
+                "rank {rank} is outside a world of {world} peers"
+            )));
+        }
+        let listener = TcpListener::bind(peers[rank].as_str()).map_err(|e| {
+            CollectiveError::Rendezvous(format!(
+                "rank {rank} cannot listen on {}: {e}",
+                peers[rank]
+            ))
+        })?;
+        let deadline = Instant::now() + timeout;
+        let mine: Vec<(usize, &GroupSpec, usize)> = groups
+            .iter()
+            .enumerate()
+            .filter_map(|(g, spec)| {
+                let i = spec.members.iter().position(|&m| m == rank)?;
+                Some((g, spec, i))
+            })
+            .collect();
+        for (_, spec, _) in &mine {
+            if let Some(&bad) = spec.members.iter().find(|&&m| m >= world) {
+                return Err(CollectiveError::Rendezvous(format!(
+                    "group {} names rank {bad} in a world of {world}",
+                    spec.tag
+                )));
+            }
+        }
+        // Connect to every next member first: the peers' kernels accept into their backlog
+        // before they call accept, so nobody waits on anybody here.
+        let mut nexts = Vec::new();
+        for (_, spec, i) in &mine {
+            let n = spec.members.len();
+            if n == 1 {
+                nexts.push(None);
+                continue;
+            }
+            let next = spec.members[(i + 1) % n];
+            let mut stream = connect_retry(next, &peers[next], deadline, timeout)?;
+            let mut hello = Vec::with_capacity(24);
+            hello.extend_from_slice(MAGIC);
+            hello.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+            hello.extend_from_slice(&(world as u32).to_le_bytes());
+            hello.extend_from_slice(&(rank as u32).to_le_bytes());
+            hello.extend_from_slice(&tag_hash(&spec.tag).to_le_bytes());
+            stream
+                .write_all(&hello)
+                .map_err(|e| lost(next, &peers[next], "rendezvous", &e))?;
+            nexts.push(Some(stream));
+        }
+        let mut prevs: Vec<Option<TcpStream>> = mine.iter().map(|_| None).collect();
+        let mut expected = mine.iter().filter(|(_, s, _)| s.members.len() > 1).count();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CollectiveError::Rendezvous(e.to_string()))?;
+        while expected > 0 {
+            let (mut stream, from_addr) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        let missing: Vec<String> = mine
+                            .iter()
+                            .zip(&prevs)
+                            .filter(|((_, s, _), p)| s.members.len() > 1 && p.is_none())
+                            .map(|((_, s, i), _)| {
+                                let n = s.members.len();
+                                let prev = s.members[(i + n - 1) % n];
+                                format!("rank {prev} ({}) for group {}", peers[prev], s.tag)
+                            })
+                            .collect();
+                        return Err(CollectiveError::Rendezvous(format!(
+                            "no connection within {} s from {}",
+                            timeout.as_secs(),
+                            missing.join(", ")
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => return Err(CollectiveError::Rendezvous(e.to_string())),
+            };
+            let bad = |what: String| CollectiveError::Rendezvous(format!("{from_addr}: {what}"));
+            stream
+                .set_nonblocking(false)
+                .map_err(|e| bad(e.to_string()))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| bad(e.to_string()))?;
+            let mut hello = [0u8; 24];
+            stream
+                .read_exact(&mut hello)
+                .map_err(|e| bad(format!("no greeting: {e}")))?;
+            if &hello[..4] != MAGIC {
+                return Err(bad(
+                    "a connection that is not a Kiln peer reached the rendezvous port".into(),
+                ));
+            }
+            let version = u32::from_le_bytes(hello[4..8].try_into().unwrap_or_default());
+            let their_world = u32::from_le_bytes(hello[8..12].try_into().unwrap_or_default());
+            let from = u32::from_le_bytes(hello[12..16].try_into().unwrap_or_default()) as usize;
+            let tag = u64::from_le_bytes(hello[16..24].try_into().unwrap_or_default());
+            if version != WIRE_VERSION {
+                return Err(bad(format!(
+                    "rank {from} speaks wire version {version}, this rank {WIRE_VERSION}: mixed Kiln versions"
+                )));
+            }
+            if their_world as usize != world {
+                return Err(bad(format!(
+                    "rank {from} was started with world size {their_world}, this rank with {world}"
+                )));
+            }
+            let slot = mine.iter().position(|(_, s, i)| {
+                let n = s.members.len();
+                n > 1 && s.members[(i + n - 1) % n] == from && tag_hash(&s.tag) == tag
+            });
+            match slot {
+                Some(k) if prevs[k].is_none() => {
+                    prevs[k] = Some(stream);
+                    expected -= 1;
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unexpected connection from rank {from}: is another job using these ports?"
+                    )))
+                }
+            }
+        }
+        let mut rings = Vec::new();
+        for (((_, spec, i), next), prev) in mine.iter().zip(nexts).zip(prevs) {
+            let links = match (next, prev) {
+                (Some(next), Some(prev)) => {
+                    for s in [&next, &prev] {
+                        s.set_nodelay(true)
+                            .and_then(|_| s.set_read_timeout(Some(collective_timeout())))
+                            .and_then(|_| s.set_write_timeout(Some(collective_timeout())))
+                            .map_err(|e| CollectiveError::Rendezvous(e.to_string()))?;
+                    }
+                    Some(Links { next, prev })
+                }
+                _ => None,
+            };
+            rings.push(TcpRing {
+                rank: *i,
+                members: spec.members.clone(),
+                addrs: spec.members.iter().map(|&m| peers[m].clone()).collect(),
+                links: Mutex::new(links),
+                timeout: collective_timeout(),
+                segment: segment_bytes(),
+            });
+        }
+        Ok(rings)
+    }
+
+    fn next(&self) -> usize {
+        (self.rank + 1) % self.members.len()
+    }
+
+    fn prev(&self) -> usize {
+        (self.rank + self.members.len() - 1) % self.members.len()
+    }
+
+    /// Runs `f` on the bytes of `t` (a staging copy when `t` is not a contiguous CPU tensor).
+    fn on_host(&self, t: &Tensor, f: impl FnOnce(&mut [u8], Elem) -> Result<()>) -> Result<()> {
+        let elem = Elem::of(t.kind())?;
+        if t.device() == Device::Cpu && t.is_contiguous() {
+            return host::with_bytes_mut(t, |b| f(b, elem))?;
+        }
+        let staged = t.to_device(Device::Cpu).contiguous();
+        let staged = if staged.data_ptr() == t.data_ptr() {
+            staged.copy()
+        } else {
+            staged
+        };
+        host::with_bytes_mut(&staged, |b| f(b, elem))??;
+        tch::no_grad(|| t.shallow_clone().copy_(&staged));
+        Ok(())
+    }
+
+    /// Reduce-scatter and/or all-gather over the chunks of `buf`.
+    fn ring(
+        &self,
+        name: &'static str,
+        buf: &mut [u8],
+        elem: Elem,
+        reduce: Option<ReduceOp>,
+        gather: bool,
+    ) -> Result<()> {
+        let n = self.members.len();
+        if n == 1 {
+            return Ok(());
+        }
+        let es = elem.size();
+        let numel = buf.len() / es;
+        let r = self.rank;
+        let chunk = |c: usize| {
+            let e = chunk_range(numel, n, c % n);
+            e.start * es..e.end * es
+        };
+        let seg = self.segment.max(es) / es * es;
+        self.with_links(name, |links, tx| {
+            if let Some(op) = reduce {
+                for s in segments(chunk(r + n - 1), seg) {
+                    tx.send(buf[s].to_vec()).ok();
+                }
+                for step in 0..n - 1 {
+                    for s in segments(chunk(r + 2 * n - 2 - step), seg) {
+                        let mut incoming = self.read_frame(&links.prev, s.len(), name)?;
+                        elem.reduce(op, &mut incoming, &buf[s.clone()]);
+                        buf[s].copy_from_slice(&incoming);
+                        if step < n - 2 {
+                            tx.send(incoming).ok();
+                        }
+                    }
+                }
+                if op == ReduceOp::Avg {
+                    elem.scale_avg(&mut buf[chunk(r)], n);
+                }
+            }
+            if gather {
+                for s in segments(chunk(r), seg) {
+                    tx.send(buf[s].to_vec()).ok();
+                }
+                for step in 0..n - 1 {
+                    for s in segments(chunk(r + 2 * n - 1 - step), seg) {
+                        let incoming = self.read_frame(&links.prev, s.len(), name)?;
+                        buf[s].copy_from_slice(&incoming);
+                        if step < n - 2 {
+                            tx.send(incoming).ok();
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `body` with the links and a channel to a sender thread that writes what it is
+    /// given to the next rank, in order. Turns any failure into an error that names the rank
+    /// that failed, tells the next rank about it, and leaves the group unusable.
+    fn with_links(
+        &self,
+        name: &'static str,
+        body: impl FnOnce(&Links, &mpsc::Sender<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        let mut guard = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(links) = guard.as_ref() else {
+            return Err(CollectiveError::Invalid(format!(
+                "{name}: this process group already failed; the job must restart"
+            )));
+        };
+        let next = self.next();
+        let result = std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let (out, prev) = (&links.next, &links.prev);
+            let sender = scope.spawn(move || -> io::Result<()> {
+                let mut out = out;
+                for msg in rx {
+                    let header = (msg.len() as u64).to_le_bytes();
+                    if let Err(e) = out.write_all(&header).and_then(|_| out.write_all(&msg)) {
+                        // Wake the receiving side, which may be waiting on a rank that is
+                        // itself waiting on us.
+                        let _ = prev.shutdown(Shutdown::Read);
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            });
+            let received = body(links, &tx);
+            drop(tx);
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the sender thread panicked")));
+            match (sent, received) {
+                (Err(e), _) => Err(self.io_error(next, name, &e)),
+                (Ok(()), r) => r,
+            }
+        });
+        if let Err(e) = &result {
+            if let Some(dead) = e.peer() {
+                let dead_global = match e {
+                    CollectiveError::Aborted { dead, .. } => *dead,
+                    _ => self.members[dead.min(self.members.len() - 1)],
+                };
+                if self.members[next] != dead_global {
+                    let mut out = &links.next;
+                    let _ = out.set_write_timeout(Some(Duration::from_secs(2)));
+                    let _ = out.write_all(&(ABORT | dead_global as u64).to_le_bytes());
+                }
+            }
+            if let Some(links) = guard.take() {
+                let _ = links.next.shutdown(Shutdown::Both);
+                let _ = links.prev.shutdown(Shutdown::Both);
+            }
+            return Err(self.globalize(e.clone()));
+        }
+        result
+    }
+
+    /// Errors carry group-local ranks until here; users see global ranks.
+    fn globalize(&self, e: CollectiveError) -> CollectiveError {
+        match e {
+            CollectiveError::PeerLost {
+                peer,
+                addr,
+                op,
+                what,
+            } => CollectiveError::PeerLost {
+                peer: self.members[peer],
+                addr,
+                op,
+                what,
+            },
+            CollectiveError::Timeout {
+                peer,
+                addr,
+                op,
+                secs,
+            } => CollectiveError::Timeout {
+                peer: self.members[peer],
+                addr,
+                op,
+                secs,
+            },
+            other => other,
+        }
+    }
+
+    fn io_error(&self, peer: usize, op: &'static str, e: &io::Error) -> CollectiveError {
+        let addr = self.addrs[peer].clone();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CollectiveError::Timeout {
+                peer,
+                addr,
+                op,
+                secs: self.timeout.as_secs(),
+            },
+            io::ErrorKind::UnexpectedEof => CollectiveError::PeerLost {
+                peer,
+                addr,
+                op,
+                what: "it closed the connection (did the process exit?)".into(),
+            },
+            _ => CollectiveError::PeerLost {
+                peer,
+                addr,
+                op,
+                what: e.to_string(),
+            },
+        }
+    }
+
+    fn read_frame(&self, mut prev: &TcpStream, len: usize, op: &'static str) -> Result<Vec<u8>> {
+        let from = self.prev();
+        let mut header = [0u8; 8];
+        prev.read_exact(&mut header)
+            .map_err(|e| self.io_error(from, op, &e))?;
+        let header = u64::from_le_bytes(header);
+        if header & ABORT != 0 {
+            return Err(CollectiveError::Aborted {
+                dead: (header & !ABORT) as usize,
+                reporter: self.members[from],
+                op,
+            });
+        }
+        if header as usize != len {
+            return Err(CollectiveError::Invalid(format!(
+                "{op}: rank {} sent {header} bytes where this rank expected {len}: the ranks disagree on the operation or the tensor shape",
+                self.members[from]
+            )));
+        }
+        let mut buf = vec![0u8; len];
+        prev.read_exact(&mut buf)
+            .map_err(|e| self.io_error(from, op, &e))?;
+        Ok(buf)
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        self.on_host(t, |buf, elem| {
+            self.ring("all_reduce", buf, elem, Some(op), true)
+        })
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        let n = self.members.len();
+        if root >= n {
+            return Err(CollectiveError::Invalid(format!(
+                "broadcast from rank {root} in a group of {n}"
+            )));
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        let seg = self.segment;
+        self.on_host(t, |buf, elem| {
+            let seg = seg.max(elem.size()) / elem.size() * elem.size();
+            let forward = self.next() != root;
+            self.with_links("broadcast", |links, tx| {
+                for s in segments(0..buf.len(), seg) {
+                    if self.rank == root {
+                        tx.send(buf[s].to_vec()).ok();
+                    } else {
+                        let incoming = self.read_frame(&links.prev, s.len(), "broadcast")?;
+                        buf[s].copy_from_slice(&incoming);
+                        if forward {
+                            tx.send(incoming).ok();
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
+    fn reduce_scatter_flat(&self, buf: &Tensor, op: ReduceOp) -> Result<()> {
+        self.on_host(buf, |b, elem| {
+            self.ring("reduce_scatter", b, elem, Some(op), false)
+        })
+    }
+
+    fn all_gather_flat(&self, buf: &Tensor) -> Result<()> {
+        self.on_host(buf, |b, elem| self.ring("all_gather", b, elem, None, true))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let mut token = [0u8; 4];
+        self.ring("barrier", &mut token, Elem::I32, Some(ReduceOp::Sum), true)
+    }
+}
+
+/// `range` cut into pieces of at most `seg` bytes.
+fn segments(range: Range<usize>, seg: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = range.end;
+    (range.start..end)
+        .step_by(seg.max(1))
+        .map(move |s| s..(s + seg).min(end))
+}
+
+fn connect_retry(
+    peer: usize,
+    addr: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let fail = |what: String| CollectiveError::Connect {
+        peer,
+        addr: addr.to_owned(),
+        secs: timeout.as_secs(),
+        what,
+    };
+    loop {
+        let resolved = addr
+            .to_socket_addrs()
+            .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
+            .next()
+            .ok_or_else(|| fail("the address resolves to nothing".into()))?;
+        match TcpStream::connect_timeout(&resolved, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => return Err(fail(e.to_string())),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn lost(peer: usize, addr: &str, op: &'static str, e: &io::Error) -> CollectiveError {
+    CollectiveError::PeerLost {
+        peer,
+        addr: addr.to_owned(),
+        op,
+        what: e.to_string(),
+    }
+}
+
+/// FNV-1a: a stable 64-bit name for a group tag.
+fn tag_hash(tag: &str) -> u64 {
+    tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
