@@ -26,7 +26,7 @@ impl ParallelDims {
                 "parallel.tp ({tp}) and the world size ({world}) must be at least 1"
             ));
         }
-        if world % tp != 0 {
+        if !world.is_multiple_of(tp) {
             return invalid(format!(
                 "the world size {world} is not a multiple of parallel.tp = {tp}"
             ));
