@@ -7,10 +7,11 @@
 
 use std::time::Instant;
 
+use kiln_worker::collective::ProcessGroups;
 use kiln_worker::config::LlamaConfig;
 use kiln_worker::model::{DecayPolicy, Llama};
 use kiln_worker::optim::{AdamW, AdamWConfig};
-use kiln_worker::train::optimizer_step;
+use kiln_worker::parallel::{train_step, DataParallel};
 use tch::{Device, Kind, Tensor};
 
 fn main() {
@@ -38,6 +39,7 @@ fn main() {
         },
         &model.params,
     );
+    let mut sync = DataParallel::new(&model, ProcessGroups::single(), 25.0, false);
     tch::manual_seed(1);
     let tokens = Tensor::randint(
         config.vocab_size,
@@ -49,7 +51,16 @@ fn main() {
     let mut times = Vec::new();
     for i in 0..steps + 2 {
         let start = Instant::now();
-        let stats = optimizer_step(&model, &mut optimizer, &batches, 1e-4, 1.0, false);
+        let stats = train_step(
+            &model,
+            &mut optimizer,
+            &mut sync,
+            &batches,
+            1e-4,
+            1.0,
+            false,
+        )
+        .expect("a step without collectives");
         let elapsed = start.elapsed().as_secs_f64();
         assert!(stats.loss.is_finite());
         if i >= 2 {

@@ -17,7 +17,7 @@ use kiln_worker::eval::evaluate;
 use kiln_worker::generate::{generate, SampleOptions};
 use kiln_worker::hf::{self, SaveOptions};
 use kiln_worker::model::DecayPolicy;
-use kiln_worker::train::{train, Event, KILN_META};
+use kiln_worker::train::{train, Event, Launch, KILN_META};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +69,16 @@ enum Command {
         /// Print nothing but errors (the metrics log is still written).
         #[arg(short, long)]
         quiet: bool,
+        /// This process's global rank in a multi-process run.
+        #[arg(long, env = "RANK", default_value_t = 0)]
+        rank: usize,
+        /// Number of processes in the run (data-parallel x tensor-parallel ranks).
+        #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+        world_size: usize,
+        /// Where every rank listens, in rank order: `host:port,host:port,...`. Without it, a
+        /// multi-process run on one host uses MASTER_ADDR and ports MASTER_PORT + rank.
+        #[arg(long, env = "KILN_PEERS", value_delimiter = ',')]
+        peers: Vec<String>,
     },
     /// Generate text from trained weights.
     Sample {
@@ -222,11 +232,27 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Train { job, quiet } => {
+        Command::Train {
+            job,
+            quiet,
+            rank,
+            world_size,
+            peers,
+        } => {
             let job = JobConfig::load(&job)?;
-            let summary = train(&job, &mut |e| {
+            let launch = launch(rank, world_size, peers)?;
+            let world = launch.world_size();
+            let summary = train(&job, &launch, &mut |e| {
                 if !quiet {
                     print_event(e)
+                }
+            })
+            .map_err(|e| {
+                let e = anyhow::Error::new(e);
+                if world > 1 {
+                    e.context(format!("rank {rank} of {world}"))
+                } else {
+                    e
                 }
             })?;
             if !quiet {
@@ -409,10 +435,45 @@ fn load_tokenizer(model: &std::path::Path, name: Option<String>) -> Result<Token
     )
 }
 
+/// The launch of one rank: `--peers` as given, or derived from torchrun's variables.
+fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> {
+    if world_size <= 1 && peers.len() <= 1 {
+        if rank != 0 {
+            bail!("--rank {rank} needs --world-size greater than {rank}");
+        }
+        return Ok(Launch::default());
+    }
+    let peers = if peers.is_empty() {
+        let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+        let port: u16 = std::env::var("MASTER_PORT")
+            .map_err(|_| anyhow::anyhow!("a multi-process run needs --peers (or KILN_PEERS, or MASTER_ADDR and MASTER_PORT)"))?
+            .parse()
+            .context("MASTER_PORT is not a port number")?;
+        (0..world_size)
+            .map(|r| format!("{addr}:{}", usize::from(port) + r))
+            .collect()
+    } else {
+        peers
+    };
+    if peers.len() != world_size {
+        bail!(
+            "--peers names {} addresses but --world-size is {world_size}",
+            peers.len()
+        );
+    }
+    if rank >= world_size {
+        bail!("--rank {rank} is outside --world-size {world_size}");
+    }
+    Ok(Launch { rank, peers })
+}
+
 fn print_event(e: &Event) {
     match e {
         Event::Start {
             params,
+            world,
+            dp,
+            tp,
             device,
             bf16,
             peak_flops,
@@ -420,7 +481,7 @@ fn print_event(e: &Event) {
             validation_sequences,
             ..
         } => println!(
-            "model {:.2}M parameters on {device}{} | measured matmul peak {:.1} TFLOP/s | {train_sequences} train and {validation_sequences} validation sequences",
+            "model {:.2}M parameters on {world} x {device}{} (dp {dp} x tp {tp}) | measured matmul peak {:.1} TFLOP/s | {train_sequences} train and {validation_sequences} validation sequences",
             *params as f64 / 1e6,
             if *bf16 { " (bf16 autocast)" } else { " (fp32)" },
             peak_flops / 1e12
@@ -435,11 +496,13 @@ fn print_event(e: &Event) {
             mfu,
             step_s,
             data_wait,
+            collective_wait,
         } => println!(
-            "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step | data wait {:.1}%",
+            "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step | data wait {:.1}% | comm wait {:.1}%",
             mfu * 100.0,
             step_s * 1e3,
-            data_wait * 100.0
+            data_wait * 100.0,
+            collective_wait * 100.0
         ),
         Event::Eval {
             step, val_loss, tokens,

@@ -33,6 +33,7 @@ fn adamw_matches_torch_over_six_steps() {
             shape: get(format!("p{i}")).size(),
             decay: decay[i] == 1.0,
             segment: 0,
+            shard: None,
         })
         .collect();
     let store = ParamStore::new(&["all".to_owned()], specs, Device::Cpu);

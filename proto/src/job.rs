@@ -36,6 +36,8 @@ pub struct JobConfig {
     pub train: TrainSpec,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub parallel: ParallelSpec,
     pub output: OutputSpec,
 }
 
@@ -170,6 +172,32 @@ impl Default for OptimizerSpec {
     }
 }
 
+/// How the ranks of a multi-process run split the work. Data parallelism takes whatever the
+/// world size leaves: `dp = world / tp`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// Tensor-parallel ranks per model replica (Megatron-style); must divide the heads, the
+    /// key/value heads and the MLP width.
+    pub tp: usize,
+    /// Shard AdamW's state across the data-parallel ranks (ZeRO stage 1): gradients are
+    /// reduce-scattered, each rank updates its slice, parameters are all-gathered.
+    pub zero1: bool,
+    /// Gradients are all-reduced in buckets of about this many MiB, each as soon as backward
+    /// has finished with it.
+    pub bucket_mb: f64,
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        ParallelSpec {
+            tp: 1,
+            zero1: false,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
@@ -263,6 +291,14 @@ impl JobConfig {
         self.train.batch_size / self.micro_batch_size()
     }
 
+    /// Micro-batches each data-parallel rank accumulates per step with `dp` ranks, or `None`
+    /// when `dp * micro_batch_size` does not divide `batch_size`.
+    pub fn accumulation_steps_at(&self, dp: i64) -> Option<i64> {
+        let per_pass = dp * self.micro_batch_size();
+        (per_pass > 0 && self.train.batch_size % per_pass == 0)
+            .then(|| self.train.batch_size / per_pass)
+    }
+
     /// Checks values against each other; `path` only names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<(), JobError> {
         let fail = |key: &'static str, message: String| {
@@ -291,6 +327,15 @@ impl JobConfig {
             return fail(
                 "train.micro_batch_size",
                 format!("must divide train.batch_size ({}), got {mb}", t.batch_size),
+            );
+        }
+        if self.parallel.tp < 1 {
+            return fail("parallel.tp", "must be at least 1".into());
+        }
+        if !(self.parallel.bucket_mb.is_finite() && self.parallel.bucket_mb > 0.0) {
+            return fail(
+                "parallel.bucket_mb",
+                format!("must be positive, got {}", self.parallel.bucket_mb),
             );
         }
         if t.steps < 1 {

@@ -3,9 +3,18 @@
 use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::ShardError;
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use crate::collective::CollectiveError;
 use crate::model::Llama;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct EvalResult {
@@ -24,12 +33,12 @@ pub fn evaluate(
     batch_size: usize,
     max_sequences: Option<usize>,
     bf16: bool,
-) -> Result<EvalResult, ShardError> {
+) -> Result<EvalResult, EvalError> {
     let n = max_sequences.map_or(sampler.len(), |m| m.min(sampler.len()).max(1));
     let device = model.device();
     let mut total = 0.0f64;
     let mut tokens = 0u64;
-    tch::no_grad(|| -> Result<(), ShardError> {
+    tch::no_grad(|| -> Result<(), EvalError> {
         let mut first = 0usize;
         while first < n {
             let b = batch_size.min(n - first);
@@ -41,9 +50,9 @@ pub fn evaluate(
             let targets = Tensor::from_slice(&batch.targets)
                 .view(shape)
                 .to_device(device);
-            let loss = tch::autocast(bf16, || model.loss(&inputs, &targets));
+            let loss = tch::autocast(bf16, || model.loss_value(&inputs, &targets))?;
             let count = (b * batch.seq_len) as u64;
-            total += loss.to_kind(Kind::Double).double_value(&[]) * count as f64;
+            total += loss * count as f64;
             tokens += count;
             first += b;
         }

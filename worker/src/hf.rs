@@ -149,7 +149,7 @@ pub fn load_weights(model: &Llama, dir: &Path) -> Result<(), HfError> {
                 }
                 return Err(HfError::UnexpectedTensor { path, name });
             };
-            let expected = params.entries()[i].spec.shape.clone();
+            let expected = params.entries()[i].spec.full_shape();
             let actual: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if actual != expected {
                 return Err(HfError::Shape {
@@ -159,7 +159,7 @@ pub fn load_weights(model: &Llama, dir: &Path) -> Result<(), HfError> {
                     actual,
                 });
             }
-            params.set(i, &to_tensor(&path, &name, &view)?);
+            params.set_full(i, &to_tensor(&path, &name, &view)?);
             loaded[i] = true;
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`collective`]: all-reduce and friends over a TCP ring or NCCL; the `dp x tp` mesh.
 //! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
+//! - [`parallel`]: data parallelism (bucketed, overlapped all-reduce; ZeRO-1) and one step.
 //! - [`params`]: parameters and gradients as views into flat buffers.
 //! - [`model`]: the Llama 3 transformer.
 //! - [`optim`]: AdamW, gradient clipping, learning-rate schedules.
@@ -19,5 +20,6 @@ pub mod generate;
 pub mod hf;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod train;

@@ -6,10 +6,15 @@
 //! Hugging Face's, so weights move to and from `transformers` without renaming, and the
 //! rotary embedding uses the same half-split ("rotate_half") convention.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
-use crate::config::LlamaConfig;
-use crate::params::{ParamSpec, ParamStore};
+use crate::collective::tcp::TcpRing;
+use crate::collective::{chunk_range, Collective, CollectiveError, ReduceOp};
+use crate::config::{ConfigError, LlamaConfig};
+use crate::params::{ParamSpec, ParamStore, Shard};
 
 /// Indices of one block's parameters in the [`ParamStore`].
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +30,15 @@ struct BlockIdx {
     down: usize,
 }
 
+/// What one tensor-parallel rank holds: its attention heads, its slice of the MLP and its
+/// rows of the vocabulary. With `tp = 1`, everything.
+#[derive(Debug, Clone)]
+struct LocalDims {
+    heads: i64,
+    kv_heads: i64,
+    vocab: Range<i64>,
+}
+
 #[derive(Debug)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -35,6 +49,9 @@ pub struct Llama {
     head: usize,
     /// `inv_freq` of the rotary embedding, fp32, on the model's device.
     inv_freq: Tensor,
+    /// The tensor-parallel group; a group of one without tensor parallelism.
+    tp: Arc<dyn Collective>,
+    local: LocalDims,
 }
 
 /// Which parameters get weight decay.
@@ -44,52 +61,190 @@ pub struct DecayPolicy {
     pub norms: bool,
 }
 
+/// What one micro-batch's forward pass keeps for its backward pass: per piece, the tensor
+/// whose gradient the next piece hands back and the detached leaves the piece started from.
+///
+/// A block is four pieces: `x -> (h1 = norm(x), x2 = x + attn)`, `h1 -> attn` (partial over
+/// tensor-parallel ranks), `x2 -> (h2 = norm(x2), x3 = x2 + mlp)` and `h2 -> mlp` (partial).
+/// Cutting at the attention and MLP inputs is what lets the "identity forward, all-reduce
+/// backward" operator of Megatron's tensor parallelism run between two backward calls; cutting
+/// at the block boundary is what lets data parallelism all-reduce a block's gradients while
+/// the blocks before it still run their backward.
+#[derive(Debug)]
+pub struct Tape {
+    /// The mean cross-entropy of the micro-batch (unscaled), the same on every rank.
+    pub loss: f64,
+    embed: Tensor,
+    blocks: Vec<BlockTape>,
+    head: HeadTape,
+}
+
+#[derive(Debug)]
+struct BlockTape {
+    x: Tensor,
+    h1: Tensor,
+    x2: Tensor,
+    h1l: Tensor,
+    attn: Tensor,
+    x2l: Tensor,
+    h2: Tensor,
+    x3: Tensor,
+    h2l: Tensor,
+    mlp: Tensor,
+}
+
+#[derive(Debug)]
+struct HeadTape {
+    x: Tensor,
+    hn: Tensor,
+    hnl: Tensor,
+    /// The scaled loss whose backward gives the head's gradients.
+    loss: Tensor,
+}
+
 impl Llama {
     /// A model with all parameters zero; see [`Llama::init`] and `hf::load_weights`.
     pub fn new(config: &LlamaConfig, decay: DecayPolicy, device: Device) -> Self {
+        Self::build(config, decay, device, Arc::new(TcpRing::single(0)))
+    }
+
+    /// This rank's part of a model split over the tensor-parallel group `tp` (Megatron's
+    /// layout): q, k, v, gate and up split by output rows (column-parallel), o and down by
+    /// input columns (row-parallel), embedding and head by vocabulary rows; norms replicated.
+    pub fn new_parallel(
+        config: &LlamaConfig,
+        decay: DecayPolicy,
+        device: Device,
+        tp: Arc<dyn Collective>,
+    ) -> Result<Self, ConfigError> {
+        let n = tp.size() as i64;
+        let c = config;
+        if c.n_heads % n != 0 || c.n_kv_heads % n != 0 || c.ffn_dim % n != 0 {
+            return Err(ConfigError::Shape(format!(
+                "tensor parallelism {n} must divide n_heads ({}), n_kv_heads ({}) and ffn_dim ({})",
+                c.n_heads, c.n_kv_heads, c.ffn_dim
+            )));
+        }
+        if c.vocab_size < n {
+            return Err(ConfigError::Shape(format!(
+                "tensor parallelism {n} exceeds vocab_size {}",
+                c.vocab_size
+            )));
+        }
+        Ok(Self::build(config, decay, device, tp))
+    }
+
+    fn build(
+        config: &LlamaConfig,
+        decay: DecayPolicy,
+        device: Device,
+        tp: Arc<dyn Collective>,
+    ) -> Self {
         let c = config;
         let (d, hd) = (c.dim, c.head_dim);
+        let (n, k) = (tp.size() as i64, tp.rank() as i64);
+        let vocab = chunk_range(c.vocab_size as usize, n as usize, k as usize);
+        let local = LocalDims {
+            heads: c.n_heads / n,
+            kv_heads: c.n_kv_heads / n,
+            vocab: vocab.start as i64..vocab.end as i64,
+        };
+        let ffn = c.ffn_dim / n;
+        // Split along `dim` into `n` parts of `part`, this rank's starting at `start`.
+        let shard =
+            |dim: usize, start: i64, full: i64| (n > 1).then_some(Shard { dim, start, full });
+        let rows = |full: i64, part: i64| shard(0, k * part, full);
+        let cols = |full: i64, part: i64| shard(1, k * part, full);
+        let vocab_rows = shard(0, local.vocab.start, c.vocab_size);
+        let vl = local.vocab.end - local.vocab.start;
         let mut segments = vec!["embed".to_owned()];
         let mut specs = Vec::new();
-        let mut add = |name: String, shape: Vec<i64>, decay: bool, segment: usize| {
-            specs.push(ParamSpec {
-                name,
-                shape,
-                decay,
-                segment,
-            });
-            specs.len() - 1
-        };
+        let mut add =
+            |name: String, shape: Vec<i64>, decay: bool, segment: usize, shard: Option<Shard>| {
+                specs.push(ParamSpec {
+                    name,
+                    shape,
+                    decay,
+                    segment,
+                    shard,
+                });
+                specs.len() - 1
+            };
         let embed = add(
             "model.embed_tokens.weight".into(),
-            vec![c.vocab_size, d],
+            vec![vl, d],
             decay.embeddings,
             0,
+            vocab_rows,
         );
+        let (q_rows, kv_rows) = (local.heads * hd, local.kv_heads * hd);
         let mut blocks = Vec::new();
         for l in 0..c.n_layers {
             segments.push(format!("layers.{l}"));
             let s = segments.len() - 1;
             let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+            let (q_full, kv_full) = (c.n_heads * hd, c.n_kv_heads * hd);
             blocks.push(BlockIdx {
-                attn_norm: add(p("input_layernorm"), vec![d], decay.norms, s),
-                q: add(p("self_attn.q_proj"), vec![c.n_heads * hd, d], true, s),
-                k: add(p("self_attn.k_proj"), vec![c.n_kv_heads * hd, d], true, s),
-                v: add(p("self_attn.v_proj"), vec![c.n_kv_heads * hd, d], true, s),
-                o: add(p("self_attn.o_proj"), vec![d, c.n_heads * hd], true, s),
-                mlp_norm: add(p("post_attention_layernorm"), vec![d], decay.norms, s),
-                gate: add(p("mlp.gate_proj"), vec![c.ffn_dim, d], true, s),
-                up: add(p("mlp.up_proj"), vec![c.ffn_dim, d], true, s),
-                down: add(p("mlp.down_proj"), vec![d, c.ffn_dim], true, s),
+                attn_norm: add(p("input_layernorm"), vec![d], decay.norms, s, None),
+                q: add(
+                    p("self_attn.q_proj"),
+                    vec![q_rows, d],
+                    true,
+                    s,
+                    rows(q_full, q_rows),
+                ),
+                k: add(
+                    p("self_attn.k_proj"),
+                    vec![kv_rows, d],
+                    true,
+                    s,
+                    rows(kv_full, kv_rows),
+                ),
+                v: add(
+                    p("self_attn.v_proj"),
+                    vec![kv_rows, d],
+                    true,
+                    s,
+                    rows(kv_full, kv_rows),
+                ),
+                o: add(
+                    p("self_attn.o_proj"),
+                    vec![d, q_rows],
+                    true,
+                    s,
+                    cols(q_full, q_rows),
+                ),
+                mlp_norm: add(p("post_attention_layernorm"), vec![d], decay.norms, s, None),
+                gate: add(
+                    p("mlp.gate_proj"),
+                    vec![ffn, d],
+                    true,
+                    s,
+                    rows(c.ffn_dim, ffn),
+                ),
+                up: add(
+                    p("mlp.up_proj"),
+                    vec![ffn, d],
+                    true,
+                    s,
+                    rows(c.ffn_dim, ffn),
+                ),
+                down: add(
+                    p("mlp.down_proj"),
+                    vec![d, ffn],
+                    true,
+                    s,
+                    cols(c.ffn_dim, ffn),
+                ),
             });
         }
         segments.push("head".into());
         let s = segments.len() - 1;
-        let norm = add("model.norm.weight".into(), vec![d], decay.norms, s);
+        let norm = add("model.norm.weight".into(), vec![d], decay.norms, s, None);
         let head = if c.tie_embeddings {
             embed
         } else {
-            add("lm_head.weight".into(), vec![c.vocab_size, d], true, s)
+            add("lm_head.weight".into(), vec![vl, d], true, s, vocab_rows)
         };
         let params = ParamStore::new(&segments, specs, device);
         let inv_freq = rope_inv_freq(c).to_device(device);
@@ -101,27 +256,75 @@ impl Llama {
             norm,
             head,
             inv_freq,
+            tp,
+            local,
         }
     }
 
     /// Deterministic initialization from `seed`, as Hugging Face's Llama: every matrix and the
-    /// embedding drawn from N(0, 0.02), every RMSNorm gain 1. Values are drawn on the CPU in
-    /// parameter order, so they are the same on every device and thread count.
+    /// embedding drawn from N(0, 0.02), every RMSNorm gain 1. Whole parameters are drawn on
+    /// the CPU in parameter order, then sliced, so the values are the same on every device,
+    /// thread count and tensor-parallel layout.
     pub fn init(&self, seed: u64) {
         tch::manual_seed(seed as i64);
         for (i, e) in self.params.entries().iter().enumerate() {
-            let value = if e.spec.shape.len() == 1 {
-                Tensor::ones(e.spec.shape.as_slice(), (Kind::Float, Device::Cpu))
+            let shape = e.spec.full_shape();
+            let value = if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu))
             } else {
-                Tensor::zeros(e.spec.shape.as_slice(), (Kind::Float, Device::Cpu))
-                    .normal_(0.0, 0.02)
+                Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)).normal_(0.0, 0.02)
             };
-            self.params.set(i, &value);
+            self.params.set_full(i, &value);
         }
     }
 
     pub fn device(&self) -> Device {
         self.params.device()
+    }
+
+    /// The tensor-parallel group.
+    pub fn tp(&self) -> &Arc<dyn Collective> {
+        &self.tp
+    }
+
+    /// The whole of parameter `i`, gathered from the tensor-parallel ranks (every rank of the
+    /// group must call this in the same order).
+    pub fn full_param(&self, i: usize) -> Result<Tensor, CollectiveError> {
+        let spec = &self.params.entries()[i].spec;
+        let local = self.params.view(i).detach();
+        let Some(shard) = spec.shard else {
+            return Ok(local.copy());
+        };
+        let n = self.tp.size();
+        // Gather along dimension 0 of the shard dimension moved first, then move it back.
+        let moved = local.movedim([shard.dim as i64], [0]).contiguous();
+        let parts: Vec<i64> = (0..n)
+            .map(|r| {
+                if i == self.embed || i == self.head {
+                    chunk_range(self.config.vocab_size as usize, n, r).len() as i64
+                } else {
+                    shard.full / n as i64
+                }
+            })
+            .collect();
+        // Uneven vocabulary slices: pad every rank's part to the largest.
+        let max = parts.iter().copied().max().unwrap_or(0);
+        let mut rest = moved.size();
+        rest[0] = max;
+        let padded = Tensor::zeros(rest.as_slice(), (local.kind(), local.device()));
+        tch::no_grad(|| padded.narrow(0, 0, moved.size()[0]).copy_(&moved));
+        let mut all_shape = rest.clone();
+        all_shape[0] = max * n as i64;
+        let all = Tensor::zeros(all_shape.as_slice(), (local.kind(), local.device()));
+        self.tp.all_gather(&padded, &all)?;
+        let pieces: Vec<Tensor> = parts
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| all.narrow(0, r as i64 * max, len))
+            .collect();
+        Ok(Tensor::cat(&pieces, 0)
+            .movedim([0], [shard.dim as i64])
+            .contiguous())
     }
 
     fn p(&self, i: usize) -> &Tensor {
@@ -136,41 +339,59 @@ impl Llama {
         (emb.cos(), emb.sin())
     }
 
-    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
-    pub fn forward(&self, tokens: &Tensor) -> Tensor {
+    /// This rank's heads of causal self-attention on `h`, through its rows of the output
+    /// projection: `[b, t, dim]`, summed over tensor-parallel ranks to give the attention.
+    fn attention(&self, blk: &BlockIdx, h: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let c = &self.config;
-        let (b, t) = tokens.size2().unwrap_or((1, 0));
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let heads = |w: usize, n: i64| {
+            h.linear::<Tensor>(self.p(w), None)
+                .view([b, t, n, c.head_dim])
+                .transpose(1, 2)
+        };
+        let (nh, nkv) = (self.local.heads, self.local.kv_heads);
+        let q = apply_rope(&heads(blk.q, nh), cos, sin);
+        let k = apply_rope(&heads(blk.k, nkv), cos, sin);
+        let v = heads(blk.v, nkv);
+        let gqa = nh != nkv;
+        let attn =
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa);
+        attn.transpose(1, 2)
+            .reshape([b, t, nh * c.head_dim])
+            .linear::<Tensor>(self.p(blk.o), None)
+    }
+
+    /// This rank's slice of the SwiGLU MLP on `h`, summed over ranks to give the MLP.
+    fn mlp(&self, blk: &BlockIdx, h: &Tensor) -> Tensor {
+        let gate = h.linear::<Tensor>(self.p(blk.gate), None).silu();
+        let up = h.linear::<Tensor>(self.p(blk.up), None);
+        (gate * up).linear::<Tensor>(self.p(blk.down), None)
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, as one autograd graph.
+    /// Without tensor parallelism only (generation and reference checks).
+    pub fn forward(&self, tokens: &Tensor) -> Tensor {
+        assert_eq!(
+            self.tp.size(),
+            1,
+            "Llama::forward runs without tensor parallelism"
+        );
+        let c = &self.config;
+        let t = tokens.size2().map_or(0, |(_, t)| t);
         let (cos, sin) = self.rope(t);
         let mut x = Tensor::embedding(self.p(self.embed), tokens, -1, false, false);
         for blk in &self.blocks {
             let h = x.rms_norm([c.dim], Some(self.p(blk.attn_norm)), c.norm_eps);
-            let heads = |w: usize, n: i64| {
-                h.linear::<Tensor>(self.p(w), None)
-                    .view([b, t, n, c.head_dim])
-                    .transpose(1, 2)
-            };
-            let q = apply_rope(&heads(blk.q, c.n_heads), &cos, &sin);
-            let k = apply_rope(&heads(blk.k, c.n_kv_heads), &cos, &sin);
-            let v = heads(blk.v, c.n_kv_heads);
-            let gqa = c.n_heads != c.n_kv_heads;
-            let attn = Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, gqa,
-            );
-            let attn = attn
-                .transpose(1, 2)
-                .reshape([b, t, c.n_heads * c.head_dim])
-                .linear::<Tensor>(self.p(blk.o), None);
-            x = &x + attn;
+            x = &x + self.attention(blk, &h, &cos, &sin);
             let h = x.rms_norm([c.dim], Some(self.p(blk.mlp_norm)), c.norm_eps);
-            let gate = h.linear::<Tensor>(self.p(blk.gate), None).silu();
-            let up = h.linear::<Tensor>(self.p(blk.up), None);
-            x = &x + (gate * up).linear::<Tensor>(self.p(blk.down), None);
+            x = &x + self.mlp(blk, &h);
         }
         let x = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
         x.linear::<Tensor>(self.p(self.head), None)
     }
 
-    /// Mean next-token cross-entropy of `targets` (`[batch, seq]`) given `inputs`, in fp32.
+    /// Mean next-token cross-entropy of `targets` (`[batch, seq]`) given `inputs`, in fp32,
+    /// as one autograd graph. Without tensor parallelism only.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
         let logits = self.forward(inputs);
         let v = self.config.vocab_size;
@@ -185,6 +406,229 @@ impl Llama {
                 0.0,
             )
     }
+
+    /// The mean cross-entropy without gradients, with or without tensor parallelism.
+    pub fn loss_value(&self, inputs: &Tensor, targets: &Tensor) -> Result<f64, CollectiveError> {
+        tch::no_grad(|| self.forward_tape(inputs, targets, 1.0)).map(|tape| tape.loss)
+    }
+
+    /// The sum over tensor-parallel ranks of `t`, as a constant (no gradient flows through
+    /// it: the piece that produced `t` receives the sum's gradient as its own).
+    fn tp_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        if self.tp.size() == 1 {
+            return Ok(t.detach());
+        }
+        let s = t.detach().contiguous().copy();
+        self.tp.all_reduce(&s, ReduceOp::Sum)?;
+        Ok(s)
+    }
+
+    /// A gradient that is partial on each tensor-parallel rank (the input gradient of a
+    /// column-parallel piece), summed over the ranks.
+    fn tp_grad(&self, g: Tensor) -> Result<Tensor, CollectiveError> {
+        if self.tp.size() > 1 {
+            self.tp.all_reduce(&g, ReduceOp::Sum)?;
+        }
+        Ok(g)
+    }
+
+    /// The forward pass of a training micro-batch, piece by piece (see [`Tape`]). The head's
+    /// loss is scaled by `scale` for the backward pass (gradient accumulation); `Tape::loss`
+    /// is not.
+    pub fn forward_tape(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+    ) -> Result<Tape, CollectiveError> {
+        let c = &self.config;
+        let t = tokens.size2().map_or(0, |(_, t)| t);
+        let (cos, sin) = self.rope(t);
+        let w = self.p(self.embed);
+        let v0 = self.local.vocab.start;
+        let embed = if self.tp.size() == 1 {
+            Tensor::embedding(w, tokens, -1, false, false)
+        } else {
+            // Vocabulary-parallel embedding: rows this rank does not hold contribute zeros.
+            let mine = self.vocab_mask(tokens);
+            let local = (tokens - v0).where_self(&mine, &tokens.zeros_like());
+            Tensor::embedding(w, &local, -1, false, false) * mine.unsqueeze(-1).to_kind(w.kind())
+        };
+        let mut x_next = self.tp_sum(&embed)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            let x = leaf(&x_next);
+            let h1 = x.rms_norm([c.dim], Some(self.p(blk.attn_norm)), c.norm_eps);
+            let h1l = leaf(&h1);
+            let attn = self.attention(blk, &h1l, &cos, &sin);
+            let x2 = &x + self.tp_sum(&attn)?;
+            let x2l = leaf(&x2);
+            let h2 = x2l.rms_norm([c.dim], Some(self.p(blk.mlp_norm)), c.norm_eps);
+            let h2l = leaf(&h2);
+            let mlp = self.mlp(blk, &h2l);
+            let x3 = &x2l + self.tp_sum(&mlp)?;
+            x_next = x3.shallow_clone();
+            blocks.push(BlockTape {
+                x,
+                h1,
+                x2,
+                h1l,
+                attn,
+                x2l,
+                h2,
+                x3,
+                h2l,
+                mlp,
+            });
+        }
+        let x = leaf(&x_next);
+        let hn = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
+        let hnl = leaf(&hn);
+        let vl = self.local.vocab.end - v0;
+        let logits = hnl
+            .linear::<Tensor>(self.p(self.head), None)
+            .to_kind(Kind::Float)
+            .reshape([-1, vl]);
+        let targets = targets.reshape([-1]);
+        let (loss, value) = if self.tp.size() == 1 {
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &targets,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            );
+            let value = loss.to_kind(Kind::Double).double_value(&[]);
+            (loss, value)
+        } else {
+            self.vocab_parallel_cross_entropy(&logits, &targets)?
+        };
+        Ok(Tape {
+            loss: value,
+            embed,
+            blocks,
+            head: HeadTape {
+                x,
+                hn,
+                hnl,
+                loss: loss * scale,
+            },
+        })
+    }
+
+    fn vocab_mask(&self, tokens: &Tensor) -> Tensor {
+        let r = &self.local.vocab;
+        tokens.ge(r.start).logical_and(&tokens.lt(r.end))
+    }
+
+    /// Cross-entropy over logits split by vocabulary rows (`[N, V/tp]` here), as Megatron
+    /// computes it: the row maximum, the sum of exponentials and the target's logit are
+    /// all-reduced over the group, so no rank ever holds a whole row of logits.
+    ///
+    /// Returns a surrogate whose gradient with respect to the local logits is exactly the
+    /// cross-entropy's, `(softmax - onehot) / N` (global quantities enter as constants), and
+    /// the loss value computed from the reduced quantities.
+    fn vocab_parallel_cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, f64), CollectiveError> {
+        let max = logits.detach().amax([-1], false).contiguous();
+        self.tp.all_reduce(&max, ReduceOp::Max)?;
+        let exp = (logits - max.unsqueeze(1)).exp();
+        let sum_local = exp.sum_dim_intlist(-1, false, Kind::Float);
+        let sum = sum_local.detach().copy();
+        self.tp.all_reduce(&sum, ReduceOp::Sum)?;
+        let mine = self.vocab_mask(targets);
+        let local = (targets - self.local.vocab.start).where_self(&mine, &targets.zeros_like());
+        let target_local =
+            logits.gather(1, &local.unsqueeze(1), false).squeeze_dim(1) * mine.to_kind(Kind::Float);
+        let target = target_local.detach().copy();
+        self.tp.all_reduce(&target, ReduceOp::Sum)?;
+        let per_token = sum.log() + &max - &target;
+        let value = per_token
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        let surrogate = (sum_local / &sum - target_local).mean(Kind::Float);
+        Ok((surrogate, value))
+    }
+
+    /// The backward pass of `tape`, piece by piece from the head to the embedding, adding each
+    /// parameter's gradient into the flat gradient buffer (replacing what is there when
+    /// `overwrite`: the first micro-batch of a step). Calls `on_segment(s)` as soon as
+    /// segment `s`'s gradients are complete: the head's, each block's from the last, then the
+    /// embedding's (which the tied head also writes to, before).
+    pub fn backward(
+        &self,
+        tape: Tape,
+        overwrite: bool,
+        on_segment: &mut dyn FnMut(usize),
+    ) -> Result<(), CollectiveError> {
+        let mut written = vec![!overwrite; self.params.entries().len()];
+        let mut put = |i: usize, g: &Tensor| {
+            self.params.add_grad(i, g, !written[i]);
+            written[i] = true;
+        };
+        let Tape {
+            embed,
+            blocks,
+            head,
+            ..
+        } = tape;
+        let g = Tensor::run_backward(&[&head.loss], &[self.p(self.head), &head.hnl], false, false);
+        put(self.head, &g[0]);
+        let g_hn = self.tp_grad(g[1].shallow_clone())?;
+        let g = grads(&[(&head.hn, &g_hn)], &[self.p(self.norm), &head.x]);
+        put(self.norm, &g[0]);
+        on_segment(self.blocks.len() + 1);
+        let mut gx = g[1].shallow_clone();
+        for (l, bt) in blocks.iter().enumerate().rev() {
+            let b = &self.blocks[l];
+            let p = [b.gate, b.up, b.down].map(|i| self.p(i));
+            let g = grads(&[(&bt.mlp, &gx)], &[p[0], p[1], p[2], &bt.h2l]);
+            put(b.gate, &g[0]);
+            put(b.up, &g[1]);
+            put(b.down, &g[2]);
+            let g_h2 = self.tp_grad(g[3].shallow_clone())?;
+            let g = grads(
+                &[(&bt.h2, &g_h2), (&bt.x3, &gx)],
+                &[self.p(b.mlp_norm), &bt.x2l],
+            );
+            put(b.mlp_norm, &g[0]);
+            let g_x2 = g[1].shallow_clone();
+            let p = [b.q, b.k, b.v, b.o].map(|i| self.p(i));
+            let g = grads(&[(&bt.attn, &g_x2)], &[p[0], p[1], p[2], p[3], &bt.h1l]);
+            put(b.q, &g[0]);
+            put(b.k, &g[1]);
+            put(b.v, &g[2]);
+            put(b.o, &g[3]);
+            let g_h1 = self.tp_grad(g[4].shallow_clone())?;
+            let g = grads(
+                &[(&bt.h1, &g_h1), (&bt.x2, &g_x2)],
+                &[self.p(b.attn_norm), &bt.x],
+            );
+            put(b.attn_norm, &g[0]);
+            gx = g[1].shallow_clone();
+            on_segment(l + 1);
+        }
+        let g = grads(&[(&embed, &gx)], &[self.p(self.embed)]);
+        put(self.embed, &g[0]);
+        on_segment(0);
+        Ok(())
+    }
+}
+
+/// A detached copy of `t`'s value that autograd treats as a leaf: where a piece starts.
+fn leaf(t: &Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+/// Gradients of `inputs` given each output's gradient: autograd's `grad(outputs, inputs,
+/// grad_outputs)`, through `outputs * grad_outputs` with a gradient of ones.
+fn grads(outputs: &[(&Tensor, &Tensor)], inputs: &[&Tensor]) -> Vec<Tensor> {
+    let roots: Vec<Tensor> = outputs.iter().map(|(o, g)| *o * g.detach()).collect();
+    Tensor::run_backward(&roots, inputs, false, false)
 }
 
 /// `x * cos + rotate_half(x) * sin` on `[b, heads, t, head_dim]`.

@@ -27,58 +27,95 @@ pub struct AdamWConfig {
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
+    /// State for the owned ranges of the flat buffer, back to back.
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
     /// Updates taken so far.
     pub step: i64,
+    /// The ranges of the flat parameter buffer this optimizer updates: all of it, or with
+    /// ZeRO-1 this rank's chunk of each gradient bucket.
+    owned: Vec<std::ops::Range<i64>>,
     /// Reused for every intermediate, so an update allocates nothing: a fresh buffer the size
     /// of the model costs page faults on every step.
     scratch: Tensor,
 }
 
 impl AdamW {
+    /// An optimizer for every parameter in `params`.
     pub fn new(config: AdamWConfig, params: &ParamStore) -> Self {
+        let whole = 0..params.numel();
+        Self::sharded(config, params, std::iter::once(whole).collect())
+    }
+
+    /// An optimizer for the `owned` ranges of the flat buffer only (ZeRO-1): its state is
+    /// their total size.
+    pub fn sharded(
+        config: AdamWConfig,
+        params: &ParamStore,
+        owned: Vec<std::ops::Range<i64>>,
+    ) -> Self {
+        let total: i64 = owned.iter().map(|r| r.end - r.start).sum();
+        let longest = owned.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+        let opts = (params.flat.kind(), params.device());
         AdamW {
             config,
-            exp_avg: params.flat.zeros_like(),
-            exp_avg_sq: params.flat.zeros_like(),
+            exp_avg: Tensor::zeros([total], opts),
+            exp_avg_sq: Tensor::zeros([total], opts),
             step: 0,
-            scratch: params.flat.empty_like(),
+            owned,
+            scratch: Tensor::empty([longest], opts),
         }
     }
 
-    /// One update of every parameter in `params` from `params.grad`, at learning rate `lr`.
+    /// The ranges of the flat buffer this optimizer updates.
+    pub fn owned(&self) -> &[std::ops::Range<i64>] {
+        &self.owned
+    }
+
+    /// One update of the owned parameters from `params.grad`, at learning rate `lr`.
     pub fn step(&mut self, params: &ParamStore, lr: f64) {
         let c = self.config;
         self.step += 1;
         let t = self.step as f64;
         let step_size = lr / (1.0 - c.beta1.powf(t));
         let bias_correction2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
-        let g = &params.grad;
-        let s = &mut self.scratch;
         tch::no_grad(|| {
-            if c.weight_decay != 0.0 {
-                for seg in params.segments() {
-                    let n = seg.decay_end - seg.range.start;
-                    if n > 0 {
-                        let _ = params
-                            .flat
-                            .narrow(0, seg.range.start, n)
-                            .g_mul_scalar_(1.0 - lr * c.weight_decay);
+            let mut state_at = 0i64;
+            for range in &self.owned {
+                let (start, len) = (range.start, range.end - range.start);
+                if len == 0 {
+                    continue;
+                }
+                if c.weight_decay != 0.0 {
+                    for seg in params.segments() {
+                        let (lo, hi) = (seg.range.start.max(start), seg.decay_end.min(range.end));
+                        if hi > lo {
+                            let _ = params
+                                .flat
+                                .narrow(0, lo, hi - lo)
+                                .g_mul_scalar_(1.0 - lr * c.weight_decay);
+                        }
                     }
                 }
+                let g = params.grad.narrow(0, start, len);
+                let mut p = params.flat.narrow(0, start, len);
+                let mut m = self.exp_avg.narrow(0, state_at, len);
+                let mut v = self.exp_avg_sq.narrow(0, state_at, len);
+                let mut s = self.scratch.narrow(0, 0, len);
+                state_at += len;
+                let _ = m.lerp_(&g, 1.0 - c.beta1);
+                // v = beta2 * v + (1 - beta2) * g^2
+                let _ = g.mul_out(&s, &g);
+                let _ = s.g_mul_scalar_(1.0 - c.beta2);
+                let _ = v.g_mul_scalar_(c.beta2).g_add_(&s);
+                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+                let _ = v.sqrt_out(&s);
+                let _ = s.g_div_scalar_(bias_correction2_sqrt).g_add_scalar_(c.eps);
+                let divisor = s.shallow_clone();
+                let _ = m.div_out(&s, &divisor);
+                let _ = s.g_mul_scalar_(step_size);
+                let _ = p.g_sub_(&s);
             }
-            let _ = self.exp_avg.lerp_(g, 1.0 - c.beta1);
-            // v = beta2 * v + (1 - beta2) * g^2
-            let _ = g.mul_out(s, g);
-            let _ = s.g_mul_scalar_(1.0 - c.beta2);
-            let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).g_add_(s);
-            // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-            let _ = self.exp_avg_sq.sqrt_out(s);
-            let _ = s.g_div_scalar_(bias_correction2_sqrt).g_add_scalar_(c.eps);
-            let _ = self.exp_avg.div_out(s, s);
-            let _ = s.g_mul_scalar_(step_size);
-            let _ = params.flat.shallow_clone().g_sub_(s);
         });
     }
 }

@@ -22,6 +22,36 @@ pub struct ParamSpec {
     pub decay: bool,
     /// Index of the segment the parameter belongs to.
     pub segment: usize,
+    /// Set when this rank holds only a slice of the full tensor (tensor parallelism).
+    pub shard: Option<Shard>,
+}
+
+/// This rank's slice of a tensor-parallel parameter: `shape[dim]` entries from `start` of the
+/// full tensor's `full` along dimension `dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub dim: usize,
+    pub start: i64,
+    pub full: i64,
+}
+
+impl ParamSpec {
+    /// The shape of the whole parameter, across all tensor-parallel ranks.
+    pub fn full_shape(&self) -> Vec<i64> {
+        let mut shape = self.shape.clone();
+        if let Some(s) = self.shard {
+            shape[s.dim] = s.full;
+        }
+        shape
+    }
+
+    /// This rank's slice of `full` (the whole parameter).
+    pub fn slice_of(&self, full: &Tensor) -> Tensor {
+        match self.shard {
+            Some(s) => full.narrow(s.dim as i64, s.start, self.shape[s.dim]),
+            None => full.shallow_clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -150,20 +180,39 @@ impl ParamStore {
         });
     }
 
+    /// Overwrites parameter `i` with this rank's slice of `full`, the whole parameter.
+    pub fn set_full(&self, i: usize, full: &Tensor) {
+        self.set(i, &self.entries[i].spec.slice_of(full));
+    }
+
+    /// The gradient of parameter `i`: a view of [`ParamStore::grad`].
+    pub fn grad_of(&self, i: usize) -> Tensor {
+        let e = &self.entries[i];
+        self.grad
+            .narrow(0, e.offset, e.numel)
+            .view(e.spec.shape.as_slice())
+    }
+
+    /// Adds `g` into the gradient of parameter `i`, or replaces it with `overwrite`.
+    pub fn add_grad(&self, i: usize, g: &Tensor, overwrite: bool) {
+        let e = &self.entries[i];
+        tch::no_grad(|| {
+            let mut slot = self.grad.narrow(0, e.offset, e.numel);
+            let g = g.reshape([-1]).to_kind(Kind::Float);
+            if overwrite {
+                slot.copy_(&g);
+            } else {
+                let _ = slot.g_add_(&g);
+            }
+        });
+    }
+
     /// Adds per-parameter gradients (in spec order, as `run_backward` returns them) into the
     /// flat gradient buffer, or, with `overwrite`, replaces its contents (the first
     /// micro-batch of a step, which saves zeroing the buffer first).
     pub fn accumulate_grads(&self, grads: &[Tensor], overwrite: bool) {
-        tch::no_grad(|| {
-            for (e, g) in self.entries.iter().zip(grads) {
-                let mut slot = self.grad.narrow(0, e.offset, e.numel);
-                let g = g.reshape([-1]).to_kind(Kind::Float);
-                if overwrite {
-                    slot.copy_(&g);
-                } else {
-                    let _ = slot.g_add_(&g);
-                }
-            }
-        });
+        for (i, g) in grads.iter().enumerate() {
+            self.add_grad(i, g, overwrite);
+        }
     }
 }

@@ -19,14 +19,17 @@ use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::{LoaderOptions, ShardError, TokenDataset};
 use serde::Serialize;
 use serde_json::json;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use crate::collective::tcp::rendezvous_timeout;
+use crate::collective::{CollectiveError, ParallelDims, ProcessGroups, ReduceOp};
 use crate::config::{ConfigError, LlamaConfig};
 use crate::device::{self, DeviceError};
-use crate::eval::evaluate;
+use crate::eval::{evaluate, EvalError};
 use crate::hf::{self, HfError, SaveOptions};
 use crate::model::{DecayPolicy, Llama};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::parallel::{train_step, DataParallel};
 use kiln_shard_loader::order::{DataCursor, LedgerEntry};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,30 @@ pub enum TrainError {
     },
     #[error("the loss became {loss} at step {step}; lower optimizer.lr or check the data")]
     NonFinite { step: i64, loss: f64 },
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(
+        "train.batch_size {batch} is not a multiple of {dp} data-parallel ranks x train.micro_batch_size {micro}"
+    )]
+    Batch { batch: i64, dp: usize, micro: i64 },
+    #[error("launch: {0}")]
+    Launch(String),
+}
+
+/// Where this process sits in a multi-process run: its global rank and every rank's
+/// `host:port` (`peers[r]` is where rank `r` listens). One process alone by default.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub rank: usize,
+    pub peers: Vec<String>,
+}
+
+impl Launch {
+    pub fn world_size(&self) -> usize {
+        self.peers.len().max(1)
+    }
 }
 
 /// What the loop reports as it goes.
@@ -71,6 +98,10 @@ pub enum TrainError {
 pub enum Event {
     Start {
         params: i64,
+        world: usize,
+        dp: usize,
+        tp: usize,
+        zero1: bool,
         device: String,
         bf16: bool,
         flops_per_token: f64,
@@ -89,6 +120,9 @@ pub enum Event {
         step_s: f64,
         /// Share of the window's wall time spent waiting for data.
         data_wait: f64,
+        /// Share of the window's wall time spent waiting, after backward, for gradient
+        /// communication that did not overlap with it.
+        collective_wait: f64,
     },
     Eval {
         step: i64,
@@ -116,11 +150,33 @@ pub struct Summary {
 /// Sidecar written next to the weights so `kiln sample` finds the tokenizer.
 pub const KILN_META: &str = "kiln.json";
 
-pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summary, TrainError> {
+/// Trains `job` as rank `launch.rank` of `launch.world_size()` processes. Only global rank 0
+/// writes the metrics log, the ledger and the model, and reports events.
+pub fn train(
+    job: &JobConfig,
+    launch: &Launch,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary, TrainError> {
     let t = &job.train;
     if t.threads > 0 {
         tch::set_num_threads(t.threads as i32);
     }
+    let world = launch.world_size();
+    let dims = ParallelDims::new(0, job.parallel.tp, world)?;
+    let groups = if world == 1 {
+        ProcessGroups::single()
+    } else {
+        ProcessGroups::tcp(launch.rank, &launch.peers, dims, rendezvous_timeout())?
+    };
+    let (dp_rank, dp) = (groups.dp_rank(), dims.dp);
+    let leader = launch.rank == 0;
+    let accum = job
+        .accumulation_steps_at(dp as i64)
+        .ok_or(TrainError::Batch {
+            batch: t.batch_size,
+            dp,
+            micro: job.micro_batch_size(),
+        })?;
     let device = device::resolve_device(&t.device)?;
     let bf16 = device::resolve_bf16(&t.precision, device)?;
     let sources = job.data.sources();
@@ -142,12 +198,14 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
 
     let model = match &job.model.init_from {
         Some(dir) => {
-            let decay = decay_policy(job);
-            hf::load(dir, decay, device)?
+            let config = hf::load_config(dir)?;
+            let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
+            hf::load_weights(&model, dir)?;
+            model
         }
         None => {
             let config = LlamaConfig::from_spec(&job.model)?;
-            let model = Llama::new(&config, decay_policy(job), device);
+            let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
             model.init(t.seed);
             model
         }
@@ -215,21 +273,30 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         None
     };
 
-    std::fs::create_dir_all(&job.output.dir).map_err(|source| TrainError::Write {
-        path: job.output.dir.clone(),
-        source,
-    })?;
-    let metrics_path = job.output.dir.join("metrics.jsonl");
-    let mut metrics = File::create(&metrics_path).map_err(|source| TrainError::Write {
-        path: metrics_path.clone(),
-        source,
-    })?;
-    let ledger_path = job.output.dir.join("ledger.jsonl");
-    let mut ledger = File::create(&ledger_path).map_err(|source| TrainError::Write {
-        path: ledger_path.clone(),
-        source,
-    })?;
+    // Only the leader writes; the other ranks' logs go nowhere.
+    let sink = |name: &str| -> Result<(PathBuf, Box<dyn Write>), TrainError> {
+        let path = job.output.dir.join(name);
+        if !leader {
+            return Ok((path, Box::new(std::io::sink())));
+        }
+        let file = File::create(&path).map_err(|source| TrainError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((path, Box::new(file)))
+    };
+    if leader {
+        std::fs::create_dir_all(&job.output.dir).map_err(|source| TrainError::Write {
+            path: job.output.dir.clone(),
+            source,
+        })?;
+    }
+    let (metrics_path, mut metrics) = sink("metrics.jsonl")?;
+    let (ledger_path, mut ledger) = sink("ledger.jsonl")?;
     let mut emit = |event: Event| -> Result<(), TrainError> {
+        if !leader {
+            return Ok(());
+        }
         let line = serde_json::to_string(&event).unwrap_or_default();
         writeln!(metrics, "{line}").map_err(|source| TrainError::Write {
             path: metrics_path.clone(),
@@ -243,6 +310,10 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     let flops_per_token = config.flops_per_token(t.seq_len);
     emit(Event::Start {
         params: config.num_params(),
+        world,
+        dp,
+        tp: dims.tp,
+        zero1: job.parallel.zero1,
         device: format!("{device:?}"),
         bf16,
         flops_per_token,
@@ -252,7 +323,13 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     })?;
 
     let o = &job.optimizer;
-    let mut optimizer = AdamW::new(
+    let mut sync = DataParallel::new(
+        &model,
+        groups.clone(),
+        job.parallel.bucket_mb,
+        job.parallel.zero1,
+    );
+    let mut optimizer = AdamW::sharded(
         AdamWConfig {
             beta1: o.beta1,
             beta2: o.beta2,
@@ -260,6 +337,7 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
             weight_decay: o.weight_decay,
         },
         &model.params,
+        sync.optimizer_ranges(model.params.numel()),
     );
     let schedule = LrSchedule {
         lr: o.lr,
@@ -269,18 +347,21 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
         kind: ScheduleKind::parse(&o.schedule).unwrap_or(ScheduleKind::Cosine),
     };
     let micro = job.micro_batch_size() as usize;
-    let accum = job.accumulation_steps();
     let eval_sequences = (t.eval_batches as usize) * micro;
     let mut summary = Summary::default();
     let mut window_start = Instant::now();
     let mut window_tokens = 0usize;
+    let mut window_collective_wait = 0.0f64;
 
     for step in 0..t.steps {
         let lr = schedule.at(step);
         let mut batches = Vec::with_capacity(accum as usize);
         let mut hash = 0u64;
         for m in 0..accum {
-            let first = (step * t.batch_size) as u64 + (m as u64) * micro as u64;
+            // Micro-batch m of every data-parallel rank together covers dp * micro consecutive
+            // samples: the same samples, in the same order, whatever dp is.
+            let first = (step * t.batch_size) as u64
+                + (m as u64 * dp as u64 + dp_rank as u64) * micro as u64;
             let batch = train_data.batch(first, micro)?;
             hash = hash.wrapping_add(batch.hash);
             let shape = [micro as i64, t.seq_len];
@@ -292,19 +373,31 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
                 .to_device(device);
             batches.push((inputs, targets));
         }
+        // The step's hash is the wrapping sum over all its samples, whichever rank read them.
+        let hash_sum = Tensor::from_slice(&[hash as i64]);
+        groups.dp.all_reduce(&hash_sum, ReduceOp::Sum)?;
         let entry = LedgerEntry {
             step: step as u64,
             first_sample: (step * t.batch_size) as u64,
             samples: t.batch_size as u64,
-            hash,
+            hash: hash_sum.int64_value(&[0]) as u64,
         };
         let line = serde_json::to_string(&entry).unwrap_or_default();
         writeln!(ledger, "{line}").map_err(|source| TrainError::Write {
             path: ledger_path.clone(),
             source,
         })?;
-        let stats = optimizer_step(&model, &mut optimizer, &batches, lr, o.grad_clip, bf16);
+        let stats = train_step(
+            &model,
+            &mut optimizer,
+            &mut sync,
+            &batches,
+            lr,
+            o.grad_clip,
+            bf16,
+        )?;
         let (loss_sum, grad_norm) = (stats.loss, stats.grad_norm);
+        window_collective_wait += stats.collective_wait_s;
         if !loss_sum.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -330,11 +423,14 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
                 lr,
                 grad_norm,
                 tokens_per_s,
-                mfu: tokens_per_s * flops_per_token / peak_flops,
+                // Global tokens over every rank's device.
+                mfu: tokens_per_s * flops_per_token / (peak_flops * world as f64),
                 step_s: elapsed / steps_in_window.max(1) as f64,
                 data_wait: wait / elapsed,
+                collective_wait: window_collective_wait / elapsed,
             })?;
             window_tokens = 0;
+            window_collective_wait = 0.0;
             window_start = Instant::now();
         }
         let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last);
@@ -366,59 +462,27 @@ pub fn train(job: &JobConfig, on_event: &mut dyn FnMut(&Event)) -> Result<Summar
     let model_dir = job.output.dir.join("model");
     let mut meta = manifest_meta(dataset);
     meta["data_cursor"] = serde_json::to_value(&cursor).unwrap_or_default();
-    save_model(&model, &model_dir, &meta, manifest.eos_id)?;
+    if groups.tp.size() > 1 {
+        // Every tensor-parallel group gathers (collectives need all members); the leader
+        // writes.
+        let whole = Llama::new(&config, decay_policy(job), tch::Device::Cpu);
+        for i in 0..model.params.entries().len() {
+            let full = model.full_param(i)?;
+            whole.params.set(i, &full);
+        }
+        if leader {
+            save_model(&whole, &model_dir, &meta, manifest.eos_id)?;
+        }
+    } else if leader {
+        save_model(&model, &model_dir, &meta, manifest.eos_id)?;
+    }
+    groups.world.barrier()?;
     summary.cursor = Some(cursor);
     emit(Event::Saved {
         path: model_dir.clone(),
     })?;
     summary.model_dir = model_dir;
     Ok(summary)
-}
-
-/// What one optimizer step measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepStats {
-    /// Mean loss over the step's micro-batches.
-    pub loss: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Seconds in forward and backward passes, gradient accumulation included.
-    pub forward_backward_s: f64,
-    /// Seconds in clipping and the AdamW update.
-    pub optimizer_s: f64,
-}
-
-/// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
-/// forward and backward each micro-batch with its loss scaled by `1 / batches.len()`,
-/// summing the gradients in the flat buffer, clip the global gradient norm to `grad_clip`
-/// (0: no clipping) and update with AdamW at `lr`.
-pub fn optimizer_step(
-    model: &Llama,
-    optimizer: &mut AdamW,
-    batches: &[(Tensor, Tensor)],
-    lr: f64,
-    grad_clip: f64,
-    bf16: bool,
-) -> StepStats {
-    let start = Instant::now();
-    let mut loss_sum = 0.0;
-    let scale = 1.0 / batches.len().max(1) as f64;
-    for (i, (inputs, targets)) in batches.iter().enumerate() {
-        let loss = tch::autocast(bf16, || model.loss(inputs, targets)) * scale;
-        let grads = Tensor::run_backward(&[&loss], &model.params.views(), false, false);
-        model.params.accumulate_grads(&grads, i == 0);
-        loss_sum += loss.to_kind(Kind::Double).double_value(&[]);
-    }
-    let backward_done = Instant::now();
-    let grad_norm = clip_grad_norm(&model.params.grad, grad_clip);
-    optimizer.step(&model.params, lr);
-    device::sync(model.device());
-    StepStats {
-        loss: loss_sum,
-        grad_norm,
-        forward_backward_s: (backward_done - start).as_secs_f64(),
-        optimizer_s: backward_done.elapsed().as_secs_f64(),
-    }
 }
 
 fn decay_policy(job: &JobConfig) -> DecayPolicy {

@@ -15,6 +15,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -362,14 +363,18 @@ impl TcpRing {
             )));
         };
         let next = self.next();
+        // Which side failed first (1: receiving, 2: sending): when a rank dies, its
+        // neighbours' other links fail soon after, and the first failure names the culprit.
+        let first = AtomicU8::new(0);
         let result = std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let (out, prev) = (&links.next, &links.prev);
+            let (out, prev, first) = (&links.next, &links.prev, &first);
             let sender = scope.spawn(move || -> io::Result<()> {
                 let mut out = out;
                 for msg in rx {
                     let header = (msg.len() as u64).to_le_bytes();
                     if let Err(e) = out.write_all(&header).and_then(|_| out.write_all(&msg)) {
+                        let _ = first.compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst);
                         // Wake the receiving side, which may be waiting on a rank that is
                         // itself waiting on us.
                         let _ = prev.shutdown(Shutdown::Read);
@@ -379,12 +384,19 @@ impl TcpRing {
                 Ok(())
             });
             let received = body(links, &tx);
+            if received.is_err() {
+                let _ = first.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+            }
             drop(tx);
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the sender thread panicked")));
             match (sent, received) {
-                (Err(e), _) => Err(self.io_error(next, name, &e)),
+                (Err(e), Err(r)) if first.load(Ordering::SeqCst) != 2 => {
+                    let _ = e;
+                    Err(r)
+                }
+                (Err(e), _) => Err(self.send_error(&links.next, name, &e)),
                 (Ok(()), r) => r,
             }
         });
@@ -394,10 +406,13 @@ impl TcpRing {
                     CollectiveError::Aborted { dead, .. } => *dead,
                     _ => self.members[dead.min(self.members.len() - 1)],
                 };
-                if self.members[next] != dead_global {
-                    let mut out = &links.next;
-                    let _ = out.set_write_timeout(Some(Duration::from_secs(2)));
-                    let _ = out.write_all(&(ABORT | dead_global as u64).to_le_bytes());
+                // Tell both neighbours (the previous one on the connection it sends on, which
+                // it reads only when sending to us fails).
+                for (peer, mut link) in [(next, &links.next), (self.prev(), &links.prev)] {
+                    if self.members[peer] != dead_global {
+                        let _ = link.set_write_timeout(Some(Duration::from_secs(2)));
+                        let _ = link.write_all(&(ABORT | dead_global as u64).to_le_bytes());
+                    }
                 }
             }
             if let Some(links) = guard.take() {
@@ -436,6 +451,24 @@ impl TcpRing {
             },
             other => other,
         }
+    }
+
+    /// Sending to the next rank failed: if it said why before it went (an abort notice on
+    /// the same connection), blame the rank it named.
+    fn send_error(&self, mut next: &TcpStream, op: &'static str, e: &io::Error) -> CollectiveError {
+        let mut notice = [0u8; 8];
+        let _ = next.set_read_timeout(Some(Duration::from_millis(500)));
+        if next.read_exact(&mut notice).is_ok() {
+            let header = u64::from_le_bytes(notice);
+            if header & ABORT != 0 {
+                return CollectiveError::Aborted {
+                    dead: (header & !ABORT) as usize,
+                    reporter: self.members[self.next()],
+                    op,
+                };
+            }
+        }
+        self.io_error(self.next(), op, e)
     }
 
     fn io_error(&self, peer: usize, op: &'static str, e: &io::Error) -> CollectiveError {

@@ -1,0 +1,319 @@
+//! Multi-process training on loopback: several `kiln train --rank R --world-size W --peers ...`
+//! processes, compared with one process doing the same work. Data parallelism, tensor
+//! parallelism, both, and ZeRO-1 must give the loss curve of a single process (fp32, within
+//! 1e-5), read exactly the same samples (the ledger), and a rank that dies must take the
+//! others down with an error that names it instead of leaving them hanging.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// GPT-2 shards of four plays (one held out for validation), prepared once for every test here.
+fn data() -> &'static Path {
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let data = dir.join("data");
+        prepare_plays(
+            &[
+                "hamlet_gut.txt",
+                "macbeth_gut.txt",
+                "othello_gut.txt",
+                "lear_gut.txt",
+            ],
+            &data,
+            0.25,
+        );
+        data
+    })
+}
+
+/// A job: the tiny model, 12 steps of a global batch of 8 sequences of 64 tokens.
+fn job(dir: &Path, name: &str, micro: i64, parallel: &str) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let text = format!(
+        r#"
+[model]
+preset = "tiny"
+
+[data]
+path = "{data}"
+
+[train]
+seq_len = 64
+batch_size = 8
+micro_batch_size = {micro}
+steps = 12
+seed = 3
+device = "cpu"
+threads = 1
+log_every = 1
+eval_every = 6
+eval_batches = {eval_batches}
+
+[optimizer]
+lr = 3e-3
+warmup_steps = 4
+
+[parallel]
+{parallel}
+
+[output]
+dir = "{out}"
+"#,
+        data = data().display(),
+        out = out.display(),
+        // The same 16 validation sequences whatever the micro-batch.
+        eval_batches = 16 / micro,
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_peers(n: usize) -> Vec<String> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+fn spawn_ranks(job: &Path, world: usize) -> Vec<Child> {
+    let peers = free_peers(world).join(",");
+    (0..world)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", path_str(job), "--rank", &r.to_string()])
+                .args(["--world-size", &world.to_string(), "--peers", &peers])
+                .env("KILN_COLLECTIVE_TIMEOUT_S", "120")
+                .env("KILN_RENDEZVOUS_TIMEOUT_S", "120")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kiln starts")
+        })
+        .collect()
+}
+
+fn wait_all(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("rank exits"))
+        .collect()
+}
+
+/// Runs `job` on `world` processes and returns rank 0's output directory's step losses.
+fn run(job: &Path, world: usize) -> Run {
+    let outputs = wait_all(spawn_ranks(job, world));
+    for (r, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} of {world} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(job).unwrap();
+    let out = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dir = \""))
+        .map(|d| PathBuf::from(d.trim_end_matches('"')))
+        .unwrap();
+    Run::read(&out)
+}
+
+#[derive(Debug)]
+struct Run {
+    losses: Vec<f64>,
+    val_losses: Vec<f64>,
+    ledger: String,
+    start: serde_json::Value,
+}
+
+impl Run {
+    fn read(out: &Path) -> Run {
+        let metrics = read_metrics(&out.join("metrics.jsonl"));
+        let of = |kind: &str, key: &str| -> Vec<f64> {
+            metrics
+                .iter()
+                .filter(|m| m["type"] == kind)
+                .map(|m| m[key].as_f64().unwrap())
+                .collect()
+        };
+        Run {
+            losses: of("step", "loss"),
+            val_losses: of("eval", "val_loss"),
+            ledger: std::fs::read_to_string(out.join("ledger.jsonl")).unwrap(),
+            start: metrics[0].clone(),
+        }
+    }
+
+    /// Asserts the same curve as `base` within `tol`, and the same samples.
+    fn assert_matches(&self, base: &Run, tol: f64, what: &str) {
+        assert_eq!(self.losses.len(), base.losses.len(), "{what}");
+        let diff = max_diff(&self.losses, &base.losses);
+        let val_diff = max_diff(&self.val_losses, &base.val_losses);
+        println!(
+            "{what}: max |loss difference| {diff:.3e} over {} steps, validation {val_diff:.3e}",
+            self.losses.len()
+        );
+        assert!(
+            diff <= tol,
+            "{what}: {:?} vs {:?}",
+            self.losses,
+            base.losses
+        );
+        assert!(
+            val_diff <= tol,
+            "{what}: {:?} vs {:?}",
+            self.val_losses,
+            base.val_losses
+        );
+        assert_eq!(self.ledger, base.ledger, "{what}: the ledgers differ");
+    }
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn data_parallel_matches_one_process_with_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = run(&job(dir.path(), "dp1", 8, ""), 1);
+    assert!(
+        base.losses[0] > 10.0 && base.losses[11] < base.losses[0] - 1.0,
+        "{:?}",
+        base.losses
+    );
+    let accum = run(&job(dir.path(), "dp1-accum", 4, ""), 1);
+    accum.assert_matches(&base, 1e-5, "dp=1, 2 x 4 accumulated vs 8");
+    let dp2 = run(&job(dir.path(), "dp2", 4, ""), 2);
+    assert_eq!(
+        (dp2.start["dp"].as_u64(), dp2.start["tp"].as_u64()),
+        (Some(2), Some(1))
+    );
+    dp2.assert_matches(&base, 1e-5, "dp=2 x micro 4 vs dp=1 x 8");
+    // Small buckets: several all-reduces in flight during backward.
+    let dp2_buckets = run(&job(dir.path(), "dp2-buckets", 2, "bucket_mb = 0.05"), 2);
+    dp2_buckets.assert_matches(&base, 1e-5, "dp=2, 2 x 2 accumulated, 50 KiB buckets");
+}
+
+#[test]
+fn zero1_is_identical_to_plain_data_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = run(&job(dir.path(), "dp2", 4, "bucket_mb = 0.05"), 2);
+    let zero = run(
+        &job(dir.path(), "zero1", 4, "bucket_mb = 0.05\nzero1 = true"),
+        2,
+    );
+    assert_eq!(zero.start["zero1"], true);
+    zero.assert_matches(&plain, 0.0, "ZeRO-1 vs plain dp=2");
+}
+
+#[test]
+fn tensor_parallel_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = run(&job(dir.path(), "tp1", 4, ""), 1);
+    let tp2 = run(&job(dir.path(), "tp2", 4, "tp = 2"), 2);
+    assert_eq!(
+        (tp2.start["dp"].as_u64(), tp2.start["tp"].as_u64()),
+        (Some(1), Some(2))
+    );
+    tp2.assert_matches(&base, 1e-5, "tp=2 vs tp=1");
+    let mesh = run(&job(dir.path(), "dp2tp2", 2, "tp = 2\nzero1 = true"), 4);
+    assert_eq!(
+        (mesh.start["dp"].as_u64(), mesh.start["tp"].as_u64()),
+        (Some(2), Some(2))
+    );
+    mesh.assert_matches(&base, 1e-5, "dp=2 x tp=2 (ZeRO-1) vs one process");
+    // The gathered weights are the whole model: kiln eval on them gives the final
+    // validation loss of the single process.
+    let weights = dir.path().join("dp2tp2/model");
+    let single = dir.path().join("tp1/model");
+    let eval = |m: &Path| -> f64 {
+        let out = kiln_ok(&[
+            "eval",
+            "--model",
+            path_str(m),
+            "--data",
+            path_str(data()),
+            "--seq-len",
+            "64",
+            "--split",
+            "validation",
+            "--max-sequences",
+            "8",
+            "--device",
+            "cpu",
+        ]);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (gathered, whole) = (eval(&weights), eval(&single));
+    assert!((gathered - whole).abs() < 1e-4, "{gathered} vs {whole}");
+}
+
+#[test]
+fn a_killed_rank_fails_the_others_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(dir.path(), "kill", 2, "");
+    // Three data-parallel ranks, long enough to be mid-run when the kill comes.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("steps = 12", "steps = 100000")
+        .replace("batch_size = 8", "batch_size = 6")
+        .replace("eval_every = 6", "eval_every = 0");
+    std::fs::write(&path, text).unwrap();
+    let mut children = spawn_ranks(&path, 3);
+    // Wait until training runs: rank 0 has logged a step.
+    let metrics = dir.path().join("kill/metrics.jsonl");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .contains("\"type\":\"step\"")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no step logged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victim = children.remove(1);
+    let killed_at = Instant::now();
+    let mut victim = victim;
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    for (r, out) in [0, 2].iter().zip(wait_all(children)) {
+        let waited = killed_at.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("rank {r} after {waited:?}: {}", stderr.trim());
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(&format!("error: rank {r} of 3")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("lost rank 1") || stderr.contains("rank 1 failed"),
+            "rank {r} does not name rank 1: {stderr}"
+        );
+        assert!(
+            waited < Duration::from_secs(100),
+            "rank {r} took {waited:?}"
+        );
+    }
+}

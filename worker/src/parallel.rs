@@ -1,0 +1,362 @@
+//! Data parallelism over the flat gradient buffer, and one optimizer step on a `dp x tp` mesh.
+//!
+//! The gradient buffer is cut into buckets of whole segments (an embedding, blocks, the head)
+//! of about `bucket_mb` MiB. Backward runs piece by piece from the head ([`Llama::backward`]),
+//! so a segment's gradients are complete when its pieces return; the moment the last segment
+//! of a bucket is complete, the bucket goes to a communication thread that averages it over
+//! the data-parallel group while the blocks before it are still in backward. With gradient
+//! accumulation only the last micro-batch communicates.
+//!
+//! With ZeRO-1 a bucket is reduce-scattered instead: data-parallel rank `r` receives the
+//! average of chunk `r` of each bucket ([`crate::collective::chunk_range`]), keeps AdamW
+//! state for those chunks only, updates them, and all-gathers the parameters. Without ZeRO-1
+//! a bucket is all-reduced, which is the same reduce-scatter followed by an all-gather, so
+//! both modes see bitwise the same averaged gradients; the gradient norm is computed from the
+//! same chunks in both, so the runs stay identical.
+
+use std::ops::Range;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use crate::collective::{chunk_range, CollectiveError, ProcessGroups, ReduceOp};
+use crate::model::Llama;
+use crate::optim::AdamW;
+
+/// A contiguous range of the flat buffer, reduced as one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub range: Range<i64>,
+    /// Segments `segments.start..segments.end` of the parameter store.
+    pub segments: Range<usize>,
+}
+
+/// Groups consecutive segments (given as flat ranges, in order) into buckets of at least
+/// `bucket_bytes` (the first bucket may be smaller), filled from the last segment backwards:
+/// the order backward completes them.
+pub fn plan_buckets(segments: &[Range<i64>], bucket_bytes: u64) -> Vec<Bucket> {
+    let mut buckets = Vec::new();
+    let mut end = segments.len();
+    while end > 0 {
+        let mut start = end;
+        let mut bytes = 0u64;
+        while start > 0 && (bytes < bucket_bytes || start == end) {
+            start -= 1;
+            bytes += 4 * (segments[start].end - segments[start].start) as u64;
+        }
+        buckets.push(Bucket {
+            range: segments[start].start..segments[end - 1].end,
+            segments: start..end,
+        });
+        end = start;
+    }
+    buckets.reverse();
+    buckets
+}
+
+enum Job {
+    AllReduce(Tensor),
+    ReduceScatter(Tensor),
+}
+
+/// This rank's data-parallel state.
+#[derive(Debug)]
+pub struct DataParallel {
+    pub groups: ProcessGroups,
+    pub buckets: Vec<Bucket>,
+    zero1: bool,
+    /// `trigger[s]`: the bucket that is complete once segment `s` is.
+    trigger: Vec<Option<usize>>,
+    comm: Option<CommThread>,
+    /// With tensor parallelism, on ranks other than the first of their group: 0 over the
+    /// parameters every tensor-parallel rank holds whole (norms), 1 elsewhere, so the
+    /// gradient norm counts them once.
+    norm_mask: Option<Tensor>,
+}
+
+#[derive(Debug)]
+struct CommThread {
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Result<f64, CollectiveError>>,
+    in_flight: usize,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Job::AllReduce(_) => "AllReduce",
+            Job::ReduceScatter(_) => "ReduceScatter",
+        })
+    }
+}
+
+impl DataParallel {
+    pub fn new(model: &Llama, groups: ProcessGroups, bucket_mb: f64, zero1: bool) -> Self {
+        let segments: Vec<Range<i64>> = model
+            .params
+            .segments()
+            .iter()
+            .map(|s| s.range.clone())
+            .collect();
+        let buckets = plan_buckets(&segments, (bucket_mb * (1u64 << 20) as f64) as u64);
+        let mut trigger = vec![None; segments.len()];
+        for (b, bucket) in buckets.iter().enumerate() {
+            trigger[bucket.segments.start] = Some(b);
+        }
+        let comm = (groups.dp.size() > 1).then(|| {
+            let dp = groups.dp.clone();
+            let (jobs, rx) = mpsc::channel::<Job>();
+            let (done_tx, done) = mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name("kiln-grad-sync".into())
+                .spawn(move || {
+                    for job in rx {
+                        let start = Instant::now();
+                        let r = match job {
+                            Job::AllReduce(t) => dp.all_reduce(&t, ReduceOp::Avg),
+                            Job::ReduceScatter(t) => dp.reduce_scatter_flat(&t, ReduceOp::Avg),
+                        };
+                        let failed = r.is_err();
+                        let _ = done_tx.send(r.map(|()| start.elapsed().as_secs_f64()));
+                        if failed {
+                            break;
+                        }
+                    }
+                })
+                .ok();
+            CommThread {
+                jobs: Some(jobs),
+                done,
+                in_flight: 0,
+                handle,
+            }
+        });
+        let norm_mask = (groups.tp.size() > 1 && groups.tp.rank() != 0).then(|| {
+            let mask = model.params.flat.ones_like();
+            for e in model.params.entries() {
+                if e.spec.shard.is_none() {
+                    let _ = mask.narrow(0, e.offset, e.numel).fill_(0.0);
+                }
+            }
+            mask
+        });
+        DataParallel {
+            groups,
+            buckets,
+            zero1,
+            trigger,
+            comm,
+            norm_mask,
+        }
+    }
+
+    /// This rank's chunk of each bucket: what it owns with ZeRO-1, and what it sums the
+    /// gradient norm over in both modes.
+    pub fn owned_chunks(&self) -> Vec<Range<i64>> {
+        let (n, r) = (self.groups.dp.size(), self.groups.dp.rank());
+        self.buckets
+            .iter()
+            .map(|b| {
+                let c = chunk_range((b.range.end - b.range.start) as usize, n, r);
+                b.range.start + c.start as i64..b.range.start + c.end as i64
+            })
+            .collect()
+    }
+
+    /// The ranges of the flat buffer this rank's optimizer updates.
+    pub fn optimizer_ranges(&self, numel: i64) -> Vec<Range<i64>> {
+        if self.zero1 && self.groups.dp.size() > 1 {
+            self.owned_chunks()
+        } else {
+            std::iter::once(0..numel).collect()
+        }
+    }
+
+    /// Segment `s` of `grad` is final: start reducing its bucket if that was the bucket's
+    /// last segment.
+    pub fn segment_done(&mut self, s: usize, grad: &Tensor) {
+        let (Some(comm), Some(Some(b))) = (self.comm.as_mut(), self.trigger.get(s)) else {
+            return;
+        };
+        let range = &self.buckets[*b].range;
+        let bucket = grad.narrow(0, range.start, range.end - range.start);
+        let job = if self.zero1 {
+            Job::ReduceScatter(bucket)
+        } else {
+            Job::AllReduce(bucket)
+        };
+        if let Some(jobs) = &comm.jobs {
+            if jobs.send(job).is_ok() {
+                comm.in_flight += 1;
+            }
+        }
+    }
+
+    /// Waits for every bucket handed out; returns the seconds the communication thread spent
+    /// in collectives.
+    pub fn finish(&mut self) -> Result<f64, CollectiveError> {
+        let Some(comm) = self.comm.as_mut() else {
+            return Ok(0.0);
+        };
+        let mut busy = 0.0;
+        let mut first_error = None;
+        while comm.in_flight > 0 {
+            comm.in_flight -= 1;
+            match comm.done.recv() {
+                Ok(Ok(s)) => busy += s,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(CollectiveError::Invalid(
+                        "the gradient communication thread stopped".into(),
+                    ));
+                    break;
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(busy),
+        }
+    }
+
+    /// The global gradient norm over every rank's gradients (each parameter counted once).
+    pub fn grad_norm(&self, grad: &Tensor) -> Result<f64, CollectiveError> {
+        let mut local = 0.0f64;
+        for r in self.owned_chunks() {
+            let g = grad.narrow(0, r.start, r.end - r.start);
+            let n = match &self.norm_mask {
+                Some(mask) => (&g * mask.narrow(0, r.start, r.end - r.start)).norm(),
+                None => g.norm(),
+            };
+            local += n.to_kind(Kind::Double).double_value(&[]).powi(2);
+        }
+        let total = Tensor::from_slice(&[local]);
+        self.groups.dp.all_reduce(&total, ReduceOp::Sum)?;
+        self.groups.tp.all_reduce(&total, ReduceOp::Sum)?;
+        Ok(total.double_value(&[0]).sqrt())
+    }
+
+    /// After the optimizer updated its chunks (ZeRO-1), every rank gets every chunk.
+    pub fn gather_params(&self, flat: &Tensor) -> Result<(), CollectiveError> {
+        if !(self.zero1 && self.groups.dp.size() > 1) {
+            return Ok(());
+        }
+        for b in &self.buckets {
+            let bucket = flat.narrow(0, b.range.start, b.range.end - b.range.start);
+            self.groups.dp.all_gather_flat(&bucket)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's micro-batches and the data-parallel ranks.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds in forward and backward passes, gradient accumulation included.
+    pub forward_backward_s: f64,
+    /// Seconds waiting, after backward, for gradient communication still in flight.
+    pub collective_wait_s: f64,
+    /// Seconds the communication thread spent in collectives (overlapped with backward).
+    pub collective_s: f64,
+    /// Seconds in clipping, the AdamW update and the ZeRO-1 gather.
+    pub optimizer_s: f64,
+}
+
+/// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
+/// forward and backward each with its loss scaled by `1 / batches.len()`, summing gradients in
+/// the flat buffer; average over the data-parallel group (overlapped with backward); clip the
+/// global gradient norm to `grad_clip` (0: no clipping); AdamW at `lr`.
+pub fn train_step(
+    model: &Llama,
+    optimizer: &mut AdamW,
+    dp: &mut DataParallel,
+    batches: &[(Tensor, Tensor)],
+    lr: f64,
+    grad_clip: f64,
+    bf16: bool,
+) -> Result<StepStats, CollectiveError> {
+    let start = Instant::now();
+    let mut loss_sum = 0.0;
+    let scale = 1.0 / batches.len().max(1) as f64;
+    for (i, (inputs, targets)) in batches.iter().enumerate() {
+        let tape = tch::autocast(bf16, || model.forward_tape(inputs, targets, scale))?;
+        loss_sum += tape.loss * scale;
+        let last = i + 1 == batches.len();
+        let grad = &model.params.grad;
+        model.backward(tape, i == 0, &mut |s| {
+            if last {
+                dp.segment_done(s, grad);
+            }
+        })?;
+    }
+    let backward_done = Instant::now();
+    let collective_s = dp.finish()?;
+    let synced = Instant::now();
+    let grad_norm = dp.grad_norm(&model.params.grad)?;
+    if grad_clip > 0.0 {
+        let coef = (grad_clip / (grad_norm + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            let _ = model.params.grad.shallow_clone().g_mul_scalar_(coef);
+        }
+    }
+    optimizer.step(&model.params, lr);
+    dp.gather_params(&model.params.flat)?;
+    let loss = Tensor::from_slice(&[loss_sum]);
+    dp.groups.dp.all_reduce(&loss, ReduceOp::Avg)?;
+    crate::device::sync(model.device());
+    Ok(StepStats {
+        loss: loss.double_value(&[0]),
+        grad_norm,
+        forward_backward_s: (backward_done - start).as_secs_f64(),
+        collective_wait_s: (synced - backward_done).as_secs_f64(),
+        collective_s,
+        optimizer_s: synced.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_fill_from_the_end_and_cover_everything() {
+        // Segments of 10, 100, 100, 100, 5 floats; buckets of at least 800 bytes.
+        let segs = [0..10, 10..110, 110..210, 210..310, 310..315];
+        let b = plan_buckets(&segs, 800);
+        assert_eq!(
+            b,
+            vec![
+                Bucket {
+                    range: 0..110,
+                    segments: 0..2
+                },
+                Bucket {
+                    range: 110..315,
+                    segments: 2..5
+                },
+            ]
+        );
+        // Tiny buckets: one per segment.
+        assert_eq!(plan_buckets(&segs, 1).len(), 5);
+        // Huge buckets: one.
+        assert_eq!(plan_buckets(&segs, 1 << 30).len(), 1);
+    }
+}
