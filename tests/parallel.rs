@@ -317,3 +317,155 @@ fn a_killed_rank_fails_the_others_with_its_name() {
         );
     }
 }
+
+#[test]
+fn launch_mistakes_are_refused_before_waiting_for_anyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = |n: usize| free_peers(n).join(",");
+    // The tiny preset has 4 heads and 2 key/value heads.
+    let tp4 = job(dir.path(), "tp4", 8, "tp = 4");
+    let err = kiln_err(&[
+        "train",
+        path_str(&tp4),
+        "--rank",
+        "0",
+        "--world-size",
+        "4",
+        "--peers",
+        &peers(4),
+    ]);
+    assert!(
+        err.contains("parallel.tp = 4 must divide n_heads (4), n_kv_heads (2) and ffn_dim (192)"),
+        "{err}"
+    );
+    let dp3 = job(dir.path(), "dp3", 4, "");
+    let err = kiln_err(&[
+        "train",
+        path_str(&dp3),
+        "--rank",
+        "1",
+        "--world-size",
+        "3",
+        "--peers",
+        &peers(3),
+    ]);
+    assert!(
+        err.contains("train.batch_size 8 is not a multiple of 3 data-parallel ranks x train.micro_batch_size 4"),
+        "{err}"
+    );
+    let tp2 = job(dir.path(), "tp2", 8, "tp = 2");
+    let err = kiln_err(&[
+        "train",
+        path_str(&tp2),
+        "--rank",
+        "0",
+        "--world-size",
+        "3",
+        "--peers",
+        &peers(3),
+    ]);
+    assert!(
+        err.contains("the world size 3 is not a multiple of parallel.tp = 2"),
+        "{err}"
+    );
+    let err = kiln_err(&[
+        "train",
+        path_str(&tp2),
+        "--rank",
+        "0",
+        "--world-size",
+        "2",
+        "--peers",
+        &peers(1),
+    ]);
+    assert!(
+        err.contains("--peers names 1 addresses but --world-size is 2"),
+        "{err}"
+    );
+    let err = kiln_err(&[
+        "train",
+        path_str(&tp2),
+        "--rank",
+        "2",
+        "--world-size",
+        "2",
+        "--peers",
+        &peers(2),
+    ]);
+    assert!(err.contains("--rank 2 is outside --world-size 2"), "{err}");
+    // A peer that never comes: the rendezvous gives up and says whom it waited for.
+    let lonely = peers(2);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            path_str(&tp2),
+            "--rank",
+            "0",
+            "--world-size",
+            "2",
+            "--peers",
+            &lonely,
+        ])
+        .env("KILN_RENDEZVOUS_TIMEOUT_S", "3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let second = lonely.split(',').nth(1).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("cannot reach rank 1 at {second} within 3 s")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hung_rank_times_out_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(dir.path(), "hang", 4, "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("steps = 12", "steps = 100000")
+        .replace("eval_every = 6", "eval_every = 0");
+    std::fs::write(&path, text).unwrap();
+    let peers = free_peers(2).join(",");
+    let mut children: Vec<Child> = (0..2)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", path_str(&path), "--rank", &r.to_string()])
+                .args(["--world-size", "2", "--peers", &peers])
+                .env("KILN_COLLECTIVE_TIMEOUT_S", "10")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let metrics = dir.path().join("hang/metrics.jsonl");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .contains("\"type\":\"step\"")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no step logged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut hung = children.remove(1);
+    let stop = Command::new("kill")
+        .args(["-STOP", &hung.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let stopped_at = Instant::now();
+    let out = children.remove(0).wait_with_output().unwrap();
+    let waited = stopped_at.elapsed();
+    hung.kill().unwrap();
+    hung.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("rank 0 after {waited:?}: {}", stderr.trim());
+    assert!(!out.status.success());
+    assert!(stderr.contains("waited 10 s for rank 1"), "{stderr}");
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+}

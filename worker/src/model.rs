@@ -117,21 +117,26 @@ impl Llama {
         device: Device,
         tp: Arc<dyn Collective>,
     ) -> Result<Self, ConfigError> {
-        let n = tp.size() as i64;
-        let c = config;
+        Self::check_tensor_parallel(config, tp.size())?;
+        Ok(Self::build(config, decay, device, tp))
+    }
+
+    /// Whether `config` splits over `tp` tensor-parallel ranks.
+    pub fn check_tensor_parallel(config: &LlamaConfig, tp: usize) -> Result<(), ConfigError> {
+        let (c, n) = (config, tp as i64);
         if c.n_heads % n != 0 || c.n_kv_heads % n != 0 || c.ffn_dim % n != 0 {
             return Err(ConfigError::Shape(format!(
-                "tensor parallelism {n} must divide n_heads ({}), n_kv_heads ({}) and ffn_dim ({})",
+                "parallel.tp = {n} must divide n_heads ({}), n_kv_heads ({}) and ffn_dim ({})",
                 c.n_heads, c.n_kv_heads, c.ffn_dim
             )));
         }
         if c.vocab_size < n {
             return Err(ConfigError::Shape(format!(
-                "tensor parallelism {n} exceeds vocab_size {}",
+                "parallel.tp = {n} exceeds vocab_size {}",
                 c.vocab_size
             )));
         }
-        Ok(Self::build(config, decay, device, tp))
+        Ok(())
     }
 
     fn build(

@@ -163,13 +163,8 @@ pub fn train(
     }
     let world = launch.world_size();
     let dims = ParallelDims::new(0, job.parallel.tp, world)?;
-    let groups = if world == 1 {
-        ProcessGroups::single()
-    } else {
-        ProcessGroups::tcp(launch.rank, &launch.peers, dims, rendezvous_timeout())?
-    };
-    let (dp_rank, dp) = (groups.dp_rank(), dims.dp);
-    let leader = launch.rank == 0;
+    let (dp, leader) = (dims.dp, launch.rank == 0);
+    // Everything that can be checked alone is checked before waiting for the other ranks.
     let accum = job
         .accumulation_steps_at(dp as i64)
         .ok_or(TrainError::Batch {
@@ -177,6 +172,17 @@ pub fn train(
             dp,
             micro: job.micro_batch_size(),
         })?;
+    let config = match &job.model.init_from {
+        Some(dir) => hf::load_config(dir)?,
+        None => LlamaConfig::from_spec(&job.model)?,
+    };
+    Llama::check_tensor_parallel(&config, dims.tp)?;
+    let groups = if world == 1 {
+        ProcessGroups::single()
+    } else {
+        ProcessGroups::tcp(launch.rank, &launch.peers, dims, rendezvous_timeout())?
+    };
+    let dp_rank = groups.dp_rank();
     let device = device::resolve_device(&t.device)?;
     let bf16 = device::resolve_bf16(&t.precision, device)?;
     let sources = job.data.sources();
@@ -196,21 +202,11 @@ pub fn train(
         }
     }
 
-    let model = match &job.model.init_from {
-        Some(dir) => {
-            let config = hf::load_config(dir)?;
-            let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
-            hf::load_weights(&model, dir)?;
-            model
-        }
-        None => {
-            let config = LlamaConfig::from_spec(&job.model)?;
-            let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
-            model.init(t.seed);
-            model
-        }
-    };
-    let config = model.config.clone();
+    let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
+    match &job.model.init_from {
+        Some(dir) => hf::load_weights(&model, dir)?,
+        None => model.init(t.seed),
+    }
     if i64::from(manifest.vocab_size) > config.vocab_size {
         return Err(TrainError::VocabTooSmall {
             dir: sources[0].path.clone(),
