@@ -16,11 +16,28 @@ pub enum DeviceError {
 
 /// `auto` picks the first GPU when CUDA is available, else the CPU.
 pub fn resolve_device(name: &str) -> Result<Device, DeviceError> {
+    resolve_device_for_rank(name, None)
+}
+
+/// As [`resolve_device`], but `auto` and `cuda` pick GPU `local_rank` modulo the GPU count
+/// for one rank of a multi-process run (one process per GPU).
+pub fn resolve_device_for_rank(
+    name: &str,
+    local_rank: Option<usize>,
+) -> Result<Device, DeviceError> {
     let cuda = tch::Cuda::is_available();
+    let count = tch::Cuda::device_count().max(1) as usize;
+    let mine = local_rank.map_or(0, |r| r % count);
     let index = match name {
-        "auto" => return Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => {
+            return Ok(if cuda {
+                Device::Cuda(mine)
+            } else {
+                Device::Cpu
+            })
+        }
         "cpu" => return Ok(Device::Cpu),
-        "cuda" => Some(0),
+        "cuda" => Some(mine),
         other => other
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok()),

@@ -235,7 +235,8 @@ impl DataParallel {
             };
             local += n.to_kind(Kind::Double).double_value(&[]).powi(2);
         }
-        let total = Tensor::from_slice(&[local]);
+        // On the gradients' device: NCCL reduces device memory only.
+        let total = Tensor::from_slice(&[local]).to_device(grad.device());
         self.groups.dp.all_reduce(&total, ReduceOp::Sum)?;
         self.groups.tp.all_reduce(&total, ReduceOp::Sum)?;
         Ok(total.double_value(&[0]).sqrt())
@@ -319,7 +320,7 @@ pub fn train_step(
     }
     optimizer.step(&model.params, lr);
     dp.gather_params(&model.params.flat)?;
-    let loss = Tensor::from_slice(&[loss_sum]);
+    let loss = Tensor::from_slice(&[loss_sum]).to_device(model.device());
     dp.groups.dp.all_reduce(&loss, ReduceOp::Avg)?;
     crate::device::sync(model.device());
     Ok(StepStats {

@@ -90,6 +90,18 @@ impl Launch {
     pub fn world_size(&self) -> usize {
         self.peers.len().max(1)
     }
+
+    /// This rank's index among the ranks of its host, which picks its GPU: `LOCAL_RANK` when
+    /// the launcher sets it, else the global rank (ranks of a host numbered from 0).
+    pub fn local_rank(&self) -> Option<usize> {
+        if self.world_size() == 1 {
+            return None;
+        }
+        let from_env = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Some(from_env.unwrap_or(self.rank))
+    }
 }
 
 /// What the loop reports as it goes.
@@ -177,13 +189,18 @@ pub fn train(
         None => LlamaConfig::from_spec(&job.model)?,
     };
     Llama::check_tensor_parallel(&config, dims.tp)?;
+    let device = device::resolve_device_for_rank(&t.device, launch.local_rank())?;
     let groups = if world == 1 {
         ProcessGroups::single()
     } else {
         ProcessGroups::tcp(launch.rank, &launch.peers, dims, rendezvous_timeout())?
     };
+    // On GPUs, NCCL carries the data- and tensor-parallel traffic.
+    let groups = match device {
+        tch::Device::Cuda(ordinal) if world > 1 => groups.with_nccl(ordinal)?,
+        _ => groups,
+    };
     let dp_rank = groups.dp_rank();
-    let device = device::resolve_device(&t.device)?;
     let bf16 = device::resolve_bf16(&t.precision, device)?;
     let sources = job.data.sources();
     let datasets = sources
@@ -370,7 +387,7 @@ pub fn train(
             batches.push((inputs, targets));
         }
         // The step's hash is the wrapping sum over all its samples, whichever rank read them.
-        let hash_sum = Tensor::from_slice(&[hash as i64]);
+        let hash_sum = Tensor::from_slice(&[hash as i64]).to_device(device);
         groups.dp.all_reduce(&hash_sum, ReduceOp::Sum)?;
         let entry = LedgerEntry {
             step: step as u64,

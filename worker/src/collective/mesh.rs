@@ -139,6 +139,19 @@ impl ProcessGroups {
         })
     }
 
+    /// The same groups with NCCL communicators for the data- and tensor-parallel groups on
+    /// CUDA device `ordinal`, bootstrapped over the TCP groups (which keep serving the world
+    /// group). Groups of one stay as they are.
+    pub fn with_nccl(mut self, ordinal: usize) -> Result<Self> {
+        use super::nccl::NcclComm;
+        for group in [&mut self.dp, &mut self.tp] {
+            if group.size() > 1 {
+                *group = Arc::new(NcclComm::from_tcp(group.as_ref(), ordinal)?);
+            }
+        }
+        Ok(self)
+    }
+
     pub fn dp_rank(&self) -> usize {
         self.dims.coords(self.rank).0
     }
