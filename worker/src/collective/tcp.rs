@@ -6,6 +6,10 @@
 //! `2 (n - 1) / n` of the buffer whatever `n` is — the bandwidth-optimal schedule Gloo and
 //! NCCL use. Chunks are cut into segments; a sender thread writes segment `j` to the next
 //! rank while the calling thread receives and reduces segment `j + 1` from the previous one.
+//! Nothing is copied on the way: segments are written straight from the tensor's memory
+//! (lent to the sender thread as disjoint `&mut` slices and handed back once written), the
+//! all-gather reads straight into it, and the reduce-scatter reads into one reused buffer and
+//! reduces in place.
 //!
 //! Wire format: every message is an 8-byte little-endian header followed by the payload.
 //! The header is the payload length, or, with the top bit set, an abort notice carrying the
@@ -76,6 +80,65 @@ pub struct TcpRing {
     links: Mutex<Option<Links>>,
     timeout: Duration,
     segment: usize,
+    /// The receive buffer of the reduce-scatter, kept between operations so that a training
+    /// loop's all-reduces do not allocate (and page-fault) a fresh one each time.
+    scratch: Mutex<Vec<u8>>,
+}
+
+/// One message for the sender thread: segment `id` of the buffer, lent to it until written.
+type Lent<'a> = (usize, &'a mut [u8]);
+
+/// The receiving side's handle on the sender thread. Segments of the caller's buffer are
+/// lent to it, written to the next rank straight from the tensor's memory in the order
+/// given, and handed back once written; the borrow checker guarantees that nobody touches
+/// a segment while it is being sent.
+struct Outbox<'a> {
+    tx: mpsc::Sender<Lent<'a>>,
+    returned: mpsc::Receiver<Lent<'a>>,
+}
+
+impl<'a> Outbox<'a> {
+    fn send(&self, id: usize, seg: &'a mut [u8]) {
+        // The sender thread only stops early after a write failed, which the caller learns
+        // when it joins the thread.
+        let _ = self.tx.send((id, seg));
+    }
+}
+
+/// The segments of one operation's buffer, each either here or lent to the sender thread.
+struct Segments<'a> {
+    slots: Vec<Option<&'a mut [u8]>>,
+}
+
+impl<'a> Segments<'a> {
+    /// Cuts `buf` into `pieces` (consecutive, in order, covering a prefix of `buf`).
+    fn cut(mut buf: &'a mut [u8], pieces: impl Iterator<Item = Range<usize>>) -> Self {
+        let mut slots = Vec::new();
+        for piece in pieces {
+            let (head, tail) = std::mem::take(&mut buf).split_at_mut(piece.len());
+            slots.push(Some(head));
+            buf = tail;
+        }
+        Segments { slots }
+    }
+
+    /// Segment `id`, waiting for the sender thread to hand it back if it is lent out.
+    fn take(&mut self, id: usize, out: &Outbox<'a>) -> Result<&'a mut [u8]> {
+        loop {
+            if let Some(seg) = self.slots[id].take() {
+                return Ok(seg);
+            }
+            match out.returned.recv() {
+                Ok((i, seg)) => self.slots[i] = Some(seg),
+                // The sender thread failed; joining it reports why.
+                Err(_) => return Err(CollectiveError::Invalid("the sender stopped".into())),
+            }
+        }
+    }
+
+    fn put(&mut self, id: usize, seg: &'a mut [u8]) {
+        self.slots[id] = Some(seg);
+    }
 }
 
 /// One group to form at the rendezvous.
@@ -98,6 +161,7 @@ impl TcpRing {
             links: Mutex::new(None),
             timeout: collective_timeout(),
             segment: segment_bytes(),
+            scratch: Mutex::new(Vec::new()),
         }
     }
 
@@ -260,6 +324,7 @@ impl TcpRing {
                 links: Mutex::new(links),
                 timeout: collective_timeout(),
                 segment: segment_bytes(),
+                scratch: Mutex::new(Vec::new()),
             });
         }
         Ok(rings)
@@ -310,55 +375,73 @@ impl TcpRing {
         let es = elem.size();
         let numel = buf.len() / es;
         let r = self.rank;
-        let chunk = |c: usize| {
-            let e = chunk_range(numel, n, c % n);
-            e.start * es..e.end * es
-        };
         let seg = self.segment.max(es) / es * es;
-        self.with_links(name, |links, tx| {
+        // Segment ids of each chunk; chunk `c` is sent and received as `ids[c % n]`.
+        let mut ids = Vec::with_capacity(n);
+        let mut pieces = Vec::new();
+        for c in 0..n {
+            let e = chunk_range(numel, n, c);
+            let start = pieces.len();
+            pieces.extend(segments(e.start * es..e.end * es, seg));
+            ids.push(start..pieces.len());
+        }
+        let chunk = |c: usize| ids[c % n].clone();
+        let mut scratch =
+            std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|p| p.into_inner()));
+        let result = self.with_links(name, |links, out| {
+            let mut segs = Segments::cut(buf, pieces.into_iter());
             if let Some(op) = reduce {
-                for s in segments(chunk(r + n - 1), seg) {
-                    tx.send(buf[s].to_vec()).ok();
+                for id in chunk(r + n - 1) {
+                    out.send(id, segs.take(id, out)?);
                 }
                 for step in 0..n - 1 {
-                    for s in segments(chunk(r + 2 * n - 2 - step), seg) {
-                        let mut incoming = self.read_frame(&links.prev, s.len(), name)?;
-                        elem.reduce(op, &mut incoming, &buf[s.clone()]);
-                        buf[s].copy_from_slice(&incoming);
+                    for id in chunk(r + 2 * n - 2 - step) {
+                        let dst = segs.take(id, out)?;
+                        scratch.resize(dst.len(), 0);
+                        self.read_frame(&links.prev, &mut scratch[..dst.len()], name)?;
+                        elem.reduce(op, dst, &scratch[..dst.len()]);
                         if step < n - 2 {
-                            tx.send(incoming).ok();
+                            out.send(id, dst);
+                        } else {
+                            segs.put(id, dst);
                         }
                     }
                 }
                 if op == ReduceOp::Avg {
-                    elem.scale_avg(&mut buf[chunk(r)], n);
+                    for id in chunk(r) {
+                        let dst = segs.take(id, out)?;
+                        elem.scale_avg(dst, n);
+                        segs.put(id, dst);
+                    }
                 }
             }
             if gather {
-                for s in segments(chunk(r), seg) {
-                    tx.send(buf[s].to_vec()).ok();
+                for id in chunk(r) {
+                    out.send(id, segs.take(id, out)?);
                 }
                 for step in 0..n - 1 {
-                    for s in segments(chunk(r + 2 * n - 1 - step), seg) {
-                        let incoming = self.read_frame(&links.prev, s.len(), name)?;
-                        buf[s].copy_from_slice(&incoming);
+                    for id in chunk(r + 2 * n - 1 - step) {
+                        let dst = segs.take(id, out)?;
+                        self.read_frame(&links.prev, dst, name)?;
                         if step < n - 2 {
-                            tx.send(incoming).ok();
+                            out.send(id, dst);
                         }
                     }
                 }
             }
             Ok(())
-        })
+        });
+        *self.scratch.lock().unwrap_or_else(|p| p.into_inner()) = scratch;
+        result
     }
 
-    /// Runs `body` with the links and a channel to a sender thread that writes what it is
+    /// Runs `body` with the links and an [`Outbox`] whose sender thread writes what it is
     /// given to the next rank, in order. Turns any failure into an error that names the rank
     /// that failed, tells the next rank about it, and leaves the group unusable.
-    fn with_links(
+    fn with_links<'a>(
         &self,
         name: &'static str,
-        body: impl FnOnce(&Links, &mpsc::Sender<Vec<u8>>) -> Result<()>,
+        body: impl FnOnce(&Links, &Outbox<'a>) -> Result<()>,
     ) -> Result<()> {
         let mut guard = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let Some(links) = guard.as_ref() else {
@@ -371,27 +454,31 @@ impl TcpRing {
         // neighbours' other links fail soon after, and the first failure names the culprit.
         let first = AtomicU8::new(0);
         let result = std::thread::scope(|scope| {
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let (tx, rx) = mpsc::channel::<Lent<'a>>();
+            let (back, returned) = mpsc::channel::<Lent<'a>>();
+            let outbox = Outbox { tx, returned };
             let (out, prev, first) = (&links.next, &links.prev, &first);
             let sender = scope.spawn(move || -> io::Result<()> {
                 let mut out = out;
-                for msg in rx {
-                    let header = (msg.len() as u64).to_le_bytes();
-                    if let Err(e) = out.write_all(&header).and_then(|_| out.write_all(&msg)) {
+                for (id, seg) in rx {
+                    let header = (seg.len() as u64).to_le_bytes();
+                    if let Err(e) = out.write_all(&header).and_then(|_| out.write_all(seg)) {
                         let _ = first.compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst);
                         // Wake the receiving side, which may be waiting on a rank that is
                         // itself waiting on us.
                         let _ = prev.shutdown(Shutdown::Read);
                         return Err(e);
                     }
+                    // The receiving side may have finished and stopped listening.
+                    let _ = back.send((id, seg));
                 }
                 Ok(())
             });
-            let received = body(links, &tx);
+            let received = body(links, &outbox);
             if received.is_err() {
                 let _ = first.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
             }
-            drop(tx);
+            drop(outbox);
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the sender thread panicked")));
@@ -499,7 +586,9 @@ impl TcpRing {
         }
     }
 
-    fn read_frame(&self, mut prev: &TcpStream, len: usize, op: &'static str) -> Result<Vec<u8>> {
+    /// Reads the next message from the previous rank into `dst`, which it must fill exactly.
+    fn read_frame(&self, mut prev: &TcpStream, dst: &mut [u8], op: &'static str) -> Result<()> {
+        let len = dst.len();
         let from = self.prev();
         let mut header = [0u8; 8];
         prev.read_exact(&mut header)
@@ -518,10 +607,8 @@ impl TcpRing {
                 self.members[from]
             )));
         }
-        let mut buf = vec![0u8; len];
-        prev.read_exact(&mut buf)
-            .map_err(|e| self.io_error(from, op, &e))?;
-        Ok(buf)
+        prev.read_exact(dst)
+            .map_err(|e| self.io_error(from, op, &e))
     }
 }
 
@@ -554,16 +641,15 @@ impl Collective for TcpRing {
         self.on_host(t, |buf, elem| {
             let seg = seg.max(elem.size()) / elem.size() * elem.size();
             let forward = self.next() != root;
-            self.with_links("broadcast", |links, tx| {
-                for s in segments(0..buf.len(), seg) {
-                    if self.rank == root {
-                        tx.send(buf[s].to_vec()).ok();
-                    } else {
-                        let incoming = self.read_frame(&links.prev, s.len(), "broadcast")?;
-                        buf[s].copy_from_slice(&incoming);
-                        if forward {
-                            tx.send(incoming).ok();
-                        }
+            self.with_links("broadcast", |links, out| {
+                let mut segs = Segments::cut(buf, segments(0..buf.len(), seg));
+                for id in 0..segs.slots.len() {
+                    let dst = segs.take(id, out)?;
+                    if self.rank != root {
+                        self.read_frame(&links.prev, dst, "broadcast")?;
+                    }
+                    if self.rank == root || forward {
+                        out.send(id, dst);
                     }
                 }
                 Ok(())
