@@ -1,0 +1,613 @@
+//! Checkpoints in an object store: writing a rank's shard and its confirmation, the commit
+//! that makes a checkpoint exist, listing, reading regions at any layout, verification and
+//! retention. Blocking API; the async IO runs on a private runtime.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use kiln_shard_loader::store::{self, StoreLocation};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::layout::{
+    parse_step_dir, report_name, runs, safetensors_header, shard_name, step_dir, to_delete, Dtype,
+    Manifest, Mesh, ObjectInfo, Piece, Region, TensorInfo, FORMAT, MANIFEST, VERSION,
+};
+use crate::CheckpointError;
+
+type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// Objects above this size are uploaded in parts of this size, several at once.
+const PART: usize = 32 << 20;
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// One rank's shard being assembled in memory: the safetensors header, then every piece.
+#[derive(Debug)]
+pub struct ShardBuffer {
+    data: Vec<u8>,
+    pieces: Vec<(Region, Dtype)>,
+    ranges: Vec<Range<u64>>,
+}
+
+impl ShardBuffer {
+    /// Lays out `pieces` in `reuse` (grown or shrunk to fit; its old contents are
+    /// overwritten), so that a rank saving every N steps keeps one buffer.
+    pub fn new(pieces: Vec<(Region, Dtype)>, mut reuse: Vec<u8>) -> Self {
+        let (header, ranges) = safetensors_header(&pieces);
+        let len = ranges.last().map_or(header.len() as u64, |r| r.end) as usize;
+        reuse.resize(len, 0);
+        reuse[..header.len()].copy_from_slice(&header);
+        ShardBuffer {
+            data: reuse,
+            pieces,
+            ranges,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The bytes of piece `i`, to fill.
+    pub fn piece_mut(&mut self, i: usize) -> &mut [u8] {
+        let r = &self.ranges[i];
+        &mut self.data[r.start as usize..r.end as usize]
+    }
+
+    pub fn pieces(&self) -> &[(Region, Dtype)] {
+        &self.pieces
+    }
+}
+
+/// A directory of checkpoints (`step-N/` under one URL).
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    loc: StoreLocation,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// What `list` finds in one `step-N/` directory.
+#[derive(Debug, Clone)]
+pub enum Listed {
+    /// A manifest that parses: the checkpoint exists (its objects are not read here).
+    Committed(Box<Manifest>),
+    /// No manifest (a save in progress, or one that never finished).
+    Uncommitted,
+    /// A manifest that cannot be used, and why.
+    Invalid(String),
+}
+
+/// The outcome of checking every byte of a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub objects: usize,
+    pub pieces: usize,
+    pub bytes: u64,
+}
+
+impl CheckpointStore {
+    /// Opens the checkpoint directory at `url` (any store URL Kiln reads datasets from).
+    pub fn open(url: &str) -> Result<Self> {
+        let loc = store::open(url)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kiln-ckpt")
+            .enable_all()
+            .build()
+            .map_err(|e| CheckpointError::Io {
+                object: url.to_owned(),
+                message: format!("cannot start the IO runtime: {e}"),
+            })?;
+        Ok(CheckpointStore {
+            loc,
+            rt: Arc::new(rt),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.loc.url
+    }
+
+    fn path(&self, step: u64, name: &str) -> Path {
+        self.loc.child(&format!("{}/{name}", step_dir(step)))
+    }
+
+    /// The object's URL, for messages.
+    pub fn display(&self, step: u64, name: &str) -> String {
+        self.loc.display(&format!("{}/{name}", step_dir(step)))
+    }
+
+    fn io(&self, step: u64, name: &str, e: object_store::Error) -> CheckpointError {
+        CheckpointError::Io {
+            object: self.display(step, name),
+            message: e.to_string(),
+        }
+    }
+
+    /// Uploads a rank's shard, then its confirmation (the object's size and the CRC of
+    /// every piece). Returns what was confirmed and the buffer, for reuse.
+    pub fn write_shard(
+        &self,
+        step: u64,
+        rank: usize,
+        shard: ShardBuffer,
+        rank_state: serde_json::Value,
+    ) -> Result<(ObjectInfo, Vec<u8>)> {
+        let ShardBuffer {
+            data,
+            pieces,
+            ranges,
+        } = shard;
+        let pieces: Vec<Piece> = pieces
+            .into_iter()
+            .zip(ranges)
+            .map(|((region, _), bytes)| Piece {
+                crc32: crc32fast::hash(&data[bytes.start as usize..bytes.end as usize]),
+                region,
+                bytes,
+            })
+            .collect();
+        let name = shard_name(rank);
+        let info = ObjectInfo {
+            name: name.clone(),
+            rank,
+            size: data.len() as u64,
+            pieces,
+            rank_state,
+        };
+        let path = self.path(step, &name);
+        let data = Bytes::from(data);
+        let store = self.loc.store.clone();
+        let uploaded = data.clone();
+        self.rt
+            .block_on(upload(store, path, uploaded))
+            .map_err(|e| self.io(step, &name, e))?;
+        let report = serde_json::to_vec(&info).unwrap_or_default();
+        let rname = report_name(rank);
+        self.rt
+            .block_on(
+                self.loc
+                    .store
+                    .put(&self.path(step, &rname), PutPayload::from(report)),
+            )
+            .map_err(|e| self.io(step, &rname, e))?;
+        let buffer = data.try_into_mut().map(Vec::from).unwrap_or_default();
+        Ok((info, buffer))
+    }
+
+    /// Commits step `step`: waits (up to `timeout`) until all `mesh.world` ranks have
+    /// confirmed their shards, then writes the manifest. Until the manifest is written the
+    /// checkpoint does not exist.
+    pub fn commit(
+        &self,
+        step: u64,
+        mesh: Mesh,
+        tensors: BTreeMap<String, TensorInfo>,
+        train_state: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<Manifest> {
+        let deadline = Instant::now() + timeout;
+        let mut objects: Vec<Option<ObjectInfo>> = vec![None; mesh.world];
+        loop {
+            for (rank, slot) in objects.iter_mut().enumerate() {
+                if slot.is_some() {
+                    continue;
+                }
+                let name = report_name(rank);
+                match self.rt.block_on(async {
+                    self.loc
+                        .store
+                        .get(&self.path(step, &name))
+                        .await?
+                        .bytes()
+                        .await
+                }) {
+                    Ok(bytes) => {
+                        let info: ObjectInfo = serde_json::from_slice(&bytes).map_err(|e| {
+                            CheckpointError::Invalid {
+                                object: self.display(step, &name),
+                                message: e.to_string(),
+                            }
+                        })?;
+                        *slot = Some(info);
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.io(step, &name, e)),
+                }
+            }
+            let missing: Vec<usize> = (0..mesh.world).filter(|r| objects[*r].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(CheckpointError::Unconfirmed {
+                    checkpoint: self.display(step, ""),
+                    ranks: missing,
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            step,
+            created_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            mesh,
+            train_state,
+            tensors,
+            objects: objects.into_iter().flatten().collect(),
+        };
+        let text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        self.rt
+            .block_on(
+                self.loc
+                    .store
+                    .put(&self.path(step, MANIFEST), PutPayload::from(text)),
+            )
+            .map_err(|e| self.io(step, MANIFEST, e))?;
+        Ok(manifest)
+    }
+
+    /// Every `step-N/` directory, oldest first, with what it holds.
+    pub fn list(&self) -> Result<Vec<(u64, Listed)>> {
+        let listing = self
+            .rt
+            .block_on(self.loc.store.list_with_delimiter(Some(&self.loc.prefix)))
+            .map_err(|e| CheckpointError::Io {
+                object: self.loc.url.clone(),
+                message: e.to_string(),
+            })?;
+        let mut steps: Vec<u64> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(parse_step_dir))
+            .collect();
+        steps.sort_unstable();
+        steps
+            .into_iter()
+            .map(|step| Ok((step, self.listed(step)?)))
+            .collect()
+    }
+
+    fn listed(&self, step: u64) -> Result<Listed> {
+        match self.manifest(step) {
+            Ok(m) => Ok(Listed::Committed(Box::new(m))),
+            Err(CheckpointError::NoManifest { .. }) => Ok(Listed::Uncommitted),
+            Err(CheckpointError::Invalid { message, .. }) => Ok(Listed::Invalid(message)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The committed checkpoints, newest first.
+    pub fn committed(&self) -> Result<Vec<Manifest>> {
+        let mut out: Vec<Manifest> = self
+            .list()?
+            .into_iter()
+            .filter_map(|(_, l)| match l {
+                Listed::Committed(m) => Some(*m),
+                _ => None,
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Step `step`'s manifest, checked for format and version.
+    pub fn manifest(&self, step: u64) -> Result<Manifest> {
+        let got = self.rt.block_on(async {
+            self.loc
+                .store
+                .get(&self.path(step, MANIFEST))
+                .await?
+                .bytes()
+                .await
+        });
+        let bytes = match got {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(CheckpointError::NoManifest {
+                    checkpoint: self.display(step, ""),
+                })
+            }
+            Err(e) => return Err(self.io(step, MANIFEST, e)),
+        };
+        let invalid = |message: String| CheckpointError::Invalid {
+            object: self.display(step, MANIFEST),
+            message,
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if m.format != FORMAT {
+            return Err(invalid(format!("format {:?}, not {FORMAT:?}", m.format)));
+        }
+        if m.version != VERSION {
+            return Err(invalid(format!(
+                "format version {}; this Kiln reads version {VERSION}",
+                m.version
+            )));
+        }
+        if m.step != step {
+            return Err(invalid(format!(
+                "says step {} in {}",
+                m.step,
+                step_dir(step)
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Checks that every object of `m` is there at its recorded size (a truncated or
+    /// missing shard is caught before anything is read).
+    pub fn check_sizes(&self, m: &Manifest) -> Result<()> {
+        for o in &m.objects {
+            let meta = self
+                .rt
+                .block_on(self.loc.store.head(&self.path(m.step, &o.name)))
+                .map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => CheckpointError::Damaged {
+                        object: self.display(m.step, &o.name),
+                        message: "is missing".into(),
+                    },
+                    e => self.io(m.step, &o.name, e),
+                })?;
+            if meta.size != o.size {
+                return Err(CheckpointError::Damaged {
+                    object: self.display(m.step, &o.name),
+                    message: format!(
+                        "is {} bytes, the manifest says {} (truncated or overwritten)",
+                        meta.size, o.size
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `regions` of checkpoint `m`, each into a buffer of its own (row-major over its
+    /// flat range). Only the byte ranges that hold the regions are fetched; a piece fetched
+    /// whole is checked against its CRC.
+    pub fn read(&self, m: &Manifest, regions: &[Region]) -> Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(regions.len());
+        let mut filled = vec![0u64; regions.len()];
+        // Per object: (piece, fetched byte span within the object, region copies).
+        let mut plan: Vec<Vec<(usize, Range<u64>, Vec<(usize, crate::layout::Run)>)>> =
+            vec![Vec::new(); m.objects.len()];
+        for (ri, region) in regions.iter().enumerate() {
+            let info = m
+                .tensors
+                .get(&region.tensor)
+                .ok_or_else(|| CheckpointError::Uncovered {
+                    checkpoint: self.display(m.step, ""),
+                    tensor: region.tensor.clone(),
+                    message: "the checkpoint has no such tensor".into(),
+                })?;
+            let es = info.dtype.size();
+            out.push(vec![0u8; (region.numel() * es) as usize]);
+            for (oi, o) in m.objects.iter().enumerate() {
+                for (pi, p) in o.pieces.iter().enumerate() {
+                    if p.region.tensor != region.tensor {
+                        continue;
+                    }
+                    let rs =
+                        runs(&p.region, region, es).ok_or_else(|| CheckpointError::Uncovered {
+                            checkpoint: self.display(m.step, ""),
+                            tensor: region.tensor.clone(),
+                            message: "tensors of more than two dimensions cannot be resharded"
+                                .into(),
+                        })?;
+                    if rs.is_empty() {
+                        continue;
+                    }
+                    filled[ri] += rs.iter().map(|r| r.len).sum::<u64>();
+                    let lo = rs.iter().map(|r| r.src).min().unwrap_or(0);
+                    let hi = rs.iter().map(|r| r.src + r.len).max().unwrap_or(0);
+                    let span = p.bytes.start + lo..p.bytes.start + hi;
+                    let copies = rs.into_iter().map(|r| (ri, r)).collect();
+                    match plan[oi].iter_mut().find(|(q, _, _)| *q == pi) {
+                        Some((_, s, c)) => {
+                            *s = s.start.min(span.start)..s.end.max(span.end);
+                            c.extend::<Vec<_>>(copies);
+                        }
+                        None => plan[oi].push((pi, span, copies)),
+                    }
+                }
+            }
+        }
+        for (ri, region) in regions.iter().enumerate() {
+            let es = m.tensors[&region.tensor].dtype.size();
+            if filled[ri] != region.numel() * es {
+                return Err(CheckpointError::Uncovered {
+                    checkpoint: self.display(m.step, ""),
+                    tensor: region.tensor.clone(),
+                    message: format!(
+                        "the stored pieces cover {} of the {} bytes of {:?} at {:?} (elements {:?})",
+                        filled[ri],
+                        region.numel() * es,
+                        region.shape,
+                        region.offsets,
+                        region.flat
+                    ),
+                });
+            }
+        }
+        for (oi, pieces) in plan.iter().enumerate() {
+            if pieces.is_empty() {
+                continue;
+            }
+            let o = &m.objects[oi];
+            let spans: Vec<Range<u64>> = pieces.iter().map(|(_, s, _)| s.clone()).collect();
+            if let Some(bad) = spans.iter().find(|s| s.end > o.size) {
+                return Err(CheckpointError::Damaged {
+                    object: self.display(m.step, &o.name),
+                    message: format!(
+                        "holds {} bytes; the manifest puts a piece at {bad:?}",
+                        o.size
+                    ),
+                });
+            }
+            let path = self.path(m.step, &o.name);
+            let got = self
+                .rt
+                .block_on(self.loc.store.get_ranges(&path, &spans))
+                .map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => CheckpointError::Damaged {
+                        object: self.display(m.step, &o.name),
+                        message: "is missing".into(),
+                    },
+                    e => self.io(m.step, &o.name, e),
+                })?;
+            for ((pi, span, copies), bytes) in pieces.iter().zip(got) {
+                let p = &o.pieces[*pi];
+                if bytes.len() as u64 != span.end - span.start {
+                    return Err(CheckpointError::Damaged {
+                        object: self.display(m.step, &o.name),
+                        message: format!("returned {} bytes for {span:?} (truncated)", bytes.len()),
+                    });
+                }
+                if *span == p.bytes {
+                    let crc = crc32fast::hash(&bytes);
+                    if crc != p.crc32 {
+                        return Err(CheckpointError::Damaged {
+                            object: self.display(m.step, &o.name),
+                            message: format!(
+                                "bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
+                                p.bytes, p.region.tensor, p.crc32
+                            ),
+                        });
+                    }
+                }
+                let base = span.start - p.bytes.start;
+                for (ri, run) in copies {
+                    let src = (run.src - base) as usize..(run.src - base + run.len) as usize;
+                    let dst = run.dst as usize..(run.dst + run.len) as usize;
+                    out[*ri][dst].copy_from_slice(&bytes[src]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads every piece of checkpoint `step` whole and checks its CRC.
+    pub fn verify(&self, step: u64) -> Result<Verified> {
+        let m = self.manifest(step)?;
+        self.check_sizes(&m)?;
+        let mut v = Verified::default();
+        for o in &m.objects {
+            let path = self.path(step, &o.name);
+            for p in &o.pieces {
+                let bytes = self
+                    .rt
+                    .block_on(self.loc.store.get_range(&path, p.bytes.clone()))
+                    .map_err(|e| self.io(step, &o.name, e))?;
+                let crc = crc32fast::hash(&bytes);
+                if crc != p.crc32 {
+                    return Err(CheckpointError::Damaged {
+                        object: self.display(step, &o.name),
+                        message: format!(
+                            "bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
+                            p.bytes, p.region.tensor, p.crc32
+                        ),
+                    });
+                }
+                v.pieces += 1;
+                v.bytes += bytes.len() as u64;
+            }
+            v.objects += 1;
+        }
+        Ok(v)
+    }
+
+    /// Deletes checkpoint `step`: the manifest first, so that a deletion cut short leaves
+    /// an uncommitted directory, never a damaged checkpoint.
+    pub fn delete(&self, step: u64) -> Result<()> {
+        let prefix = self.loc.child(&step_dir(step));
+        let manifest = self.path(step, MANIFEST);
+        let store = self.loc.store.clone();
+        self.rt
+            .block_on(async {
+                match store.delete(&manifest).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                let objects: Vec<Path> = store
+                    .list(Some(&prefix))
+                    .map_ok(|o| o.location)
+                    .try_collect()
+                    .await?;
+                for o in objects {
+                    match store.delete(&o).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| self.io(step, "", e))
+    }
+
+    /// After committing `newest`: deletes the committed checkpoints retention does not keep
+    /// and the uncommitted directories older than `newest` (saves that never finished).
+    /// Returns the steps deleted.
+    pub fn retain(&self, newest: u64, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
+        let listed = self.list()?;
+        let committed: Vec<u64> = listed
+            .iter()
+            .filter(|(_, l)| matches!(l, Listed::Committed(_)))
+            .map(|(s, _)| *s)
+            .collect();
+        let mut gone = to_delete(&committed, keep_last, keep_every);
+        gone.extend(
+            listed
+                .iter()
+                .filter(|(s, l)| *s < newest && !matches!(l, Listed::Committed(_)))
+                .map(|(s, _)| *s),
+        );
+        gone.sort_unstable();
+        for step in &gone {
+            self.delete(*step)?;
+        }
+        Ok(gone)
+    }
+}
+
+/// Puts `data` at `path`: in one request when small, else in parts uploaded concurrently.
+async fn upload(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    data: Bytes,
+) -> Result<(), object_store::Error> {
+    if data.len() <= PART {
+        store.put(&path, PutPayload::from(data)).await?;
+        return Ok(());
+    }
+    let mut upload = store.put_multipart(&path).await?;
+    let parts: Vec<_> = (0..data.len())
+        .step_by(PART)
+        .map(|s| upload.put_part(PutPayload::from(data.slice(s..(s + PART).min(data.len())))))
+        .collect();
+    let done = stream::iter(parts)
+        .buffer_unordered(PARTS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await;
+    match done {
+        Ok(_) => {
+            upload.complete().await?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = upload.abort().await;
+            Err(e)
+        }
+    }
+}
