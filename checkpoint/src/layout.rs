@@ -244,7 +244,7 @@ pub fn safetensors_header(pieces: &[(Region, Dtype)]) -> (Vec<u8>, Vec<Range<u64
     );
     let mut json = serde_json::to_vec(&entries).unwrap_or_default();
     // Data starts 8-byte aligned, as safetensors recommends.
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut header = (json.len() as u64).to_le_bytes().to_vec();

@@ -15,7 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::layout::{
     parse_step_dir, report_name, runs, safetensors_header, shard_name, step_dir, to_delete, Dtype,
-    Manifest, Mesh, ObjectInfo, Piece, Region, TensorInfo, FORMAT, MANIFEST, VERSION,
+    Manifest, Mesh, ObjectInfo, Piece, Region, Run, TensorInfo, FORMAT, MANIFEST, VERSION,
 };
 use crate::CheckpointError;
 
@@ -24,6 +24,10 @@ type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 /// Objects above this size are uploaded in parts of this size, several at once.
 const PART: usize = 32 << 20;
 const PARTS_IN_FLIGHT: usize = 4;
+
+/// One piece to fetch: its index in its object, the byte span of the object to get, and
+/// the copies (region index, run) out of it.
+type Fetch = (usize, Range<u64>, Vec<(usize, Run)>);
 
 /// One rank's shard being assembled in memory: the safetensors header, then every piece.
 #[derive(Debug)]
@@ -381,8 +385,7 @@ impl CheckpointStore {
         let mut out: Vec<Vec<u8>> = Vec::with_capacity(regions.len());
         let mut filled = vec![0u64; regions.len()];
         // Per object: (piece, fetched byte span within the object, region copies).
-        let mut plan: Vec<Vec<(usize, Range<u64>, Vec<(usize, crate::layout::Run)>)>> =
-            vec![Vec::new(); m.objects.len()];
+        let mut plan: Vec<Vec<Fetch>> = vec![Vec::new(); m.objects.len()];
         for (ri, region) in regions.iter().enumerate() {
             let info = m
                 .tensors
