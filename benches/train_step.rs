@@ -59,6 +59,7 @@ fn main() {
             1e-4,
             1.0,
             false,
+            &mut || {},
         )
         .expect("a step without collectives");
         let elapsed = start.elapsed().as_secs_f64();

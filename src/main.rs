@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use kiln_checkpoint::layout::parse_step_dir;
+use kiln_checkpoint::{CheckpointStore, Listed};
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::index::{index, IndexOptions};
@@ -79,6 +81,11 @@ enum Command {
         /// multi-process run on one host uses MASTER_ADDR and ports MASTER_PORT + rank.
         #[arg(long, env = "KILN_PEERS", value_delimiter = ',')]
         peers: Vec<String>,
+        /// Continue from a checkpoint: `latest` (the newest valid one in the job's
+        /// checkpoint directory; a fresh start when there is none), `step-N`, or the URL of
+        /// a checkpoint directory.
+        #[arg(long, value_name = "latest|step-N|URL")]
+        resume: Option<String>,
     },
     /// Generate text from trained weights.
     Sample {
@@ -125,6 +132,11 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Inspect or check sharded training checkpoints.
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
     /// Write a model directory as a Hugging Face directory (optionally bf16, sharded).
     Export {
         #[arg(long)]
@@ -138,6 +150,15 @@ enum Command {
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_bytes: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Every checkpoint under a checkpoint directory: committed, uncommitted or invalid.
+    List { url: String },
+    /// Read every byte of a checkpoint (`.../step-N`, or the newest under a directory) and
+    /// check it against the manifest's checksums.
+    Verify { url: String },
 }
 
 #[derive(Subcommand)]
@@ -238,9 +259,13 @@ fn run(cli: Cli) -> Result<()> {
             rank,
             world_size,
             peers,
+            resume,
         } => {
             let job = JobConfig::load(&job)?;
-            let launch = launch(rank, world_size, peers)?;
+            let launch = Launch {
+                resume,
+                ..launch(rank, world_size, peers)?
+            };
             let world = launch.world_size();
             let summary = train(&job, &launch, &mut |e| {
                 if !quiet {
@@ -331,6 +356,59 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Command::Checkpoint { command } => match command {
+            CheckpointCommand::List { url } => {
+                let store = CheckpointStore::open(&url)?;
+                let listed = store.list()?;
+                if listed.is_empty() {
+                    println!("no checkpoints under {url}");
+                }
+                for (step, l) in listed {
+                    match l {
+                        Listed::Committed(m) => {
+                            let bytes: u64 = m.objects.iter().map(|o| o.size).sum();
+                            println!(
+                                "step-{step}: committed | dp {} x tp {}{} | {} objects, {:.1} MB",
+                                m.mesh.dp,
+                                m.mesh.tp,
+                                if m.mesh.zero1 { " (ZeRO-1)" } else { "" },
+                                m.objects.len(),
+                                bytes as f64 / 1e6
+                            )
+                        }
+                        Listed::Uncommitted => {
+                            println!("step-{step}: not committed (no manifest): ignored")
+                        }
+                        Listed::Invalid(why) => println!("step-{step}: invalid manifest: {why}"),
+                    }
+                }
+                Ok(())
+            }
+            CheckpointCommand::Verify { url } => {
+                let trimmed = url.trim_end_matches('/');
+                let (store, step) = match trimmed.rsplit_once('/') {
+                    Some((root, last)) if parse_step_dir(last).is_some() => {
+                        (CheckpointStore::open(root)?, parse_step_dir(last))
+                    }
+                    _ => (CheckpointStore::open(trimmed)?, None),
+                };
+                let step = match step {
+                    Some(s) => s,
+                    None => match store.committed()?.first() {
+                        Some(m) => m.step,
+                        None => bail!("no committed checkpoint under {url}"),
+                    },
+                };
+                let v = store.verify(step)?;
+                println!(
+                    "ok: step-{step}: {} objects, {} pieces, {:.1} MB, every checksum matches",
+                    v.objects,
+                    v.pieces,
+                    v.bytes as f64 / 1e6
+                );
+                Ok(())
+            }
+        },
         Command::Data { command } => match command {
             DataCommand::Stats { url } => {
                 let stats = TokenDataset::open(&url)?.stats();
@@ -464,7 +542,11 @@ fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> 
     if rank >= world_size {
         bail!("--rank {rank} is outside --world-size {world_size}");
     }
-    Ok(Launch { rank, peers })
+    Ok(Launch {
+        rank,
+        peers,
+        resume: None,
+    })
 }
 
 fn print_event(e: &Event) {
@@ -508,5 +590,33 @@ fn print_event(e: &Event) {
             step, val_loss, tokens,
         } => println!("step {step:>6} | validation loss {val_loss:.4} over {tokens} tokens"),
         Event::Saved { path } => println!("saved weights to {}", path.display()),
+        Event::Resumed {
+            step,
+            from,
+            rejected,
+        } => {
+            for r in rejected {
+                println!("skipped checkpoint {r}");
+            }
+            println!("resumed at step {step} from {from}");
+        }
+        Event::Checkpoint {
+            step,
+            url,
+            pause_s,
+            save_s,
+            bytes,
+            deleted,
+        } => println!(
+            "checkpoint step {step} committed: {url} | training held {:.0} ms | rank 0 wrote {:.1} MB in {:.2} s{}",
+            pause_s * 1e3,
+            *bytes as f64 / 1e6,
+            save_s,
+            if deleted.is_empty() {
+                String::new()
+            } else {
+                format!(" | removed steps {deleted:?}")
+            }
+        ),
     }
 }

@@ -39,6 +39,8 @@ pub struct JobConfig {
     #[serde(default)]
     pub parallel: ParallelSpec,
     pub output: OutputSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
 }
 
 /// The model shape: a preset, optionally with fields overridden, or a full explicit shape
@@ -198,6 +200,38 @@ impl Default for ParallelSpec {
     }
 }
 
+/// Sharded checkpoints of the whole training state (weights, optimizer, schedule, data
+/// position), from which `kiln train --resume` continues exactly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Save after every this many steps and after the last one; 0 never saves.
+    pub every: i64,
+    /// Where: a path or store URL (`s3://bucket/run/checkpoints`, ...). Default:
+    /// `output.dir/checkpoints`.
+    pub dir: Option<String>,
+    /// Keep the newest this many committed checkpoints...
+    pub keep_last: usize,
+    /// ...and every checkpoint whose step is a multiple of this (0: none).
+    pub keep_every: i64,
+    /// Copy the state to host memory and upload in the background while training goes on
+    /// (`false`: training waits until the checkpoint is committed).
+    #[serde(rename = "async")]
+    pub asynchronous: bool,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            every: 0,
+            dir: None,
+            keep_last: 3,
+            keep_every: 0,
+            asynchronous: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
@@ -276,8 +310,24 @@ impl JobConfig {
             resolve_url(&mut source.path);
         }
         resolve(&mut self.output.dir);
+        if let Some(dir) = self.checkpoint.dir.as_mut() {
+            resolve_url(dir);
+        }
         if let Some(p) = self.model.init_from.as_mut() {
             resolve(p);
+        }
+    }
+
+    /// Where checkpoints go: `checkpoint.dir`, or `output.dir/checkpoints`.
+    pub fn checkpoint_dir(&self) -> String {
+        match &self.checkpoint.dir {
+            Some(dir) => dir.clone(),
+            None => self
+                .output
+                .dir
+                .join("checkpoints")
+                .to_string_lossy()
+                .into_owned(),
         }
     }
 
@@ -327,6 +377,28 @@ impl JobConfig {
             return fail(
                 "train.micro_batch_size",
                 format!("must divide train.batch_size ({}), got {mb}", t.batch_size),
+            );
+        }
+        let c = &self.checkpoint;
+        if c.every < 0 {
+            return fail(
+                "checkpoint.every",
+                format!("must be 0 (never) or a number of steps, got {}", c.every),
+            );
+        }
+        if c.keep_every < 0 {
+            return fail(
+                "checkpoint.keep_every",
+                format!(
+                    "must be 0 (none) or a number of steps, got {}",
+                    c.keep_every
+                ),
+            );
+        }
+        if c.keep_last < 1 {
+            return fail(
+                "checkpoint.keep_last",
+                "must be at least 1: resuming needs the newest checkpoint".into(),
             );
         }
         if self.parallel.tp < 1 {

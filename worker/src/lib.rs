@@ -12,6 +12,7 @@
 //!
 //! Architecture invariant: nothing here knows about gRPC or the coordinator.
 
+pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod device;

@@ -285,6 +285,7 @@ pub struct StepStats {
 /// forward and backward each with its loss scaled by `1 / batches.len()`, summing gradients in
 /// the flat buffer; average over the data-parallel group (overlapped with backward); clip the
 /// global gradient norm to `grad_clip` (0: no clipping); AdamW at `lr`.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Llama,
     optimizer: &mut AdamW,
@@ -293,6 +294,7 @@ pub fn train_step(
     lr: f64,
     grad_clip: f64,
     bf16: bool,
+    before_update: &mut dyn FnMut(),
 ) -> Result<StepStats, CollectiveError> {
     let start = Instant::now();
     let mut loss_sum = 0.0;
@@ -318,6 +320,8 @@ pub fn train_step(
             let _ = model.params.grad.shallow_clone().g_mul_scalar_(coef);
         }
     }
+    // The parameters and the optimizer state change from here on.
+    before_update();
     optimizer.step(&model.params, lr);
     dp.gather_params(&model.params.flat)?;
     let loss = Tensor::from_slice(&[loss_sum]).to_device(model.device());

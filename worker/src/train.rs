@@ -21,6 +21,9 @@ use serde::Serialize;
 use serde_json::json;
 use tch::Tensor;
 
+use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Mesh};
+
+use crate::checkpoint::{self, Saver};
 use crate::collective::tcp::rendezvous_timeout;
 use crate::collective::{CollectiveError, ParallelDims, ProcessGroups, ReduceOp};
 use crate::config::{ConfigError, LlamaConfig};
@@ -76,6 +79,10 @@ pub enum TrainError {
     Batch { batch: i64, dp: usize, micro: i64 },
     #[error("launch: {0}")]
     Launch(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("cannot resume: {0}")]
+    Resume(String),
 }
 
 /// Where this process sits in a multi-process run: its global rank and every rank's
@@ -84,6 +91,9 @@ pub enum TrainError {
 pub struct Launch {
     pub rank: usize,
     pub peers: Vec<String>,
+    /// Continue from a checkpoint: `latest` (the newest valid one under the job's checkpoint
+    /// directory, or a fresh start when there is none yet), `step-N`, or a checkpoint's URL.
+    pub resume: Option<String>,
 }
 
 impl Launch {
@@ -143,6 +153,23 @@ pub enum Event {
     },
     Saved {
         path: PathBuf,
+    },
+    /// Training continues from a checkpoint (`step` steps done); `rejected` lists newer
+    /// checkpoints that could not be used, and why.
+    Resumed {
+        step: i64,
+        from: String,
+        rejected: Vec<String>,
+    },
+    /// A checkpoint was committed. `pause_s`: how long training was held for it.
+    Checkpoint {
+        step: i64,
+        url: String,
+        pause_s: f64,
+        save_s: f64,
+        /// Bytes rank 0 wrote (each rank writes about as much).
+        bytes: u64,
+        deleted: Vec<u64>,
     },
 }
 
@@ -286,26 +313,102 @@ pub fn train(
         None
     };
 
-    // Only the leader writes; the other ranks' logs go nowhere.
-    let sink = |name: &str| -> Result<(PathBuf, Box<dyn Write>), TrainError> {
-        let path = job.output.dir.join(name);
-        if !leader {
-            return Ok((path, Box::new(std::io::sink())));
-        }
-        let file = File::create(&path).map_err(|source| TrainError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        Ok((path, Box::new(file)))
+    let o = &job.optimizer;
+    let mut sync = DataParallel::new(
+        &model,
+        groups.clone(),
+        job.parallel.bucket_mb,
+        job.parallel.zero1,
+    );
+    let mut optimizer = AdamW::sharded(
+        AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        },
+        &model.params,
+        sync.optimizer_ranges(model.params.numel()),
+    );
+    let mesh = Mesh {
+        world,
+        dp,
+        tp: dims.tp,
+        zero1: job.parallel.zero1,
     };
+    let data_id = datasets
+        .iter()
+        .map(TokenDataset::fingerprint)
+        .collect::<Vec<_>>()
+        .join(",");
+    let ck = &job.checkpoint;
+    let mut resumed = None;
+    if let Some(which) = &launch.resume {
+        let r = resume(
+            job,
+            which,
+            &config,
+            &data_id,
+            &model,
+            &mut optimizer,
+            &groups,
+        )?;
+        resumed = Some(r);
+    }
+    let start_step = resumed.as_ref().map_or(0, |r| r.step);
+    let mut ledger_hash = resumed.as_ref().map_or(0, |r| r.ledger_hash);
+    let mut saver = if ck.every > 0 {
+        Some(Saver::new(
+            CheckpointStore::open(&job.checkpoint_dir())?,
+            launch.rank,
+            mesh,
+            dp_rank,
+            ck.asynchronous,
+            ck.keep_last,
+            ck.keep_every as u64,
+        ))
+    } else {
+        None
+    };
+
+    // Only the leader writes; the other ranks' logs go nowhere. A resumed run keeps what
+    // the logs say up to its checkpoint and continues them.
+    let sink =
+        |name: &str, keep: &dyn Fn(i64) -> bool| -> Result<(PathBuf, Box<dyn Write>), TrainError> {
+            let path = job.output.dir.join(name);
+            if !leader {
+                return Ok((path, Box::new(std::io::sink())));
+            }
+            let write_err = |source| TrainError::Write {
+                path: path.clone(),
+                source,
+            };
+            let kept = match (&resumed, std::fs::read_to_string(&path)) {
+                (Some(_), Ok(text)) => text
+                    .lines()
+                    .filter(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                        v.get("step")
+                            .and_then(serde_json::Value::as_i64)
+                            .is_none_or(keep)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+                _ => String::new(),
+            };
+            let mut file = File::create(&path).map_err(write_err)?;
+            file.write_all(kept.as_bytes()).map_err(write_err)?;
+            Ok((path, Box::new(file)))
+        };
     if leader {
         std::fs::create_dir_all(&job.output.dir).map_err(|source| TrainError::Write {
             path: job.output.dir.clone(),
             source,
         })?;
     }
-    let (metrics_path, mut metrics) = sink("metrics.jsonl")?;
-    let (ledger_path, mut ledger) = sink("ledger.jsonl")?;
+    // Metrics name the steps done (1-based), the ledger the step index (0-based).
+    let (metrics_path, mut metrics) = sink("metrics.jsonl", &|s| s <= start_step)?;
+    let (ledger_path, mut ledger) = sink("ledger.jsonl", &|s| s < start_step)?;
     let mut emit = |event: Event| -> Result<(), TrainError> {
         if !leader {
             return Ok(());
@@ -335,23 +438,13 @@ pub fn train(
         validation_sequences: val_data.as_ref().map_or(0, MixtureLoader::len),
     })?;
 
-    let o = &job.optimizer;
-    let mut sync = DataParallel::new(
-        &model,
-        groups.clone(),
-        job.parallel.bucket_mb,
-        job.parallel.zero1,
-    );
-    let mut optimizer = AdamW::sharded(
-        AdamWConfig {
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-        },
-        &model.params,
-        sync.optimizer_ranges(model.params.numel()),
-    );
+    if let Some(r) = resumed.take() {
+        emit(Event::Resumed {
+            step: r.step,
+            from: r.from,
+            rejected: r.rejected,
+        })?;
+    }
     let schedule = LrSchedule {
         lr: o.lr,
         min_lr_ratio: o.min_lr_ratio,
@@ -366,7 +459,8 @@ pub fn train(
     let mut window_tokens = 0usize;
     let mut window_collective_wait = 0.0f64;
 
-    for step in 0..t.steps {
+    let mut pause_s = 0.0f64;
+    for step in start_step..t.steps {
         let lr = schedule.at(step);
         let mut batches = Vec::with_capacity(accum as usize);
         let mut hash = 0u64;
@@ -395,6 +489,7 @@ pub fn train(
             samples: t.batch_size as u64,
             hash: hash_sum.int64_value(&[0]) as u64,
         };
+        ledger_hash = ledger_hash.wrapping_add(entry.hash);
         let line = serde_json::to_string(&entry).unwrap_or_default();
         writeln!(ledger, "{line}").map_err(|source| TrainError::Write {
             path: ledger_path.clone(),
@@ -408,6 +503,11 @@ pub fn train(
             lr,
             o.grad_clip,
             bf16,
+            &mut || {
+                if let Some(s) = saver.as_mut() {
+                    pause_s += s.fence();
+                }
+            },
         )?;
         let (loss_sum, grad_norm) = (stats.loss, stats.grad_norm);
         window_collective_wait += stats.collective_wait_s;
@@ -446,6 +546,36 @@ pub fn train(
             window_collective_wait = 0.0;
             window_start = Instant::now();
         }
+        if let Some(s) = saver.as_mut() {
+            if let Some(done) = s.poll()? {
+                emit(checkpoint_event(done, std::mem::take(&mut pause_s)))?;
+            }
+            if (step + 1) % ck.every == 0 || last {
+                let state = json!({
+                    "steps": step + 1,
+                    "optimizer_step": optimizer.step,
+                    "lr_next": schedule.at(step + 1),
+                    "data_cursor": DataCursor {
+                        next_sample: ((step + 1) * t.batch_size) as u64,
+                        seed: t.seed,
+                        seq_len: t.seq_len as u64,
+                        shuffle_window: job.data.shuffle_window,
+                        dataset: data_id.clone(),
+                    },
+                    "ledger": { "steps": step + 1, "hash": ledger_hash },
+                    "model": config.to_hf_json(None),
+                    "batch_size": t.batch_size,
+                    "job": job,
+                });
+                let (previous, held) = s.save((step + 1) as u64, &model, &optimizer, state)?;
+                if let Some(done) = previous {
+                    emit(checkpoint_event(done, std::mem::take(&mut pause_s)))?;
+                }
+                pause_s += held;
+                // Saving does not count against training throughput.
+                window_start += std::time::Duration::from_secs_f64(held);
+            }
+        }
         let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last);
         if let (true, Some(val)) = (due, val_data.as_mut()) {
             let eval_start = Instant::now();
@@ -461,16 +591,17 @@ pub fn train(
         }
     }
 
+    if let Some(s) = saver.as_mut() {
+        if let Some(done) = s.wait()? {
+            emit(checkpoint_event(done, std::mem::take(&mut pause_s)))?;
+        }
+    }
     let cursor = DataCursor {
         next_sample: (t.steps * t.batch_size) as u64,
         seed: t.seed,
         seq_len: t.seq_len as u64,
         shuffle_window: job.data.shuffle_window,
-        dataset: datasets
-            .iter()
-            .map(TokenDataset::fingerprint)
-            .collect::<Vec<_>>()
-            .join(","),
+        dataset: data_id.clone(),
     };
     let model_dir = job.output.dir.join("model");
     let mut meta = manifest_meta(dataset);
@@ -496,6 +627,167 @@ pub fn train(
     })?;
     summary.model_dir = model_dir;
     Ok(summary)
+}
+
+fn checkpoint_event(done: checkpoint::Saved, pause_s: f64) -> Event {
+    Event::Checkpoint {
+        step: done.step as i64,
+        url: done.committed.unwrap_or_default(),
+        pause_s,
+        save_s: done.upload_s,
+        bytes: done.bytes,
+        deleted: done.deleted,
+    }
+}
+
+/// Where a resumed run starts.
+struct Resumed {
+    step: i64,
+    ledger_hash: u64,
+    from: String,
+    rejected: Vec<String>,
+}
+
+/// Finds the checkpoint `which` names and loads it into `model` and `optimizer`. With
+/// `latest`, a checkpoint any rank cannot use is skipped for the one before it (the ranks
+/// agree on which); a checkpoint named explicitly must load.
+fn resume(
+    job: &JobConfig,
+    which: &str,
+    config: &LlamaConfig,
+    data_id: &str,
+    model: &Llama,
+    optimizer: &mut AdamW,
+    groups: &ProcessGroups,
+) -> Result<Resumed, TrainError> {
+    let (store, step) = match which {
+        "latest" => (CheckpointStore::open(&job.checkpoint_dir())?, None),
+        name if kiln_checkpoint::layout::parse_step_dir(name).is_some() => (
+            CheckpointStore::open(&job.checkpoint_dir())?,
+            kiln_checkpoint::layout::parse_step_dir(name),
+        ),
+        url => {
+            let trimmed = url.trim_end_matches('/');
+            match trimmed.rsplit_once('/') {
+                Some((root, last)) if kiln_checkpoint::layout::parse_step_dir(last).is_some() => (
+                    CheckpointStore::open(root)?,
+                    kiln_checkpoint::layout::parse_step_dir(last),
+                ),
+                _ => (CheckpointStore::open(trimmed)?, None),
+            }
+        }
+    };
+    let candidates = match step {
+        Some(n) => vec![store.manifest(n)?],
+        None => store.committed()?,
+    };
+    let fresh = Resumed {
+        step: 0,
+        ledger_hash: 0,
+        from: format!("nothing: no checkpoint under {} yet", store.url()),
+        rejected: Vec::new(),
+    };
+    if candidates.is_empty() {
+        return Ok(fresh);
+    }
+    let mut rejected = Vec::new();
+    for m in &candidates {
+        let outcome = compatible(job, config, data_id, m)
+            .and_then(|()| checkpoint::load(&store, m, model, optimizer).map_err(TrainError::from));
+        // The highest rank that failed, plus one; 0 when every rank loaded it.
+        let failed = match &outcome {
+            Ok(()) => 0,
+            Err(_) => groups.rank as i64 + 1,
+        };
+        let flag = Tensor::from_slice(&[failed]);
+        groups.world.all_reduce(&flag, ReduceOp::Max)?;
+        let worst = flag.int64_value(&[0]);
+        let name = store.display(m.step, "");
+        if worst == 0 {
+            let state = &m.train_state;
+            optimizer.step = state["optimizer_step"].as_i64().unwrap_or(0);
+            return Ok(Resumed {
+                step: state["steps"].as_i64().unwrap_or(m.step as i64),
+                ledger_hash: state["ledger"]["hash"].as_u64().unwrap_or(0),
+                from: name,
+                rejected,
+            });
+        }
+        let why = match outcome {
+            Err(e) => e.to_string(),
+            Ok(()) => format!("rank {} could not load it (see its output)", worst - 1),
+        };
+        tracing::warn!("checkpoint {name} rejected: {why}");
+        if step.is_some() {
+            return Err(TrainError::Resume(why));
+        }
+        rejected.push(format!("{name}: {why}"));
+    }
+    Err(TrainError::Resume(format!(
+        "no usable checkpoint under {}: {}",
+        store.url(),
+        rejected.join("; ")
+    )))
+}
+
+/// Refuses a checkpoint of another model, data stream or batch.
+fn compatible(
+    job: &JobConfig,
+    config: &LlamaConfig,
+    data_id: &str,
+    m: &Manifest,
+) -> Result<(), TrainError> {
+    let s = &m.train_state;
+    let t = &job.train;
+    let differ = |what: &str, theirs: String, ours: String| {
+        Err(TrainError::Resume(format!(
+            "checkpoint step-{} was written by a run with {what} {theirs}; this job has {ours}",
+            m.step
+        )))
+    };
+    if s["model"] != config.to_hf_json(None) {
+        return differ(
+            "another model shape:",
+            s["model"].to_string(),
+            config.to_hf_json(None).to_string(),
+        );
+    }
+    if s["batch_size"].as_i64() != Some(t.batch_size) {
+        return differ(
+            "train.batch_size",
+            s["batch_size"].to_string(),
+            t.batch_size.to_string(),
+        );
+    }
+    let c = &s["data_cursor"];
+    if c["seq_len"].as_i64() != Some(t.seq_len) {
+        return differ(
+            "train.seq_len",
+            c["seq_len"].to_string(),
+            t.seq_len.to_string(),
+        );
+    }
+    if c["seed"].as_u64() != Some(t.seed) {
+        return differ("train.seed", c["seed"].to_string(), t.seed.to_string());
+    }
+    if c["shuffle_window"].as_u64() != Some(job.data.shuffle_window) {
+        return differ(
+            "data.shuffle_window",
+            c["shuffle_window"].to_string(),
+            job.data.shuffle_window.to_string(),
+        );
+    }
+    if c["dataset"].as_str() != Some(data_id) {
+        return differ("other data:", c["dataset"].to_string(), data_id.to_string());
+    }
+    if s["steps"].as_i64().unwrap_or(0) > t.steps {
+        return differ(
+            "more steps done:",
+            s["steps"].to_string(),
+            format!("train.steps = {}", t.steps),
+        );
+    }
+    Ok(())
 }
 
 fn decay_policy(job: &JobConfig) -> DecayPolicy {

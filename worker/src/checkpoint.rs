@@ -1,0 +1,378 @@
+//! The training state as checkpoint pieces, saved synchronously or in the background, and
+//! loaded back at any mesh.
+//!
+//! What a rank writes: of its (tensor-parallel) slice of the flat parameter buffer, the
+//! ranges it owns among its data-parallel group (its ZeRO-1 ranges, or without ZeRO-1 an
+//! even split), for the parameters and AdamW's `exp_avg` and `exp_avg_sq`. Each range is cut
+//! at parameter boundaries into pieces named after the parameter (`optim.exp_avg/NAME` for
+//! the state), each piece a box of the whole tensor (the tensor-parallel slice) and a flat
+//! range within it. Together the ranks write every element once.
+//!
+//! Asynchronous saves copy the state into one host buffer per rank on a background thread
+//! while the next step's forward and backward passes run; the optimizer update waits for
+//! the copy ([`Saver::fence`]), then the upload, the confirmation and (on rank 0) the
+//! commit continue in the background. At most one save is in flight.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_checkpoint::{
+    CheckpointError, CheckpointStore, Dtype, Manifest, Mesh, Region, ShardBuffer, TensorInfo,
+};
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::chunk_range;
+use crate::model::Llama;
+use crate::optim::AdamW;
+
+/// The names of the optimizer-state tensors of parameter `name`.
+pub fn state_names(name: &str) -> [String; 2] {
+    [
+        format!("optim.exp_avg/{name}"),
+        format!("optim.exp_avg_sq/{name}"),
+    ]
+}
+
+/// How long rank 0 waits for every rank's confirmation before giving up a save:
+/// `KILN_CHECKPOINT_COMMIT_TIMEOUT_S`, 600 s by default.
+fn commit_timeout() -> Duration {
+    let secs = std::env::var("KILN_CHECKPOINT_COMMIT_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(600.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// Where one piece's elements live on this rank.
+#[derive(Debug, Clone)]
+struct Source {
+    region: Region,
+    /// 0: parameters, 1: `exp_avg`, 2: `exp_avg_sq`.
+    which: usize,
+    /// Element offset in that flat tensor.
+    at: i64,
+}
+
+/// The box of parameter `i` that this rank holds: offsets and extent per dimension.
+fn param_box(model: &Llama, i: usize) -> (String, Vec<u64>, Vec<u64>, Vec<u64>) {
+    let spec = &model.params.entries()[i].spec;
+    let mut offsets = vec![0u64; spec.shape.len()];
+    if let Some(shard) = spec.shard {
+        offsets[shard.dim] = shard.start as u64;
+    }
+    let shape = spec.shape.iter().map(|&d| d as u64).collect();
+    let full = spec.full_shape().iter().map(|&d| d as u64).collect();
+    (spec.name.clone(), offsets, shape, full)
+}
+
+/// Every whole tensor of the state, with its shape.
+pub fn tensor_infos(model: &Llama) -> BTreeMap<String, TensorInfo> {
+    let mut out = BTreeMap::new();
+    for i in 0..model.params.entries().len() {
+        let (name, _, _, full) = param_box(model, i);
+        let info = TensorInfo {
+            dtype: Dtype::F32,
+            shape: full,
+        };
+        for s in state_names(&name) {
+            out.insert(s, info.clone());
+        }
+        out.insert(name, info);
+    }
+    out
+}
+
+/// The pieces `ranges` of the flat buffer (with `state_at[k]`, where range `k` starts in the
+/// optimizer's state tensors) cut at parameter boundaries, for the parameters (`params`) and
+/// the state (`state`).
+fn sources(
+    model: &Llama,
+    ranges: &[Range<i64>],
+    state_at: &[i64],
+    params: bool,
+    state: bool,
+) -> Vec<Source> {
+    let mut out = Vec::new();
+    for (k, r) in ranges.iter().enumerate() {
+        for (i, e) in model.params.entries().iter().enumerate() {
+            let (lo, hi) = (r.start.max(e.offset), r.end.min(e.offset + e.numel));
+            if lo >= hi {
+                continue;
+            }
+            let (name, offsets, shape, _) = param_box(model, i);
+            let flat = (lo - e.offset) as u64..(hi - e.offset) as u64;
+            let region = |tensor: &str| Region {
+                tensor: tensor.to_owned(),
+                offsets: offsets.clone(),
+                shape: shape.clone(),
+                flat: flat.clone(),
+            };
+            if params {
+                out.push(Source {
+                    region: region(&name),
+                    which: 0,
+                    at: lo,
+                });
+            }
+            if state {
+                for (w, s) in state_names(&name).iter().enumerate() {
+                    out.push(Source {
+                        region: region(s),
+                        which: w + 1,
+                        at: state_at[k] + (lo - r.start),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Where each owned range starts in the optimizer's back-to-back state.
+fn state_offsets(owned: &[Range<i64>]) -> Vec<i64> {
+    owned
+        .iter()
+        .scan(0i64, |at, r| {
+            let here = *at;
+            *at += r.end - r.start;
+            Some(here)
+        })
+        .collect()
+}
+
+/// What this rank writes: its share of the parameters and of the optimizer state.
+fn owned_sources(model: &Llama, optimizer: &AdamW, dp: usize, dp_rank: usize) -> Vec<Source> {
+    let numel = model.params.numel();
+    let owned = optimizer.owned();
+    if owned.len() == 1 && owned[0] == (0..numel) {
+        // Every data-parallel rank holds everything: each writes an even share.
+        let c = chunk_range(numel as usize, dp, dp_rank);
+        let mine: Vec<Range<i64>> = std::iter::once(c.start as i64..c.end as i64).collect();
+        sources(model, &mine, &[mine[0].start], true, true)
+    } else {
+        sources(model, owned, &state_offsets(owned), true, true)
+    }
+}
+
+/// Copies the elements of `sources` into `shard`'s pieces.
+fn copy_into(shard: &mut ShardBuffer, sources: &[Source], tensors: &[Tensor; 3]) {
+    for (i, s) in sources.iter().enumerate() {
+        let len = s.region.numel() as i64;
+        let mut part = tensors[s.which].narrow(0, s.at, len);
+        if part.device() != Device::Cpu {
+            part = part.to_device(Device::Cpu);
+        }
+        part.copy_data_u8(shard.piece_mut(i), len as usize);
+    }
+}
+
+/// A save in the background: first the copy to host memory, then the upload.
+struct InFlight {
+    step: u64,
+    copied: mpsc::Receiver<()>,
+    done: JoinHandle<Result<Saved, CheckpointError>>,
+}
+
+/// A finished save.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub step: u64,
+    /// Bytes this rank wrote.
+    pub bytes: u64,
+    /// Seconds from the start of the save to this rank's confirmation.
+    pub upload_s: f64,
+    /// Set on rank 0: the committed manifest's URL and the checkpoints retention deleted.
+    pub committed: Option<String>,
+    pub deleted: Vec<u64>,
+    /// The host buffer, kept for the next save.
+    buffer: Vec<u8>,
+}
+
+/// Saves the training state of one rank every so often.
+pub struct Saver {
+    store: CheckpointStore,
+    rank: usize,
+    mesh: Mesh,
+    dp_rank: usize,
+    asynchronous: bool,
+    keep_last: usize,
+    keep_every: u64,
+    buffer: Vec<u8>,
+    in_flight: Option<InFlight>,
+}
+
+impl Saver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: CheckpointStore,
+        rank: usize,
+        mesh: Mesh,
+        dp_rank: usize,
+        asynchronous: bool,
+        keep_last: usize,
+        keep_every: u64,
+    ) -> Self {
+        Saver {
+            store,
+            rank,
+            mesh,
+            dp_rank,
+            asynchronous,
+            keep_last,
+            keep_every,
+            buffer: Vec::new(),
+            in_flight: None,
+        }
+    }
+
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
+    }
+
+    /// Starts saving the state after `step` steps. Waits for the previous save first (at
+    /// most one in flight). Synchronous saves return when the checkpoint is committed.
+    /// Returns the previous save, if one finished here, and the seconds training was held.
+    pub fn save(
+        &mut self,
+        step: u64,
+        model: &Llama,
+        optimizer: &AdamW,
+        train_state: serde_json::Value,
+    ) -> Result<(Option<Saved>, f64), CheckpointError> {
+        let start = Instant::now();
+        let previous = self.wait()?;
+        let sources = owned_sources(model, optimizer, self.mesh.dp, self.dp_rank);
+        let pieces = sources
+            .iter()
+            .map(|s| (s.region.clone(), Dtype::F32))
+            .collect();
+        let mut shard = ShardBuffer::new(pieces, std::mem::take(&mut self.buffer));
+        let tensors = [
+            model.params.flat.shallow_clone(),
+            optimizer.exp_avg.shallow_clone(),
+            optimizer.exp_avg_sq.shallow_clone(),
+        ];
+        let (store, rank, mesh) = (self.store.clone(), self.rank, self.mesh);
+        let infos = tensor_infos(model);
+        let (keep_last, keep_every) = (self.keep_last, self.keep_every);
+        let (copied_tx, copied) = mpsc::channel();
+        let work = move || -> Result<Saved, CheckpointError> {
+            let t0 = Instant::now();
+            tch::no_grad(|| copy_into(&mut shard, &sources, &tensors));
+            drop(tensors);
+            let _ = copied_tx.send(());
+            let bytes = shard.len() as u64;
+            let rank_state = serde_json::json!({ "rank": rank });
+            let (_, buffer) = store.write_shard(step, rank, shard, rank_state)?;
+            let upload_s = t0.elapsed().as_secs_f64();
+            let (mut committed, mut deleted) = (None, Vec::new());
+            if rank == 0 {
+                store.commit(step, mesh, infos, train_state, commit_timeout())?;
+                committed = Some(store.display(step, kiln_checkpoint::layout::MANIFEST));
+                deleted = store.retain(step, keep_last, keep_every)?;
+            }
+            Ok(Saved {
+                step,
+                bytes,
+                upload_s,
+                committed,
+                deleted,
+                buffer,
+            })
+        };
+        if self.asynchronous {
+            let done = std::thread::Builder::new()
+                .name("kiln-checkpoint".into())
+                .spawn(work)
+                .map_err(|e| CheckpointError::Io {
+                    object: self.store.display(step, ""),
+                    message: format!("cannot start the save thread: {e}"),
+                })?;
+            self.in_flight = Some(InFlight { step, copied, done });
+            Ok((previous, start.elapsed().as_secs_f64()))
+        } else {
+            let mut saved = work()?;
+            self.buffer = std::mem::take(&mut saved.buffer);
+            let _ = previous;
+            Ok((Some(saved), start.elapsed().as_secs_f64()))
+        }
+    }
+
+    /// Blocks until the state being saved has been copied to host memory: call before the
+    /// parameters or the optimizer state change. Returns the seconds it waited.
+    pub fn fence(&mut self) -> f64 {
+        let start = Instant::now();
+        if let Some(f) = &self.in_flight {
+            // An error in the copy closes the channel; `wait` reports it.
+            let _ = f.copied.recv();
+        }
+        start.elapsed().as_secs_f64()
+    }
+
+    /// The save in flight if it has finished (without waiting).
+    pub fn poll(&mut self) -> Result<Option<Saved>, CheckpointError> {
+        match &self.in_flight {
+            Some(f) if f.done.is_finished() => self.wait(),
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the save in flight, if any, and returns it.
+    pub fn wait(&mut self) -> Result<Option<Saved>, CheckpointError> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(None);
+        };
+        let mut saved = f.done.join().map_err(|_| CheckpointError::Io {
+            object: self.store.display(f.step, ""),
+            message: "the save thread panicked".into(),
+        })??;
+        self.buffer = std::mem::take(&mut saved.buffer);
+        Ok(Some(saved))
+    }
+}
+
+/// Loads the state `m` holds into `model` and `optimizer` (laid out for this rank's mesh,
+/// whatever the checkpoint's was): reads only the regions this rank holds.
+pub fn load(
+    store: &CheckpointStore,
+    m: &Manifest,
+    model: &Llama,
+    optimizer: &mut AdamW,
+) -> Result<(), CheckpointError> {
+    store.check_sizes(m)?;
+    let n = model.params.entries().len();
+    let whole: Vec<Source> = (0..n)
+        .map(|i| {
+            let (name, offsets, shape, _) = param_box(model, i);
+            Source {
+                region: Region::boxed(&name, offsets, shape),
+                which: 0,
+                at: model.params.entries()[i].offset,
+            }
+        })
+        .collect();
+    let owned = optimizer.owned().to_vec();
+    let state = sources(model, &owned, &state_offsets(&owned), false, true);
+    let all: Vec<&Source> = whole.iter().chain(&state).collect();
+    let regions: Vec<Region> = all.iter().map(|s| s.region.clone()).collect();
+    let data = store.read(m, &regions)?;
+    let targets = [
+        model.params.flat.shallow_clone(),
+        optimizer.exp_avg.shallow_clone(),
+        optimizer.exp_avg_sq.shallow_clone(),
+    ];
+    tch::no_grad(|| {
+        for (s, bytes) in all.iter().zip(&data) {
+            let len = s.region.numel() as i64;
+            let values = Tensor::from_data_size(bytes, &[len], Kind::Float);
+            targets[s.which]
+                .narrow(0, s.at, len)
+                .copy_(&values.to_device(targets[s.which].device()));
+        }
+    });
+    Ok(())
+}
