@@ -6,32 +6,15 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// GPT-2 shards of four plays (one held out for validation), prepared once for every test here.
+/// GPT-2 shards of four plays (one held out for validation), prepared once per test binary.
 fn data() -> &'static Path {
-    static DATA: OnceLock<PathBuf> = OnceLock::new();
-    DATA.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let data = dir.join("data");
-        prepare_plays(
-            &[
-                "hamlet_gut.txt",
-                "macbeth_gut.txt",
-                "othello_gut.txt",
-                "lear_gut.txt",
-            ],
-            &data,
-            0.25,
-        );
-        data
-    })
+    four_plays()
 }
 
 /// A job: the tiny model, 12 steps of a global batch of 8 sequences of 64 tokens.
@@ -76,118 +59,6 @@ dir = "{out}"
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn free_peers(n: usize) -> Vec<String> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
-}
-
-fn spawn_ranks(job: &Path, world: usize) -> Vec<Child> {
-    let peers = free_peers(world).join(",");
-    (0..world)
-        .map(|r| {
-            Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(["train", path_str(job), "--rank", &r.to_string()])
-                .args(["--world-size", &world.to_string(), "--peers", &peers])
-                .env("KILN_COLLECTIVE_TIMEOUT_S", "120")
-                .env("KILN_RENDEZVOUS_TIMEOUT_S", "120")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("kiln starts")
-        })
-        .collect()
-}
-
-fn wait_all(children: Vec<Child>) -> Vec<Output> {
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().expect("rank exits"))
-        .collect()
-}
-
-/// Runs `job` on `world` processes and returns rank 0's output directory's step losses.
-fn run(job: &Path, world: usize) -> Run {
-    let outputs = wait_all(spawn_ranks(job, world));
-    for (r, o) in outputs.iter().enumerate() {
-        assert!(
-            o.status.success(),
-            "rank {r} of {world} failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    let text = std::fs::read_to_string(job).unwrap();
-    let out = text
-        .lines()
-        .find_map(|l| l.strip_prefix("dir = \""))
-        .map(|d| PathBuf::from(d.trim_end_matches('"')))
-        .unwrap();
-    Run::read(&out)
-}
-
-#[derive(Debug)]
-struct Run {
-    losses: Vec<f64>,
-    val_losses: Vec<f64>,
-    ledger: String,
-    start: serde_json::Value,
-}
-
-impl Run {
-    fn read(out: &Path) -> Run {
-        let metrics = read_metrics(&out.join("metrics.jsonl"));
-        let of = |kind: &str, key: &str| -> Vec<f64> {
-            metrics
-                .iter()
-                .filter(|m| m["type"] == kind)
-                .map(|m| m[key].as_f64().unwrap())
-                .collect()
-        };
-        Run {
-            losses: of("step", "loss"),
-            val_losses: of("eval", "val_loss"),
-            ledger: std::fs::read_to_string(out.join("ledger.jsonl")).unwrap(),
-            start: metrics[0].clone(),
-        }
-    }
-
-    /// Asserts the same curve as `base` within `tol`, and the same samples.
-    fn assert_matches(&self, base: &Run, tol: f64, what: &str) {
-        assert_eq!(self.losses.len(), base.losses.len(), "{what}");
-        let diff = max_diff(&self.losses, &base.losses);
-        let val_diff = max_diff(&self.val_losses, &base.val_losses);
-        println!(
-            "{what}: max |loss difference| {diff:.3e} over {} steps, validation {val_diff:.3e}",
-            self.losses.len()
-        );
-        assert!(
-            diff <= tol,
-            "{what}: {:?} vs {:?}",
-            self.losses,
-            base.losses
-        );
-        assert!(
-            val_diff <= tol,
-            "{what}: {:?} vs {:?}",
-            self.val_losses,
-            base.val_losses
-        );
-        assert_eq!(self.ledger, base.ledger, "{what}: the ledgers differ");
-    }
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 #[test]

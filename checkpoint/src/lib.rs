@@ -22,7 +22,7 @@ pub enum CheckpointError {
     NoManifest { checkpoint: String },
     #[error("{object} is not a valid checkpoint manifest: {message}")]
     Invalid { object: String, message: String },
-    #[error("{object} is damaged: it {message}")]
+    #[error("{object} is damaged: {message}")]
     Damaged { object: String, message: String },
     #[error("{checkpoint}: cannot read {tensor}: {message}")]
     Uncovered {

@@ -361,7 +361,7 @@ impl CheckpointStore {
                 .map_err(|e| match e {
                     object_store::Error::NotFound { .. } => CheckpointError::Damaged {
                         object: self.display(m.step, &o.name),
-                        message: "is missing".into(),
+                        message: "it is missing".into(),
                     },
                     e => self.io(m.step, &o.name, e),
                 })?;
@@ -369,7 +369,7 @@ impl CheckpointStore {
                 return Err(CheckpointError::Damaged {
                     object: self.display(m.step, &o.name),
                     message: format!(
-                        "is {} bytes, the manifest says {} (truncated or overwritten)",
+                        "it is {} bytes, the manifest says {} (truncated or overwritten)",
                         meta.size, o.size
                     ),
                 });
@@ -454,7 +454,7 @@ impl CheckpointStore {
                 return Err(CheckpointError::Damaged {
                     object: self.display(m.step, &o.name),
                     message: format!(
-                        "holds {} bytes; the manifest puts a piece at {bad:?}",
+                        "it holds {} bytes; the manifest puts a piece at {bad:?}",
                         o.size
                     ),
                 });
@@ -466,7 +466,7 @@ impl CheckpointStore {
                 .map_err(|e| match e {
                     object_store::Error::NotFound { .. } => CheckpointError::Damaged {
                         object: self.display(m.step, &o.name),
-                        message: "is missing".into(),
+                        message: "it is missing".into(),
                     },
                     e => self.io(m.step, &o.name, e),
                 })?;
@@ -484,7 +484,7 @@ impl CheckpointStore {
                         return Err(CheckpointError::Damaged {
                             object: self.display(m.step, &o.name),
                             message: format!(
-                                "bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
+                                "its bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
                                 p.bytes, p.region.tensor, p.crc32
                             ),
                         });
@@ -518,7 +518,7 @@ impl CheckpointStore {
                     return Err(CheckpointError::Damaged {
                         object: self.display(step, &o.name),
                         message: format!(
-                            "bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
+                            "its bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
                             p.bytes, p.region.tensor, p.crc32
                         ),
                     });

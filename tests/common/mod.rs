@@ -3,6 +3,11 @@
 //! by scripts/fetch-shakespeare.sh).
 #![allow(dead_code)]
 
+pub mod ranks;
+
+#[allow(unused_imports)]
+pub use ranks::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -103,4 +108,24 @@ pub fn read_metrics(path: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("metrics lines are JSON"))
         .collect()
+}
+
+/// GPT-2 shards of four plays (one held out for validation), prepared once per test binary.
+pub fn four_plays() -> &'static Path {
+    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let data = dir.join("data");
+        prepare_plays(
+            &[
+                "hamlet_gut.txt",
+                "macbeth_gut.txt",
+                "othello_gut.txt",
+                "lear_gut.txt",
+            ],
+            &data,
+            0.25,
+        );
+        data
+    })
 }

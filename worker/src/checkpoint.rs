@@ -89,18 +89,21 @@ pub fn tensor_infos(model: &Llama) -> BTreeMap<String, TensorInfo> {
 /// The pieces `ranges` of the flat buffer (with `state_at[k]`, where range `k` starts in the
 /// optimizer's state tensors) cut at parameter boundaries, for the parameters (`params`) and
 /// the state (`state`).
+/// `replicated`: whether to include parameters every tensor-parallel rank holds whole
+/// (norms): only the first tensor-parallel rank writes them.
 fn sources(
     model: &Llama,
     ranges: &[Range<i64>],
     state_at: &[i64],
     params: bool,
     state: bool,
+    replicated: bool,
 ) -> Vec<Source> {
     let mut out = Vec::new();
     for (k, r) in ranges.iter().enumerate() {
         for (i, e) in model.params.entries().iter().enumerate() {
             let (lo, hi) = (r.start.max(e.offset), r.end.min(e.offset + e.numel));
-            if lo >= hi {
+            if lo >= hi || (!replicated && e.spec.shard.is_none()) {
                 continue;
             }
             let (name, offsets, shape, _) = param_box(model, i);
@@ -145,16 +148,23 @@ fn state_offsets(owned: &[Range<i64>]) -> Vec<i64> {
 }
 
 /// What this rank writes: its share of the parameters and of the optimizer state.
-fn owned_sources(model: &Llama, optimizer: &AdamW, dp: usize, dp_rank: usize) -> Vec<Source> {
+fn owned_sources(
+    model: &Llama,
+    optimizer: &AdamW,
+    dp: usize,
+    dp_rank: usize,
+    tp_rank: usize,
+) -> Vec<Source> {
     let numel = model.params.numel();
+    let replicated = tp_rank == 0;
     let owned = optimizer.owned();
     if owned.len() == 1 && owned[0] == (0..numel) {
         // Every data-parallel rank holds everything: each writes an even share.
         let c = chunk_range(numel as usize, dp, dp_rank);
         let mine: Vec<Range<i64>> = std::iter::once(c.start as i64..c.end as i64).collect();
-        sources(model, &mine, &[mine[0].start], true, true)
+        sources(model, &mine, &[mine[0].start], true, true, replicated)
     } else {
-        sources(model, owned, &state_offsets(owned), true, true)
+        sources(model, owned, &state_offsets(owned), true, true, replicated)
     }
 }
 
@@ -198,6 +208,7 @@ pub struct Saver {
     rank: usize,
     mesh: Mesh,
     dp_rank: usize,
+    tp_rank: usize,
     asynchronous: bool,
     keep_last: usize,
     keep_every: u64,
@@ -212,6 +223,7 @@ impl Saver {
         rank: usize,
         mesh: Mesh,
         dp_rank: usize,
+        tp_rank: usize,
         asynchronous: bool,
         keep_last: usize,
         keep_every: u64,
@@ -221,6 +233,7 @@ impl Saver {
             rank,
             mesh,
             dp_rank,
+            tp_rank,
             asynchronous,
             keep_last,
             keep_every,
@@ -245,7 +258,7 @@ impl Saver {
     ) -> Result<(Option<Saved>, f64), CheckpointError> {
         let start = Instant::now();
         let previous = self.wait()?;
-        let sources = owned_sources(model, optimizer, self.mesh.dp, self.dp_rank);
+        let sources = owned_sources(model, optimizer, self.mesh.dp, self.dp_rank, self.tp_rank);
         let pieces = sources
             .iter()
             .map(|s| (s.region.clone(), Dtype::F32))
@@ -356,7 +369,7 @@ pub fn load(
         })
         .collect();
     let owned = optimizer.owned().to_vec();
-    let state = sources(model, &owned, &state_offsets(&owned), false, true);
+    let state = sources(model, &owned, &state_offsets(&owned), false, true, true);
     let all: Vec<&Source> = whole.iter().chain(&state).collect();
     let regions: Vec<Region> = all.iter().map(|s| s.region.clone()).collect();
     let data = store.read(m, &regions)?;

@@ -363,6 +363,7 @@ pub fn train(
             launch.rank,
             mesh,
             dp_rank,
+            groups.tp_rank(),
             ck.asynchronous,
             ck.keep_last,
             ck.keep_every as u64,

@@ -1,0 +1,139 @@
+//! Multi-process runs: several `kiln train --rank R` processes on loopback, and what their
+//! metrics and ledger say.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use super::{path_str, read_metrics};
+
+pub fn free_peers(n: usize) -> Vec<String> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// Starts `kiln train JOB` as `world` ranks on loopback, each with `extra` arguments and
+/// environment `env`.
+pub fn spawn_ranks_with(
+    job: &Path,
+    world: usize,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<Child> {
+    let peers = free_peers(world).join(",");
+    (0..world)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", path_str(job), "--rank", &r.to_string()])
+                .args(["--world-size", &world.to_string(), "--peers", &peers])
+                .args(extra)
+                .envs(env.iter().copied())
+                .env("KILN_COLLECTIVE_TIMEOUT_S", "120")
+                .env("KILN_RENDEZVOUS_TIMEOUT_S", "120")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kiln starts")
+        })
+        .collect()
+}
+
+pub fn spawn_ranks(job: &Path, world: usize) -> Vec<Child> {
+    spawn_ranks_with(job, world, &[], &[])
+}
+
+pub fn wait_all(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("rank exits"))
+        .collect()
+}
+
+/// Runs `job` on `world` processes and returns rank 0's output directory's step losses.
+pub fn run(job: &Path, world: usize) -> Run {
+    run_with(job, world, &[], &[])
+}
+
+/// `run` with extra arguments and environment for every rank.
+pub fn run_with(job: &Path, world: usize, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    let outputs = wait_all(spawn_ranks_with(job, world, extra, env));
+    for (r, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} of {world} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Run::read(&output_dir(job))
+}
+
+/// The `[output] dir` of a job file.
+pub fn output_dir(job: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(job).unwrap();
+    let value: toml::Value = toml::from_str(&text).unwrap();
+    PathBuf::from(value["output"]["dir"].as_str().unwrap())
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub losses: Vec<f64>,
+    pub val_losses: Vec<f64>,
+    pub ledger: String,
+    pub start: serde_json::Value,
+}
+
+impl Run {
+    pub fn read(out: &Path) -> Run {
+        let metrics = read_metrics(&out.join("metrics.jsonl"));
+        let of = |kind: &str, key: &str| -> Vec<f64> {
+            metrics
+                .iter()
+                .filter(|m| m["type"] == kind)
+                .map(|m| m[key].as_f64().unwrap())
+                .collect()
+        };
+        Run {
+            losses: of("step", "loss"),
+            val_losses: of("eval", "val_loss"),
+            ledger: std::fs::read_to_string(out.join("ledger.jsonl")).unwrap(),
+            start: metrics[0].clone(),
+        }
+    }
+
+    /// Asserts the same curve as `base` within `tol`, and the same samples.
+    pub fn assert_matches(&self, base: &Run, tol: f64, what: &str) {
+        assert_eq!(self.losses.len(), base.losses.len(), "{what}");
+        let diff = max_diff(&self.losses, &base.losses);
+        let val_diff = max_diff(&self.val_losses, &base.val_losses);
+        println!(
+            "{what}: max |loss difference| {diff:.3e} over {} steps, validation {val_diff:.3e}",
+            self.losses.len()
+        );
+        assert!(
+            diff <= tol,
+            "{what}: {:?} vs {:?}",
+            self.losses,
+            base.losses
+        );
+        assert!(
+            val_diff <= tol,
+            "{what}: {:?} vs {:?}",
+            self.val_losses,
+            base.val_losses
+        );
+        assert_eq!(self.ledger, base.ledger, "{what}: the ledgers differ");
+    }
+}
+
+pub fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
