@@ -220,7 +220,8 @@ impl Damage {
 /// Every fault against the checkpoint directory `url`.
 fn faults(url: &str, what: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let checkpoint = format!("every = 4\ndir = \"{url}\"");
+    // A small host buffer: the 40 MB shard goes up in 32 MiB parts, one at a time.
+    let checkpoint = format!("every = 4\ndir = \"{url}\"\nhost_buffer_mb = 1");
     let path = job(dir.path(), "faults", 4, "", &checkpoint, 12);
     let (straight, _) = run_out(&path, 1, &[]);
     let damage = Damage::new(url);

@@ -10,7 +10,7 @@ pub mod layout;
 pub mod store;
 
 pub use layout::{Dtype, Manifest, Mesh, ObjectInfo, Piece, Region, TensorInfo};
-pub use store::{CheckpointStore, Listed, ShardBuffer, Verified};
+pub use store::{CheckpointStore, Listed, ShardWriter, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

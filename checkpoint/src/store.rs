@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::TryStreamExt;
 use kiln_shard_loader::store::{self, StoreLocation};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::layout::{
     parse_step_dir, report_name, runs, safetensors_header, shard_name, step_dir, to_delete, Dtype,
@@ -23,52 +23,31 @@ type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
 /// Objects above this size are uploaded in parts of this size, several at once.
 const PART: usize = 32 << 20;
+/// Parts uploading at once.
 const PARTS_IN_FLIGHT: usize = 4;
 
 /// One piece to fetch: its index in its object, the byte span of the object to get, and
 /// the copies (region index, run) out of it.
 type Fetch = (usize, Range<u64>, Vec<(usize, Run)>);
 
-/// One rank's shard being assembled in memory: the safetensors header, then every piece.
-#[derive(Debug)]
-pub struct ShardBuffer {
-    data: Vec<u8>,
-    pieces: Vec<(Region, Dtype)>,
-    ranges: Vec<Range<u64>>,
-}
+/// Fills `dst` with bytes `range` (relative to the piece's start) of piece `i`.
+pub type Fill<'a> = &'a mut dyn FnMut(usize, Range<u64>, &mut [u8]);
 
-impl ShardBuffer {
-    /// Lays out `pieces` in `reuse` (grown or shrunk to fit; its old contents are
-    /// overwritten), so that a rank saving every N steps keeps one buffer.
-    pub fn new(pieces: Vec<(Region, Dtype)>, mut reuse: Vec<u8>) -> Self {
-        let (header, ranges) = safetensors_header(&pieces);
-        let len = ranges.last().map_or(header.len() as u64, |r| r.end) as usize;
-        reuse.resize(len, 0);
-        reuse[..header.len()].copy_from_slice(&header);
-        ShardBuffer {
-            data: reuse,
-            pieces,
-            ranges,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
-    /// The bytes of piece `i`, to fill.
-    pub fn piece_mut(&mut self, i: usize) -> &mut [u8] {
-        let r = &self.ranges[i];
-        &mut self.data[r.start as usize..r.end as usize]
-    }
-
-    pub fn pieces(&self) -> &[(Region, Dtype)] {
-        &self.pieces
-    }
+/// How a rank's shard is produced and uploaded.
+pub struct ShardWriter<'a> {
+    /// The pieces, in the order they are laid out after the safetensors header.
+    pub pieces: Vec<(Region, Dtype)>,
+    /// Fills `dst` with bytes `range` (relative to the piece's start) of piece `i`. Called
+    /// in order, each byte once.
+    pub fill: Fill<'a>,
+    /// Called once every byte has been filled (the uploads may still be running): from
+    /// here on the source of the bytes may change.
+    pub copied: &'a mut dyn FnMut(),
+    /// At most this many bytes held in host memory at once (filled but not yet uploaded);
+    /// `None`: as much as the shard (the whole state is copied as fast as memory allows).
+    pub host_budget: Option<u64>,
+    /// Whatever the rank's own state is (e.g. its random-number state).
+    pub rank_state: serde_json::Value,
 }
 
 /// A directory of checkpoints (`step-N/` under one URL).
@@ -136,44 +115,124 @@ impl CheckpointStore {
         }
     }
 
-    /// Uploads a rank's shard, then its confirmation (the object's size and the CRC of
-    /// every piece). Returns what was confirmed and the buffer, for reuse.
-    pub fn write_shard(
-        &self,
-        step: u64,
-        rank: usize,
-        shard: ShardBuffer,
-        rank_state: serde_json::Value,
-    ) -> Result<(ObjectInfo, Vec<u8>)> {
-        let ShardBuffer {
-            data,
-            pieces,
-            ranges,
-        } = shard;
-        let pieces: Vec<Piece> = pieces
+    /// Writes a rank's shard, then its confirmation (the object's size and the CRC of
+    /// every piece). The object is produced part by part from `w.fill` and uploaded while
+    /// it is produced (several parts at once), with at most `w.host_budget` bytes in memory.
+    pub fn write_shard(&self, step: u64, rank: usize, w: ShardWriter<'_>) -> Result<ObjectInfo> {
+        let name = shard_name(rank);
+        let path = self.path(step, &name);
+        let (header, ranges) = safetensors_header(&w.pieces);
+        let total = ranges.last().map_or(header.len() as u64, |r| r.end);
+        let mut hashers = vec![crc32fast::Hasher::new(); w.pieces.len()];
+        let mut next_piece = 0usize;
+        // Produces bytes `at..at + len` of the object into `buf`.
+        let mut produce = |buf: &mut Vec<u8>, at: u64, len: u64| {
+            buf.resize(len as usize, 0);
+            let end = at + len;
+            let h = header.len() as u64;
+            if at < h {
+                let hi = end.min(h);
+                buf[..(hi - at) as usize].copy_from_slice(&header[at as usize..hi as usize]);
+            }
+            while next_piece < ranges.len() {
+                let r = &ranges[next_piece];
+                let (lo, hi) = (r.start.max(at), r.end.min(end));
+                if lo < hi {
+                    let dst = &mut buf[(lo - at) as usize..(hi - at) as usize];
+                    (w.fill)(next_piece, lo - r.start..hi - r.start, dst);
+                    hashers[next_piece].update(dst);
+                }
+                if r.end > end {
+                    break;
+                }
+                next_piece += 1;
+            }
+        };
+        let store = self.loc.store.clone();
+        let uploaded = if total <= PART as u64 {
+            let mut buf = Vec::new();
+            produce(&mut buf, 0, total);
+            (w.copied)();
+            self.rt
+                .block_on(store.put(&path, PutPayload::from(buf)))
+                .map(|_| ())
+        } else {
+            let budget = w.host_budget.unwrap_or(total).max(PART as u64);
+            let held_max = (budget / PART as u64).max(1) as usize;
+            self.rt.block_on(async {
+                let mut upload = store.put_multipart(&path).await?;
+                let gate = Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
+                let mut held: std::collections::VecDeque<(
+                    tokio::task::JoinHandle<Result<(), object_store::Error>>,
+                    Bytes,
+                )> = Default::default();
+                let mut spare: Vec<Vec<u8>> = Vec::new();
+                let mut failed = None;
+                let mut at = 0u64;
+                while at < total && failed.is_none() {
+                    if held.len() >= held_max {
+                        let (task, bytes) = held.pop_front().unwrap_or_else(|| unreachable!());
+                        match task.await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => failed = Some(e),
+                            Err(e) => failed = Some(object_store::Error::JoinError { source: e }),
+                        }
+                        if let Ok(b) = bytes.try_into_mut() {
+                            spare.push(b.into());
+                        }
+                        continue;
+                    }
+                    let len = (PART as u64).min(total - at);
+                    let mut buf = spare.pop().unwrap_or_default();
+                    produce(&mut buf, at, len);
+                    at += len;
+                    let bytes = Bytes::from(buf);
+                    let part = upload.put_part(PutPayload::from(bytes.clone()));
+                    let gate = gate.clone();
+                    let task = tokio::spawn(async move {
+                        let _permit = gate.acquire_owned().await;
+                        part.await
+                    });
+                    held.push_back((task, bytes));
+                }
+                (w.copied)();
+                for (task, _) in held {
+                    match task.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => failed = failed.or(Some(e)),
+                        Err(e) => {
+                            failed = failed.or(Some(object_store::Error::JoinError { source: e }))
+                        }
+                    }
+                }
+                match failed {
+                    None => upload.complete().await.map(|_| ()),
+                    Some(e) => {
+                        let _ = upload.abort().await;
+                        Err(e)
+                    }
+                }
+            })
+        };
+        uploaded.map_err(|e| self.io(step, &name, e))?;
+        let pieces: Vec<Piece> = w
+            .pieces
             .into_iter()
             .zip(ranges)
-            .map(|((region, _), bytes)| Piece {
-                crc32: crc32fast::hash(&data[bytes.start as usize..bytes.end as usize]),
+            .zip(hashers)
+            .map(|(((region, _), bytes), h)| Piece {
+                crc32: h.finalize(),
                 region,
                 bytes,
             })
             .collect();
-        let name = shard_name(rank);
         let info = ObjectInfo {
-            name: name.clone(),
+            name,
             rank,
-            size: data.len() as u64,
+            size: total,
             pieces,
-            rank_state,
+            rank_state: w.rank_state,
         };
-        let path = self.path(step, &name);
-        let data = Bytes::from(data);
-        let store = self.loc.store.clone();
-        let uploaded = data.clone();
-        self.rt
-            .block_on(upload(store, path, uploaded))
-            .map_err(|e| self.io(step, &name, e))?;
         let report = serde_json::to_vec(&info).unwrap_or_default();
         let rname = report_name(rank);
         self.rt
@@ -183,8 +242,7 @@ impl CheckpointStore {
                     .put(&self.path(step, &rname), PutPayload::from(report)),
             )
             .map_err(|e| self.io(step, &rname, e))?;
-        let buffer = data.try_into_mut().map(Vec::from).unwrap_or_default();
-        Ok((info, buffer))
+        Ok(info)
     }
 
     /// Commits step `step`: waits (up to `timeout`) until all `mesh.world` ranks have
@@ -584,33 +642,135 @@ impl CheckpointStore {
     }
 }
 
-/// Puts `data` at `path`: in one request when small, else in parts uploaded concurrently.
-async fn upload(
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    data: Bytes,
-) -> Result<(), object_store::Error> {
-    if data.len() <= PART {
-        store.put(&path, PutPayload::from(data)).await?;
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank's shard of a `N x 4` f32 matrix `m` (`m[r][c] = r * 4 + c`): rows `mine`,
+    /// written by `rank`, with a host budget.
+    fn write(
+        store: &CheckpointStore,
+        step: u64,
+        rank: usize,
+        mine: Range<u64>,
+        budget: Option<u64>,
+    ) -> ObjectInfo {
+        let region = Region::boxed("m", vec![mine.start, 0], vec![mine.end - mine.start, 4]);
+        let first = mine.start * 4;
+        let mut copied = 0;
+        let info = store
+            .write_shard(
+                step,
+                rank,
+                ShardWriter {
+                    pieces: vec![(region, Dtype::F32)],
+                    fill: &mut |_, range, dst| {
+                        for (k, out) in dst.chunks_exact_mut(4).enumerate() {
+                            let v = (first + range.start / 4 + k as u64) as f32;
+                            out.copy_from_slice(&v.to_le_bytes());
+                        }
+                    },
+                    copied: &mut || copied += 1,
+                    host_budget: budget,
+                    rank_state: serde_json::Value::Null,
+                },
+            )
+            .unwrap();
+        assert_eq!(copied, 1);
+        info
     }
-    let mut upload = store.put_multipart(&path).await?;
-    let parts: Vec<_> = (0..data.len())
-        .step_by(PART)
-        .map(|s| upload.put_part(PutPayload::from(data.slice(s..(s + PART).min(data.len())))))
-        .collect();
-    let done = stream::iter(parts)
-        .buffer_unordered(PARTS_IN_FLIGHT)
-        .try_collect::<Vec<()>>()
-        .await;
-    match done {
-        Ok(_) => {
-            upload.complete().await?;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = upload.abort().await;
-            Err(e)
-        }
+
+    fn infos(rows: u64) -> BTreeMap<String, TensorInfo> {
+        [(
+            "m".to_owned(),
+            TensorInfo {
+                dtype: Dtype::F32,
+                shape: vec![rows, 4],
+            },
+        )]
+        .into_iter()
+        .collect()
+    }
+
+    const MESH: Mesh = Mesh {
+        world: 2,
+        dp: 2,
+        tp: 1,
+        zero1: false,
+    };
+
+    #[test]
+    fn a_checkpoint_exists_once_every_rank_has_confirmed() {
+        let store = CheckpointStore::open("memory://checkpoint-tests/commit").unwrap();
+        write(&store, 5, 0, 0..4, None);
+        let err = store
+            .commit(
+                5,
+                MESH,
+                infos(10),
+                serde_json::Value::Null,
+                Duration::from_millis(100),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("ranks [1] did not confirm"),
+            "{err}"
+        );
+        assert!(matches!(
+            store.list().unwrap()[..],
+            [(5, Listed::Uncommitted)]
+        ));
+        assert!(store.committed().unwrap().is_empty());
+
+        write(&store, 5, 1, 4..10, None);
+        let m = store
+            .commit(
+                5,
+                MESH,
+                infos(10),
+                serde_json::Value::Null,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(store.committed().unwrap(), vec![m.clone()]);
+        let v = store.verify(5).unwrap();
+        assert_eq!((v.objects, v.pieces, v.bytes), (2, 2, 160));
+        // Rows 3..6 span both ranks' objects.
+        let got = store
+            .read(&m, &[Region::boxed("m", vec![3, 0], vec![3, 4])])
+            .unwrap();
+        let values: Vec<f32> = got[0]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, (12..24).map(|v| v as f32).collect::<Vec<_>>());
+
+        store.delete(5).unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn large_shards_go_up_in_parts_within_the_host_budget() {
+        let store = CheckpointStore::open("memory://checkpoint-tests/parts").unwrap();
+        // 5M rows x 4 f32 = 80 MB: three parts, one at a time.
+        let rows = 5_000_000;
+        let info = write(&store, 1, 0, 0..rows, Some(1));
+        let single = Mesh { world: 1, ..MESH };
+        let m = store
+            .commit(
+                1,
+                single,
+                infos(rows),
+                serde_json::Value::Null,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(m.objects[0].size, info.size);
+        store.verify(1).unwrap();
+        let got = store
+            .read(&m, &[Region::boxed("m", vec![rows - 1, 0], vec![1, 4])])
+            .unwrap();
+        let last = f32::from_le_bytes(got[0][12..16].try_into().unwrap());
+        assert_eq!(last, (rows * 4 - 1) as f32);
     }
 }

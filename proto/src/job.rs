@@ -218,6 +218,11 @@ pub struct CheckpointSpec {
     /// (`false`: training waits until the checkpoint is committed).
     #[serde(rename = "async")]
     pub asynchronous: bool,
+    /// Host memory a save may hold at once, in MiB (copied from the state and not yet
+    /// uploaded; at least one 32 MiB upload part). 0: as much as this rank's state, so that
+    /// training waits only for a memory copy; less bounds memory, and training then waits
+    /// for the upload of what does not fit.
+    pub host_buffer_mb: u64,
 }
 
 impl Default for CheckpointSpec {
@@ -228,6 +233,7 @@ impl Default for CheckpointSpec {
             keep_last: 3,
             keep_every: 0,
             asynchronous: true,
+            host_buffer_mb: 0,
         }
     }
 }

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_checkpoint::{
-    CheckpointError, CheckpointStore, Dtype, Manifest, Mesh, Region, ShardBuffer, TensorInfo,
+    CheckpointError, CheckpointStore, Dtype, Manifest, Mesh, Region, ShardWriter, TensorInfo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -168,16 +168,17 @@ fn owned_sources(
     }
 }
 
-/// Copies the elements of `sources` into `shard`'s pieces.
-fn copy_into(shard: &mut ShardBuffer, sources: &[Source], tensors: &[Tensor; 3]) {
-    for (i, s) in sources.iter().enumerate() {
-        let len = s.region.numel() as i64;
-        let mut part = tensors[s.which].narrow(0, s.at, len);
-        if part.device() != Device::Cpu {
-            part = part.to_device(Device::Cpu);
-        }
-        part.copy_data_u8(shard.piece_mut(i), len as usize);
+/// Copies bytes `range` of source `s` (f32 elements) into `dst`.
+fn copy_out(s: &Source, tensors: &[Tensor; 3], range: Range<u64>, dst: &mut [u8]) {
+    let (first, n) = (
+        (range.start / 4) as i64,
+        ((range.end - range.start) / 4) as i64,
+    );
+    let mut part = tensors[s.which].narrow(0, s.at + first, n);
+    if part.device() != Device::Cpu {
+        part = part.to_device(Device::Cpu);
     }
+    part.copy_data_u8(dst, n as usize);
 }
 
 /// A save in the background: first the copy to host memory, then the upload.
@@ -198,8 +199,6 @@ pub struct Saved {
     /// Set on rank 0: the committed manifest's URL and the checkpoints retention deleted.
     pub committed: Option<String>,
     pub deleted: Vec<u64>,
-    /// The host buffer, kept for the next save.
-    buffer: Vec<u8>,
 }
 
 /// Saves the training state of one rank every so often.
@@ -212,7 +211,7 @@ pub struct Saver {
     asynchronous: bool,
     keep_last: usize,
     keep_every: u64,
-    buffer: Vec<u8>,
+    host_budget: Option<u64>,
     in_flight: Option<InFlight>,
 }
 
@@ -237,9 +236,16 @@ impl Saver {
             asynchronous,
             keep_last,
             keep_every,
-            buffer: Vec::new(),
+            host_budget: None,
             in_flight: None,
         }
+    }
+
+    /// Holds at most `bytes` of a save in host memory (copied from the state, not yet
+    /// uploaded); `None`: the whole state, so that training waits only for a memory copy.
+    pub fn with_host_budget(mut self, bytes: Option<u64>) -> Self {
+        self.host_budget = bytes;
+        self
     }
 
     pub fn store(&self) -> &CheckpointStore {
@@ -263,7 +269,6 @@ impl Saver {
             .iter()
             .map(|s| (s.region.clone(), Dtype::F32))
             .collect();
-        let mut shard = ShardBuffer::new(pieces, std::mem::take(&mut self.buffer));
         let tensors = [
             model.params.flat.shallow_clone(),
             optimizer.exp_avg.shallow_clone(),
@@ -271,16 +276,27 @@ impl Saver {
         ];
         let (store, rank, mesh) = (self.store.clone(), self.rank, self.mesh);
         let infos = tensor_infos(model);
-        let (keep_last, keep_every) = (self.keep_last, self.keep_every);
+        let (keep_last, keep_every, host_budget) =
+            (self.keep_last, self.keep_every, self.host_budget);
         let (copied_tx, copied) = mpsc::channel();
         let work = move || -> Result<Saved, CheckpointError> {
             let t0 = Instant::now();
-            tch::no_grad(|| copy_into(&mut shard, &sources, &tensors));
-            drop(tensors);
-            let _ = copied_tx.send(());
-            let bytes = shard.len() as u64;
-            let rank_state = serde_json::json!({ "rank": rank });
-            let (_, buffer) = store.write_shard(step, rank, shard, rank_state)?;
+            let info = tch::no_grad(|| {
+                store.write_shard(
+                    step,
+                    rank,
+                    ShardWriter {
+                        pieces,
+                        fill: &mut |i, range, dst| copy_out(&sources[i], &tensors, range, dst),
+                        // From here on training may change the state.
+                        copied: &mut || {
+                            let _ = copied_tx.send(());
+                        },
+                        host_budget,
+                        rank_state: serde_json::json!({ "rank": rank }),
+                    },
+                )
+            })?;
             let upload_s = t0.elapsed().as_secs_f64();
             let (mut committed, mut deleted) = (None, Vec::new());
             if rank == 0 {
@@ -290,11 +306,10 @@ impl Saver {
             }
             Ok(Saved {
                 step,
-                bytes,
+                bytes: info.size,
                 upload_s,
                 committed,
                 deleted,
-                buffer,
             })
         };
         if self.asynchronous {
@@ -308,8 +323,7 @@ impl Saver {
             self.in_flight = Some(InFlight { step, copied, done });
             Ok((previous, start.elapsed().as_secs_f64()))
         } else {
-            let mut saved = work()?;
-            self.buffer = std::mem::take(&mut saved.buffer);
+            let saved = work()?;
             let _ = previous;
             Ok((Some(saved), start.elapsed().as_secs_f64()))
         }
@@ -339,11 +353,10 @@ impl Saver {
         let Some(f) = self.in_flight.take() else {
             return Ok(None);
         };
-        let mut saved = f.done.join().map_err(|_| CheckpointError::Io {
+        let saved = f.done.join().map_err(|_| CheckpointError::Io {
             object: self.store.display(f.step, ""),
             message: "the save thread panicked".into(),
         })??;
-        self.buffer = std::mem::take(&mut saved.buffer);
         Ok(Some(saved))
     }
 }

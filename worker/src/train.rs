@@ -358,16 +358,19 @@ pub fn train(
     let start_step = resumed.as_ref().map_or(0, |r| r.step);
     let mut ledger_hash = resumed.as_ref().map_or(0, |r| r.ledger_hash);
     let mut saver = if ck.every > 0 {
-        Some(Saver::new(
-            CheckpointStore::open(&job.checkpoint_dir())?,
-            launch.rank,
-            mesh,
-            dp_rank,
-            groups.tp_rank(),
-            ck.asynchronous,
-            ck.keep_last,
-            ck.keep_every as u64,
-        ))
+        Some(
+            Saver::new(
+                CheckpointStore::open(&job.checkpoint_dir())?,
+                launch.rank,
+                mesh,
+                dp_rank,
+                groups.tp_rank(),
+                ck.asynchronous,
+                ck.keep_last,
+                ck.keep_every as u64,
+            )
+            .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20)),
+        )
     } else {
         None
     };
