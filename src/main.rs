@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_checkpoint::layout::parse_step_dir;
-use kiln_checkpoint::{CheckpointStore, Listed};
+use kiln_checkpoint::{CheckpointStore, Listed, Manifest};
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::index::{index, IndexOptions};
@@ -16,6 +16,7 @@ use kiln_shard_loader::prepare::{prepare, PrepareOptions};
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
 use kiln_worker::device::{resolve_bf16, resolve_device};
 use kiln_worker::eval::evaluate;
+use kiln_worker::export::export_hf;
 use kiln_worker::generate::{generate, SampleOptions};
 use kiln_worker::hf::{self, SaveOptions};
 use kiln_worker::model::DecayPolicy;
@@ -137,10 +138,19 @@ enum Command {
         #[command(subcommand)]
         command: CheckpointCommand,
     },
-    /// Write a model directory as a Hugging Face directory (optionally bf16, sharded).
+    /// Write a model directory, or the weights of a training checkpoint of any layout, as
+    /// a Hugging Face directory (optionally bf16, sharded).
     Export {
+        /// A model directory (Kiln's output or a Hugging Face Llama directory).
+        #[arg(
+            long,
+            required_unless_present = "checkpoint",
+            conflicts_with = "checkpoint"
+        )]
+        model: Option<PathBuf>,
+        /// A checkpoint: `.../checkpoints/step-N`, or a checkpoint directory (its newest).
         #[arg(long)]
-        model: PathBuf,
+        checkpoint: Option<String>,
         #[arg(long)]
         out: PathBuf,
         /// float32 or bfloat16.
@@ -385,20 +395,8 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             CheckpointCommand::Verify { url } => {
-                let trimmed = url.trim_end_matches('/');
-                let (store, step) = match trimmed.rsplit_once('/') {
-                    Some((root, last)) if parse_step_dir(last).is_some() => {
-                        (CheckpointStore::open(root)?, parse_step_dir(last))
-                    }
-                    _ => (CheckpointStore::open(trimmed)?, None),
-                };
-                let step = match step {
-                    Some(s) => s,
-                    None => match store.committed()?.first() {
-                        Some(m) => m.step,
-                        None => bail!("no committed checkpoint under {url}"),
-                    },
-                };
+                let (store, m) = open_checkpoint(&url)?;
+                let step = m.step;
                 let v = store.verify(step)?;
                 println!(
                     "ok: step-{step}: {} objects, {} pieces, {:.1} MB, every checksum matches",
@@ -456,6 +454,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Export {
             model,
+            checkpoint,
             out,
             dtype,
             max_shard_bytes,
@@ -464,6 +463,23 @@ fn run(cli: Cli) -> Result<()> {
                 "float32" | "fp32" => tch::Kind::Float,
                 "bfloat16" | "bf16" => tch::Kind::BFloat16,
                 other => bail!("unknown dtype {other:?}: expected float32 or bfloat16"),
+            };
+            let Some(model) = model else {
+                let url = checkpoint.unwrap_or_default();
+                let (store, manifest) = open_checkpoint(&url)?;
+                let bf16 = kind == tch::Kind::BFloat16;
+                let e = export_hf(&store, &manifest, &out, bf16, max_shard_bytes)?;
+                println!(
+                    "exported {} (step {}) to {}: {} tensors, {:.1} MB in {} file{}",
+                    store.display(manifest.step, ""),
+                    manifest.step,
+                    out.display(),
+                    e.tensors,
+                    e.bytes as f64 / 1e6,
+                    e.files,
+                    if e.files == 1 { "" } else { "s" }
+                );
+                return Ok(());
             };
             let llama = hf::load(&model, DecayPolicy::default(), tch::Device::Cpu)?;
             let meta = std::fs::read_to_string(model.join(KILN_META)).ok();
@@ -547,6 +563,24 @@ fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> 
         peers,
         resume: None,
     })
+}
+
+/// The checkpoint a URL names: `.../step-N`, or the newest committed one under a checkpoint
+/// directory.
+fn open_checkpoint(url: &str) -> Result<(CheckpointStore, Manifest)> {
+    let trimmed = url.trim_end_matches('/');
+    if let Some((root, last)) = trimmed.rsplit_once('/') {
+        if let Some(step) = parse_step_dir(last) {
+            let store = CheckpointStore::open(root)?;
+            let m = store.manifest(step)?;
+            return Ok((store, m));
+        }
+    }
+    let store = CheckpointStore::open(trimmed)?;
+    match store.committed()?.into_iter().next() {
+        Some(m) => Ok((store, m)),
+        None => bail!("no committed checkpoint under {url}"),
+    }
 }
 
 fn print_event(e: &Event) {

@@ -134,6 +134,29 @@ fn a_checkpoint_resumes_on_other_meshes() {
     );
     let (base, _) = run_out(&base_job, 4, &[]);
     let step6 = output_dir(&base_job).join("checkpoints/step-6");
+
+    // The last checkpoint, exported to Hugging Face's layout from four ranks' shards, is the
+    // model the run wrote (transformers loads both).
+    let step12 = output_dir(&base_job).join("checkpoints/step-12");
+    let model = output_dir(&base_job).join("model");
+    for dtype in ["float32", "bfloat16"] {
+        let hf = dir.path().join(format!("hf-{dtype}"));
+        let out = kiln_ok(&[
+            "export",
+            "--checkpoint",
+            path_str(&step12),
+            "--out",
+            path_str(&hf),
+            "--dtype",
+            dtype,
+            "--max-shard-bytes",
+            "4000000",
+        ]);
+        assert!(out.contains("exported"), "{out}");
+        assert!(hf.join("model.safetensors.index.json").exists(), "{out}");
+        println!("{out}");
+        run_python("same_weights.py", &[path_str(&hf), path_str(&model)]);
+    }
     let base_ledger: Vec<&str> = base.ledger.lines().collect();
     for (name, world, micro, parallel) in [
         ("dp1tp1", 1, 4, ""),

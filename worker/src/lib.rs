@@ -17,6 +17,7 @@ pub mod collective;
 pub mod config;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod hf;
 pub mod model;

@@ -569,6 +569,8 @@ pub fn train(
                     "ledger": { "steps": step + 1, "hash": ledger_hash },
                     "model": config.to_hf_json(None),
                     "batch_size": t.batch_size,
+                    "meta": manifest_meta(dataset),
+                    "eos_id": manifest.eos_id,
                     "job": job,
                 });
                 let (previous, held) = s.save((step + 1) as u64, &model, &optimizer, state)?;
