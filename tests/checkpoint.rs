@@ -391,3 +391,23 @@ fn a_rank_killed_while_saving_leaves_no_checkpoint_behind() {
     assert!(outputs.iter().all(|o| o.status.success()), "{out}");
     assert!(out.contains("resumed at step"), "{out}");
 }
+
+#[test]
+fn retention_keeps_the_newest_and_every_mth() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(
+        dir.path(),
+        "retention",
+        8,
+        "",
+        "every = 2\nkeep_last = 2\nkeep_every = 4",
+        12,
+    );
+    let (_, out) = run_out(&path, 1, &[]);
+    assert!(out.contains("removed steps [2]"), "{out}");
+    let ckpts = output_dir(&path).join("checkpoints");
+    let list = kiln_ok(&["checkpoint", "list", path_str(&ckpts)]);
+    let steps: Vec<&str> = list.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(steps, ["step-4", "step-8", "step-10", "step-12"], "{list}");
+    assert!(list.lines().all(|l| l.contains(": committed")), "{list}");
+}

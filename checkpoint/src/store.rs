@@ -337,19 +337,34 @@ impl CheckpointStore {
             .filter_map(|p| p.filename().and_then(parse_step_dir))
             .collect();
         steps.sort_unstable();
-        steps
-            .into_iter()
-            .map(|step| Ok((step, self.listed(step)?)))
-            .collect()
+        let mut out = Vec::new();
+        for step in steps {
+            if let Some(l) = self.listed(step)? {
+                out.push((step, l));
+            }
+        }
+        Ok(out)
     }
 
-    fn listed(&self, step: u64) -> Result<Listed> {
-        match self.manifest(step) {
-            Ok(m) => Ok(Listed::Committed(Box::new(m))),
-            Err(CheckpointError::NoManifest { .. }) => Ok(Listed::Uncommitted),
-            Err(CheckpointError::Invalid { message, .. }) => Ok(Listed::Invalid(message)),
-            Err(e) => Err(e),
-        }
+    fn listed(&self, step: u64) -> Result<Option<Listed>> {
+        let listed = match self.manifest(step) {
+            Ok(m) => Listed::Committed(Box::new(m)),
+            Err(CheckpointError::NoManifest { .. }) => {
+                // An empty directory (a file system's leftover) holds nothing at all.
+                let prefix = self.loc.child(&step_dir(step));
+                let any = self
+                    .rt
+                    .block_on(self.loc.store.list(Some(&prefix)).try_next())
+                    .map_err(|e| self.io(step, "", e))?;
+                if any.is_none() {
+                    return Ok(None);
+                }
+                Listed::Uncommitted
+            }
+            Err(CheckpointError::Invalid { message, .. }) => Listed::Invalid(message),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(listed))
     }
 
     /// The committed checkpoints, newest first.
@@ -614,7 +629,12 @@ impl CheckpointStore {
                 }
                 Ok(())
             })
-            .map_err(|e| self.io(step, "", e))
+            .map_err(|e| self.io(step, "", e))?;
+        // A file system keeps the emptied directory; a store has nothing left to remove.
+        if let Some(dir) = &self.loc.local_dir {
+            let _ = std::fs::remove_dir(dir.join(step_dir(step)));
+        }
+        Ok(())
     }
 
     /// After committing `newest`: deletes the committed checkpoints retention does not keep
