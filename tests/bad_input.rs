@@ -177,7 +177,22 @@ fn prepare_refuses_to_overwrite_a_dataset_and_rejects_bad_input() {
         "-o",
         path_str(&f.root.join("x")),
     ]);
-    assert!(err.contains("no input files match"), "{err}");
+    assert!(
+        err.contains("/nonexistent/*.txt: no such file or directory, and no file matches it"),
+        "{err}"
+    );
+
+    // One mistyped path among good ones is an error, not a smaller dataset.
+    let typo = texts.join("hamlet_gutt.txt");
+    let err = kiln_err(&[
+        "prepare",
+        path_str(&play),
+        path_str(&typo),
+        "-o",
+        path_str(&f.root.join("typo")),
+    ]);
+    assert!(err.contains("hamlet_gutt.txt: no such file"), "{err}");
+    assert!(!f.root.join("typo/manifest.json").exists());
 
     let jsonl = f.root.join("docs.jsonl");
     std::fs::write(

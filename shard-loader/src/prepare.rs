@@ -60,6 +60,8 @@ pub enum PrepareError {
     Shard(#[from] ShardError),
     #[error("no input files match {0:?}")]
     NoInputs(Vec<String>),
+    #[error("{0}: no such file or directory, and no file matches it as a pattern")]
+    Missing(String),
     #[error("invalid glob pattern {pattern:?}: {message}")]
     Pattern { pattern: String, message: String },
     #[error("cannot read {path}: {source}")]
@@ -110,7 +112,12 @@ pub fn collect_inputs(inputs: &[String]) -> Result<Vec<PathBuf>, PrepareError> {
                 pattern: input.clone(),
                 message: e.to_string(),
             })?;
+            let before = files.len();
             files.extend(paths.filter_map(Result::ok).filter(|p| p.is_file()));
+            // A mistyped path must not silently shrink the dataset.
+            if files.len() == before {
+                return Err(PrepareError::Missing(input.clone()));
+            }
         }
     }
     files.sort();
