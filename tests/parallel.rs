@@ -192,80 +192,49 @@ fn a_killed_rank_fails_the_others_with_its_name() {
 #[test]
 fn launch_mistakes_are_refused_before_waiting_for_anyone() {
     let dir = tempfile::tempdir().unwrap();
-    let peers = |n: usize| free_peers(n).join(",");
+    // `kiln train JOB --rank R --world-size W --peers` with `peers` fresh addresses.
+    let train_err = |job: &Path, rank: usize, world: usize, peers: usize| {
+        let peers = free_peers(peers).join(",");
+        let (rank, world) = (rank.to_string(), world.to_string());
+        kiln_err(&[
+            "train",
+            path_str(job),
+            "--rank",
+            &rank,
+            "--world-size",
+            &world,
+            "--peers",
+            &peers,
+        ])
+    };
     // The tiny preset has 4 heads and 2 key/value heads.
     let tp4 = job(dir.path(), "tp4", 8, "tp = 4");
-    let err = kiln_err(&[
-        "train",
-        path_str(&tp4),
-        "--rank",
-        "0",
-        "--world-size",
-        "4",
-        "--peers",
-        &peers(4),
-    ]);
+    let err = train_err(&tp4, 0, 4, 4);
     assert!(
         err.contains("parallel.tp = 4 must divide n_heads (4), n_kv_heads (2) and ffn_dim (192)"),
         "{err}"
     );
     let dp3 = job(dir.path(), "dp3", 4, "");
-    let err = kiln_err(&[
-        "train",
-        path_str(&dp3),
-        "--rank",
-        "1",
-        "--world-size",
-        "3",
-        "--peers",
-        &peers(3),
-    ]);
+    let err = train_err(&dp3, 1, 3, 3);
     assert!(
         err.contains("train.batch_size 8 is not a multiple of 3 data-parallel ranks x train.micro_batch_size 4"),
         "{err}"
     );
     let tp2 = job(dir.path(), "tp2", 8, "tp = 2");
-    let err = kiln_err(&[
-        "train",
-        path_str(&tp2),
-        "--rank",
-        "0",
-        "--world-size",
-        "3",
-        "--peers",
-        &peers(3),
-    ]);
+    let err = train_err(&tp2, 0, 3, 3);
     assert!(
         err.contains("the world size 3 is not a multiple of parallel.tp = 2"),
         "{err}"
     );
-    let err = kiln_err(&[
-        "train",
-        path_str(&tp2),
-        "--rank",
-        "0",
-        "--world-size",
-        "2",
-        "--peers",
-        &peers(1),
-    ]);
+    let err = train_err(&tp2, 0, 2, 1);
     assert!(
         err.contains("--peers names 1 addresses but --world-size is 2"),
         "{err}"
     );
-    let err = kiln_err(&[
-        "train",
-        path_str(&tp2),
-        "--rank",
-        "2",
-        "--world-size",
-        "2",
-        "--peers",
-        &peers(2),
-    ]);
+    let err = train_err(&tp2, 2, 2, 2);
     assert!(err.contains("--rank 2 is outside --world-size 2"), "{err}");
     // A peer that never comes: the rendezvous gives up and says whom it waited for.
-    let lonely = peers(2);
+    let lonely = free_peers(2).join(",");
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args([
             "train",
