@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::stream::TryStreamExt;
+use futures::stream::{StreamExt, TryStreamExt};
 use kiln_shard_loader::store::{self, StoreLocation};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -25,6 +25,9 @@ type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 const PART: usize = 32 << 20;
 /// Parts uploading at once.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Reads from a remote store are made in chunks of this size, this many at once.
+const READ_CHUNK: usize = 64 << 20;
+const READS_IN_FLIGHT: usize = 4;
 
 /// One piece to fetch: its index in its object, the byte span of the object to get, and
 /// the copies (region index, run) out of it.
@@ -44,8 +47,11 @@ pub struct ShardWriter<'a> {
     /// here on the source of the bytes may change.
     pub copied: &'a mut dyn FnMut(),
     /// At most this many bytes held in host memory at once (filled but not yet uploaded);
-    /// `None`: as much as the shard (the whole state is copied as fast as memory allows).
+    /// `None`: the whole shard if it fits in half the memory available now, else that half.
     pub host_budget: Option<u64>,
+    /// Part buffers to reuse, and where they go back afterwards (a rank saving every N
+    /// steps keeps them, so no save pays for fresh pages).
+    pub spare: &'a mut Vec<Vec<u8>>,
     /// Whatever the rank's own state is (e.g. its random-number state).
     pub rank_state: serde_json::Value,
 }
@@ -149,16 +155,26 @@ impl CheckpointStore {
             }
         };
         let store = self.loc.store.clone();
+        let spare = w.spare;
         let uploaded = if total <= PART as u64 {
-            let mut buf = Vec::new();
+            let mut buf = spare.pop().unwrap_or_default();
             produce(&mut buf, 0, total);
             (w.copied)();
-            self.rt
-                .block_on(store.put(&path, PutPayload::from(buf)))
-                .map(|_| ())
+            let bytes = Bytes::from(buf);
+            let put = self
+                .rt
+                .block_on(store.put(&path, PutPayload::from(bytes.clone())))
+                .map(|_| ());
+            if let Ok(b) = bytes.try_into_mut() {
+                spare.push(b.into());
+            }
+            put
         } else {
-            let budget = w.host_budget.unwrap_or(total).max(PART as u64);
-            let held_max = (budget / PART as u64).max(1) as usize;
+            let budget = w
+                .host_budget
+                .unwrap_or_else(|| total.min(available_memory().map_or(total, |m| m / 2)))
+                .max(PART as u64);
+            let held_max = budget.div_ceil(PART as u64) as usize;
             self.rt.block_on(async {
                 let mut upload = store.put_multipart(&path).await?;
                 let gate = Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
@@ -166,7 +182,6 @@ impl CheckpointStore {
                     tokio::task::JoinHandle<Result<(), object_store::Error>>,
                     Bytes,
                 )> = Default::default();
-                let mut spare: Vec<Vec<u8>> = Vec::new();
                 let mut failed = None;
                 let mut at = 0u64;
                 while at < total && failed.is_none() {
@@ -196,13 +211,16 @@ impl CheckpointStore {
                     held.push_back((task, bytes));
                 }
                 (w.copied)();
-                for (task, _) in held {
+                for (task, bytes) in held {
                     match task.await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => failed = failed.or(Some(e)),
                         Err(e) => {
                             failed = failed.or(Some(object_store::Error::JoinError { source: e }))
                         }
+                    }
+                    if let Ok(b) = bytes.try_into_mut() {
+                        spare.push(b.into());
                     }
                 }
                 match failed {
@@ -452,10 +470,30 @@ impl CheckpointStore {
     }
 
     /// Reads `regions` of checkpoint `m`, each into a buffer of its own (row-major over its
-    /// flat range). Only the byte ranges that hold the regions are fetched; a piece fetched
-    /// whole is checked against its CRC.
+    /// flat range). See [`CheckpointStore::read_into`].
     pub fn read(&self, m: &Manifest, regions: &[Region]) -> Result<Vec<Vec<u8>>> {
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(regions.len());
+        let mut out: Vec<Vec<u8>> = regions
+            .iter()
+            .map(|r| {
+                let es = m.tensors.get(&r.tensor).map_or(0, |t| t.dtype.size());
+                vec![0u8; (r.numel() * es) as usize]
+            })
+            .collect();
+        let mut dsts: Vec<&mut [u8]> = out.iter_mut().map(Vec::as_mut_slice).collect();
+        self.read_into(m, regions, &mut dsts)?;
+        Ok(out)
+    }
+
+    /// Reads `regions` of checkpoint `m` into `dsts` (one per region, its bytes row-major
+    /// over its flat range). Only the byte ranges that hold the regions are read, straight
+    /// into `dsts` from a local file, in chunks of at most 64 MiB (a few at once) from a
+    /// remote store; a piece read whole is checked against its CRC.
+    pub fn read_into(
+        &self,
+        m: &Manifest,
+        regions: &[Region],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<()> {
         let mut filled = vec![0u64; regions.len()];
         // Per object: (piece, fetched byte span within the object, region copies).
         let mut plan: Vec<Vec<Fetch>> = vec![Vec::new(); m.objects.len()];
@@ -469,7 +507,6 @@ impl CheckpointStore {
                     message: "the checkpoint has no such tensor".into(),
                 })?;
             let es = info.dtype.size();
-            out.push(vec![0u8; (region.numel() * es) as usize]);
             for (oi, o) in m.objects.iter().enumerate() {
                 for (pi, p) in o.pieces.iter().enumerate() {
                     if p.region.tensor != region.tensor {
@@ -489,89 +526,145 @@ impl CheckpointStore {
                     let lo = rs.iter().map(|r| r.src).min().unwrap_or(0);
                     let hi = rs.iter().map(|r| r.src + r.len).max().unwrap_or(0);
                     let span = p.bytes.start + lo..p.bytes.start + hi;
-                    let copies = rs.into_iter().map(|r| (ri, r)).collect();
+                    let copies = rs.into_iter().map(|r| (ri, r));
                     match plan[oi].iter_mut().find(|(q, _, _)| *q == pi) {
                         Some((_, s, c)) => {
                             *s = s.start.min(span.start)..s.end.max(span.end);
-                            c.extend::<Vec<_>>(copies);
+                            c.extend(copies);
                         }
-                        None => plan[oi].push((pi, span, copies)),
+                        None => plan[oi].push((pi, span, copies.collect())),
                     }
                 }
             }
         }
         for (ri, region) in regions.iter().enumerate() {
             let es = m.tensors[&region.tensor].dtype.size();
-            if filled[ri] != region.numel() * es {
+            let want = region.numel() * es;
+            if filled[ri] != want || dsts[ri].len() as u64 != want {
                 return Err(CheckpointError::Uncovered {
                     checkpoint: self.display(m.step, ""),
                     tensor: region.tensor.clone(),
                     message: format!(
-                        "the stored pieces cover {} of the {} bytes of {:?} at {:?} (elements {:?})",
-                        filled[ri],
-                        region.numel() * es,
-                        region.shape,
-                        region.offsets,
-                        region.flat
+                        "the stored pieces cover {} of the {want} bytes of {:?} at {:?} (elements {:?})",
+                        filled[ri], region.shape, region.offsets, region.flat
                     ),
                 });
             }
         }
-        for (oi, pieces) in plan.iter().enumerate() {
-            if pieces.is_empty() {
-                continue;
-            }
+        for (oi, pieces) in plan.iter_mut().enumerate() {
             let o = &m.objects[oi];
-            let spans: Vec<Range<u64>> = pieces.iter().map(|(_, s, _)| s.clone()).collect();
-            if let Some(bad) = spans.iter().find(|s| s.end > o.size) {
-                return Err(CheckpointError::Damaged {
-                    object: self.display(m.step, &o.name),
-                    message: format!(
-                        "it holds {} bytes; the manifest puts a piece at {bad:?}",
-                        o.size
-                    ),
-                });
+            let damaged = |message: String| CheckpointError::Damaged {
+                object: self.display(m.step, &o.name),
+                message,
+            };
+            if let Some((_, bad, _)) = pieces.iter().find(|(_, s, _)| s.end > o.size) {
+                return Err(damaged(format!(
+                    "it holds {} bytes; the manifest puts a piece at {bad:?}",
+                    o.size
+                )));
             }
+            let local = self
+                .loc
+                .local_dir
+                .as_ref()
+                .map(|d| d.join(step_dir(m.step)).join(&o.name));
+            let file = match &local {
+                Some(path) => Some(std::fs::File::open(path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => damaged("it is missing".into()),
+                    _ => self.io(
+                        m.step,
+                        &o.name,
+                        object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        },
+                    ),
+                })?),
+                None => None,
+            };
             let path = self.path(m.step, &o.name);
-            let got = self
-                .rt
-                .block_on(self.loc.store.get_ranges(&path, &spans))
-                .map_err(|e| match e {
-                    object_store::Error::NotFound { .. } => CheckpointError::Damaged {
-                        object: self.display(m.step, &o.name),
-                        message: "it is missing".into(),
-                    },
-                    e => self.io(m.step, &o.name, e),
-                })?;
-            for ((pi, span, copies), bytes) in pieces.iter().zip(got) {
+            for (pi, span, copies) in pieces.iter_mut() {
                 let p = &o.pieces[*pi];
-                if bytes.len() as u64 != span.end - span.start {
-                    return Err(CheckpointError::Damaged {
-                        object: self.display(m.step, &o.name),
-                        message: format!("returned {} bytes for {span:?} (truncated)", bytes.len()),
-                    });
-                }
-                if *span == p.bytes {
-                    let crc = crc32fast::hash(&bytes);
-                    if crc != p.crc32 {
-                        return Err(CheckpointError::Damaged {
-                            object: self.display(m.step, &o.name),
-                            message: format!(
-                                "its bytes {:?} ({}) have CRC-32 {crc:08x}, the manifest says {:08x}",
-                                p.bytes, p.region.tensor, p.crc32
-                            ),
-                        });
+                copies.sort_by_key(|(_, r)| r.src);
+                let whole = *span == p.bytes;
+                let mut crc = crc32fast::Hasher::new();
+                // Chunks of the span, in order: (object byte range).
+                let chunks: Vec<Range<u64>> = (span.start..span.end)
+                    .step_by(READ_CHUNK)
+                    .map(|c| c..(c + READ_CHUNK as u64).min(span.end))
+                    .collect();
+                if let Some(file) = &file {
+                    // Straight into the destinations; the CRC over what was read, in order.
+                    for (ri, run) in copies.iter() {
+                        let dst = &mut dsts[*ri][run.dst as usize..(run.dst + run.len) as usize];
+                        read_exact_at(file, dst, p.bytes.start + run.src).map_err(|e| {
+                            damaged(format!(
+                                "a read of {} bytes at {} failed: {e}",
+                                run.len,
+                                p.bytes.start + run.src
+                            ))
+                        })?;
+                        if whole {
+                            crc.update(dst);
+                        }
+                    }
+                } else {
+                    let store = self.loc.store.clone();
+                    let fetches = futures::stream::iter(chunks.clone().into_iter().map(|c| {
+                        let (store, path) = (store.clone(), path.clone());
+                        async move { store.get_range(&path, c).await }
+                    }))
+                    .buffered(READS_IN_FLIGHT);
+                    let mut fetches = Box::pin(fetches);
+                    for chunk in &chunks {
+                        let bytes = self
+                            .rt
+                            .block_on(fetches.next())
+                            .unwrap_or_else(|| Ok(Bytes::new()))
+                            .map_err(|e| match e {
+                                object_store::Error::NotFound { .. } => {
+                                    damaged("it is missing".into())
+                                }
+                                e => self.io(m.step, &o.name, e),
+                            })?;
+                        if bytes.len() as u64 != chunk.end - chunk.start {
+                            return Err(damaged(format!(
+                                "a read of bytes {chunk:?} returned {} (truncated)",
+                                bytes.len()
+                            )));
+                        }
+                        if whole {
+                            crc.update(&bytes);
+                        }
+                        // The parts of the copies that fall in this chunk.
+                        for (ri, run) in copies.iter() {
+                            let src = p.bytes.start + run.src..p.bytes.start + run.src + run.len;
+                            let (lo, hi) = (src.start.max(chunk.start), src.end.min(chunk.end));
+                            if lo >= hi {
+                                continue;
+                            }
+                            let d0 = (run.dst + (lo - src.start)) as usize;
+                            dsts[*ri][d0..d0 + (hi - lo) as usize].copy_from_slice(
+                                &bytes[(lo - chunk.start) as usize..(hi - chunk.start) as usize],
+                            );
+                        }
                     }
                 }
-                let base = span.start - p.bytes.start;
-                for (ri, run) in copies {
-                    let src = (run.src - base) as usize..(run.src - base + run.len) as usize;
-                    let dst = run.dst as usize..(run.dst + run.len) as usize;
-                    out[*ri][dst].copy_from_slice(&bytes[src]);
+                // A piece read whole through copies that tile it is checked.
+                let tiles =
+                    copies.iter().map(|(_, r)| r.len).sum::<u64>() == p.bytes.end - p.bytes.start;
+                if whole && (file.is_none() || tiles) {
+                    let got = crc.finalize();
+                    if got != p.crc32 {
+                        return Err(damaged(format!(
+                            "its bytes {:?} ({}) have CRC-32 {got:08x}, the manifest says {:08x}",
+                            p.bytes, p.region.tensor, p.crc32
+                        )));
+                    }
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Reads every piece of checkpoint `step` whole and checks its CRC.
@@ -662,6 +755,20 @@ impl CheckpointStore {
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in bytes, where there is one.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// `pread` until `buf` is full; a short file is an error.
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +799,7 @@ mod tests {
                     },
                     copied: &mut || copied += 1,
                     host_budget: budget,
+                    spare: &mut Vec::new(),
                     rank_state: serde_json::Value::Null,
                 },
             )

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use kiln_checkpoint::{
 };
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::chunk_range;
+use crate::collective::{chunk_range, host};
 use crate::model::Llama;
 use crate::optim::AdamW;
 
@@ -212,6 +212,8 @@ pub struct Saver {
     keep_last: usize,
     keep_every: u64,
     host_budget: Option<u64>,
+    /// Part buffers kept from one save to the next.
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
     in_flight: Option<InFlight>,
 }
 
@@ -237,12 +239,14 @@ impl Saver {
             keep_last,
             keep_every,
             host_budget: None,
+            spare: Arc::default(),
             in_flight: None,
         }
     }
 
     /// Holds at most `bytes` of a save in host memory (copied from the state, not yet
-    /// uploaded); `None`: the whole state, so that training waits only for a memory copy.
+    /// uploaded). `None`: the whole state, so that training waits only for a memory copy,
+    /// unless that is more than half the memory available, then that half.
     pub fn with_host_budget(mut self, bytes: Option<u64>) -> Self {
         self.host_budget = bytes;
         self
@@ -278,9 +282,11 @@ impl Saver {
         let infos = tensor_infos(model);
         let (keep_last, keep_every, host_budget) =
             (self.keep_last, self.keep_every, self.host_budget);
+        let spare = self.spare.clone();
         let (copied_tx, copied) = mpsc::channel();
         let work = move || -> Result<Saved, CheckpointError> {
             let t0 = Instant::now();
+            let mut spare = spare.lock().unwrap_or_else(|p| p.into_inner());
             let info = tch::no_grad(|| {
                 store.write_shard(
                     step,
@@ -293,10 +299,12 @@ impl Saver {
                             let _ = copied_tx.send(());
                         },
                         host_budget,
+                        spare: &mut spare,
                         rank_state: serde_json::json!({ "rank": rank }),
                     },
                 )
             })?;
+            drop(spare);
             let upload_s = t0.elapsed().as_secs_f64();
             let (mut committed, mut deleted) = (None, Vec::new());
             if rank == 0 {
@@ -385,20 +393,61 @@ pub fn load(
     let state = sources(model, &owned, &state_offsets(&owned), false, true, true);
     let all: Vec<&Source> = whole.iter().chain(&state).collect();
     let regions: Vec<Region> = all.iter().map(|s| s.region.clone()).collect();
-    let data = store.read(m, &regions)?;
     let targets = [
         model.params.flat.shallow_clone(),
         optimizer.exp_avg.shallow_clone(),
         optimizer.exp_avg_sq.shallow_clone(),
     ];
-    tch::no_grad(|| {
-        for (s, bytes) in all.iter().zip(&data) {
-            let len = s.region.numel() as i64;
-            let values = Tensor::from_data_size(bytes, &[len], Kind::Float);
-            targets[s.which]
-                .narrow(0, s.at, len)
-                .copy_(&values.to_device(targets[s.which].device()));
+    // Read straight into the tensors' memory on the CPU; through host copies elsewhere.
+    let on_host = targets
+        .iter()
+        .all(|t| t.device() == Device::Cpu && t.is_contiguous());
+    let staged: Vec<Tensor> = if on_host {
+        targets.iter().map(Tensor::shallow_clone).collect()
+    } else {
+        targets
+            .iter()
+            .map(|t| Tensor::zeros(t.size(), (Kind::Float, Device::Cpu)))
+            .collect()
+    };
+    let host_err = |e: crate::collective::CollectiveError| CheckpointError::Io {
+        object: store.display(m.step, ""),
+        message: e.to_string(),
+    };
+    let read = |bufs: [&mut [u8]; 3]| -> Result<(), CheckpointError> {
+        // Each region's bytes, carved from its tensor in offset order (they are disjoint).
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by_key(|&i| (all[i].which, all[i].at));
+        let mut rest = bufs;
+        let mut base = [0usize; 3];
+        let mut dsts: Vec<&mut [u8]> = (0..all.len()).map(|_| Default::default()).collect();
+        for i in order {
+            let s = all[i];
+            let (w, start) = (s.which, s.at as usize * 4);
+            let len = s.region.numel() as usize * 4;
+            let buf = std::mem::take(&mut rest[w]);
+            let (_, tail) = buf.split_at_mut(start - base[w]);
+            let (mine, tail) = tail.split_at_mut(len);
+            rest[w] = tail;
+            base[w] = start + len;
+            dsts[i] = mine;
         }
-    });
+        store.read_into(m, &regions, &mut dsts)
+    };
+    host::with_bytes_mut(&staged[0], |p| {
+        host::with_bytes_mut(&staged[1], |a| {
+            host::with_bytes_mut(&staged[2], |b| read([p, a, b]))
+        })
+    })
+    .map_err(host_err)?
+    .map_err(host_err)?
+    .map_err(host_err)??;
+    if !on_host {
+        tch::no_grad(|| {
+            for (t, s) in targets.iter().zip(&staged) {
+                t.shallow_clone().copy_(s);
+            }
+        });
+    }
     Ok(())
 }

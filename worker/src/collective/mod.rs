@@ -14,7 +14,7 @@
 //! `dp x tp` mesh in one place.
 
 pub mod conformance;
-mod host;
+pub(crate) mod host;
 pub mod mesh;
 pub mod nccl;
 pub mod tcp;
