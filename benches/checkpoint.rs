@@ -2,7 +2,7 @@
 //! `exp_avg` and `exp_avg_sq`) on the CPU, saved to and loaded from a local directory, exactly
 //! as `kiln train` saves it on one rank. Prints one JSON line.
 //!
-//!   cargo bench --bench checkpoint -- [PRESET] [DIR] [SAVES] [THREADS] [HOST_MB]
+//!   cargo bench --bench checkpoint -- [PRESET] [DIR] [SAVES] [THREADS] [HOST_MB] [OVERLAP_SEQ]
 //!
 //! SAVES rounds of an asynchronous then a synchronous save, each mode through its own `Saver`
 //! (as training makes them, keeping the last checkpoint). For an asynchronous save the
@@ -15,7 +15,9 @@
 //! figure is the best of the SAVES saves; every save's time is printed too. DIR is created
 //! fresh and deleted at the end. HOST_MB (default 0: Kiln's default, the whole state or half the
 //! memory available, whichever is less) is the saver's host
-//! budget, the most bytes of a save held in host memory at once.
+//! budget, the most bytes of a save held in host memory at once. With OVERLAP_SEQ > 0 one
+//! forward and backward pass of a 1 x OVERLAP_SEQ batch runs between `save` and `fence`, as
+//! the next training step would, and the pause is what training then waits.
 //!
 //! benches/checkpoint.sh runs it side by side with torch.distributed.checkpoint.
 
@@ -106,6 +108,9 @@ fn main() -> Result<()> {
     let threads: i32 = arg(3, "2").parse().context("THREADS is an integer")?;
     let host_mb: u64 = arg(4, "0").parse().context("HOST_MB is an integer")?;
     let host_budget = (host_mb > 0).then_some(host_mb << 20);
+    // With OVERLAP_SEQ > 0, one forward and backward pass of a 1 x OVERLAP_SEQ batch runs
+    // between `save` and `fence`, as the next training step would.
+    let overlap_seq: i64 = arg(5, "0").parse().context("OVERLAP_SEQ is an integer")?;
     anyhow::ensure!(saves >= 1, "SAVES must be at least 1");
     tch::set_num_threads(threads);
     if root.exists() {
@@ -166,6 +171,7 @@ fn main() -> Result<()> {
     let (mut held, mut fence, mut blocking, mut total, mut upload) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut sync_total = vec![];
+    let mut compute: Vec<f64> = vec![];
     let (mut async_peak, mut sync_peak) = (0f64, 0f64);
     let (mut saved_bytes, mut async_disk, mut sync_disk) = (0, 0, 0);
     for step in 1..=saves {
@@ -174,8 +180,19 @@ fn main() -> Result<()> {
         let start = Instant::now();
         let (previous, h) = asaver.save(step, &model, &optimizer, train_state(step))?;
         anyhow::ensure!(previous.is_none(), "a save was still in flight");
+        if overlap_seq > 0 {
+            let t = Instant::now();
+            let tokens = Tensor::randint(
+                config.vocab_size,
+                [1, overlap_seq],
+                (Kind::Int64, Device::Cpu),
+            );
+            let tape = model.forward_tape(&tokens, &tokens, 1.0)?;
+            model.backward(tape, true, &mut |_| {})?;
+            compute.push(t.elapsed().as_secs_f64());
+        }
         let f = asaver.fence();
-        let b = start.elapsed().as_secs_f64();
+        let b = h + f;
         let saved = asaver.wait()?.context("an asynchronous save in flight")?;
         total.push(start.elapsed().as_secs_f64());
         async_peak = async_peak.max(peak_gb());
@@ -255,7 +272,7 @@ fn main() -> Result<()> {
         format!("\"{load_skipped}\"")
     };
     println!(
-        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {params}, \"state_bytes\": {state_bytes}, \"saved_bytes\": {saved_bytes}, \"disk_bytes\": {sync_disk}, \"async_disk_bytes\": {async_disk}, \"saves\": {saves}, \"threads\": {threads}, \"host_mb\": {host_mb}, \"async_blocking_s\": {:.4}, \"async_total_s\": {:.4}, \"sync_total_s\": {:.4}, \"load_s\": {}, \"load\": {skipped}, \"async_gbps\": {:.3}, \"sync_gbps\": {:.3}, \"load_gbps\": {}, \"rss_before_gb\": {base_gb:.2}, \"peak_rss_async_gb\": {async_peak:.2}, \"peak_rss_sync_gb\": {sync_peak:.2}, \"peak_rss_load_gb\": {}, \"async_held_s_all\": {}, \"async_fence_s_all\": {}, \"async_blocking_s_all\": {}, \"async_upload_s_all\": {}, \"async_total_s_all\": {}, \"sync_total_s_all\": {}}}",
+        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {params}, \"state_bytes\": {state_bytes}, \"saved_bytes\": {saved_bytes}, \"disk_bytes\": {sync_disk}, \"async_disk_bytes\": {async_disk}, \"saves\": {saves}, \"threads\": {threads}, \"host_mb\": {host_mb}, \"async_blocking_s\": {:.4}, \"async_total_s\": {:.4}, \"sync_total_s\": {:.4}, \"load_s\": {}, \"load\": {skipped}, \"async_gbps\": {:.3}, \"sync_gbps\": {:.3}, \"load_gbps\": {}, \"rss_before_gb\": {base_gb:.2}, \"peak_rss_async_gb\": {async_peak:.2}, \"peak_rss_sync_gb\": {sync_peak:.2}, \"peak_rss_load_gb\": {}, \"async_held_s_all\": {}, \"async_fence_s_all\": {}, \"async_blocking_s_all\": {}, \"async_upload_s_all\": {}, \"async_total_s_all\": {}, \"sync_total_s_all\": {}, \"overlap_seq\": {overlap_seq}, \"compute_s_all\": {}}}",
         min(&blocking),
         min(&total),
         min(&sync_total),
@@ -270,6 +287,7 @@ fn main() -> Result<()> {
         list(&upload),
         list(&total),
         list(&sync_total),
+        list(&compute),
     );
     Ok(())
 }

@@ -5,9 +5,11 @@
 # times in one run. Each run makes SAVES saves per mode and reports the best. Prints each
 # measurement as a JSON line and a Markdown table row of the best of the rounds.
 #
-#   benches/checkpoint.sh [PRESET=125m] [ROUNDS=2] [SAVES=2] [THREADS=2] [DIR=/tmp/kiln-ckpt-bench] [HOST_MB=0]
+#   benches/checkpoint.sh [PRESET=125m] [ROUNDS=2] [SAVES=2] [THREADS=2] [DIR=/tmp/kiln-ckpt-bench] [HOST_MB=0] [OVERLAP_SEQ=0]
 #
-# HOST_MB is Kiln's host budget for a save (0: the whole state is copied to host memory).
+# HOST_MB is Kiln's host budget for a save (0: Kiln's default). With OVERLAP_SEQ > 0 Kiln's
+# asynchronous pause is measured with one forward and backward pass of 1 x OVERLAP_SEQ tokens
+# between the save and the optimizer's fence, as in training.
 #
 # Both sides write the page cache's dirty pages out (`sync`, untimed) before each save and
 # load, so that no save pays for an earlier one's writeback. Kiln's writes are not fsynced;
@@ -18,7 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 cd "$KILN_ROOT"
 preset=${1:-125m} rounds=${2:-2} saves=${3:-2} threads=${4:-2} dir=${5:-/tmp/kiln-ckpt-bench}
-host_mb=${6:-0}
+host_mb=${6:-0} overlap=${7:-0}
 bench=$(benches/build-bench.sh checkpoint)
 work=$(mktemp -d)
 results=$work/results.jsonl
@@ -35,7 +37,7 @@ start=$SECONDS
 for ((round = 1; round <= rounds; round++)); do
   sync
   status "round $round, kiln"
-  "$bench" "$preset" "$dir/kiln" "$saves" "$threads" "$host_mb" | tee -a "$results"
+  "$bench" "$preset" "$dir/kiln" "$saves" "$threads" "$host_mb" "$overlap" | tee -a "$results"
   sync
   status "round $round, dcp"
   python3 benches/checkpoint_dcp.py "$preset" "$dir/dcp" "$saves" "$threads" | tee -a "$results"
