@@ -400,7 +400,7 @@ fn retention_keeps_the_newest_and_every_mth() {
         "retention",
         8,
         "",
-        "every = 2\nkeep_last = 2\nkeep_every = 4",
+        "every = 2\nkeep_last = 2\nkeep_every = 4\nfsync = true",
         12,
     );
     let (_, out) = run_out(&path, 1, &[]);

@@ -101,6 +101,17 @@ impl CheckpointStore {
         })
     }
 
+    /// On the local file system, flush every object written (and its directory) to disk
+    /// before it counts as written, so that a committed checkpoint survives a machine crash
+    /// and not only a process crash. Other stores acknowledge writes once durable anyway.
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        if self.loc.local_dir.is_some() {
+            self.loc.store =
+                Arc::new(object_store::local::LocalFileSystem::new().with_fsync(fsync));
+        }
+        self
+    }
+
     pub fn url(&self) -> &str {
         &self.loc.url
     }

@@ -223,6 +223,10 @@ pub struct CheckpointSpec {
     /// training waits only for a memory copy; less bounds memory, and training then waits
     /// for the upload of what does not fit.
     pub host_buffer_mb: u64,
+    /// On a local directory, flush every checkpoint object to disk before it counts as
+    /// written (a committed checkpoint then survives a machine crash; without it, a crash
+    /// can damage the newest checkpoint, which resume then detects and skips).
+    pub fsync: bool,
 }
 
 impl Default for CheckpointSpec {
@@ -234,6 +238,7 @@ impl Default for CheckpointSpec {
             keep_every: 0,
             asynchronous: true,
             host_buffer_mb: 0,
+            fsync: false,
         }
     }
 }

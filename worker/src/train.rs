@@ -360,7 +360,7 @@ pub fn train(
     let mut saver = if ck.every > 0 {
         Some(
             Saver::new(
-                CheckpointStore::open(&job.checkpoint_dir())?,
+                CheckpointStore::open(&job.checkpoint_dir())?.with_fsync(ck.fsync),
                 launch.rank,
                 mesh,
                 dp_rank,
