@@ -2,6 +2,7 @@
 //! memory at a time: `config.json`, `model.safetensors` (or several files and their
 //! index), and Kiln's `kiln.json` naming the tokenizer.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Region};
 use serde_json::json;
 
 use crate::config::{ConfigError, LlamaConfig};
+use crate::hf::{weights_file, write_index, HfError};
 use crate::train::KILN_META;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +19,8 @@ pub enum ExportError {
     Checkpoint(#[from] CheckpointError),
     #[error("the checkpoint's model description: {0}")]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Hf(#[from] HfError),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -76,14 +80,10 @@ pub fn export_hf(
         }
     }
     let n = files.len();
-    let mut weight_map = serde_json::Map::new();
+    let mut weight_map = BTreeMap::new();
     let (mut total, mut tensors) = (0u64, 0usize);
     for (k, file) in files.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_owned()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
-        };
+        let name = weights_file(k, n);
         let path = dir.join(&name);
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({ "format": "pt" }));
@@ -98,7 +98,7 @@ pub fn export_hf(
                     "data_offsets": [at, at + len],
                 }),
             );
-            weight_map.insert((*tensor).clone(), json!(name));
+            weight_map.insert((*tensor).clone(), name.clone());
             at += len;
         }
         let mut head = serde_json::to_vec(&header).unwrap_or_default();
@@ -129,14 +129,7 @@ pub fn export_hf(
         }
         out.flush().map_err(write_err(&path))?;
     }
-    let index_path = dir.join("model.safetensors.index.json");
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-        std::fs::write(&index_path, text).map_err(write_err(&index_path))?;
-    } else if index_path.exists() {
-        std::fs::remove_file(&index_path).map_err(write_err(&index_path))?;
-    }
+    write_index(dir, n, total, &weight_map)?;
     Ok(Exported {
         tensors,
         bytes: total,

@@ -243,11 +243,7 @@ pub fn save(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<(), HfEr
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
     for (s, shard) in shards.iter().enumerate() {
-        let file = if n == 1 {
-            "model.safetensors".to_owned()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", s + 1)
-        };
+        let file = weights_file(s, n);
         let mut views = Vec::with_capacity(shard.len());
         for (name, shape, data) in shard {
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
@@ -268,13 +264,38 @@ pub fn save(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<(), HfEr
             }
         })?;
     }
-    let index_path = dir.join("model.safetensors.index.json");
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    write_index(dir, n, total, &weight_map)
+}
+
+/// The name of weights file `k` of `n`: `model.safetensors` alone, else Hugging Face's
+/// numbered names.
+pub(crate) fn weights_file(k: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".to_owned()
+    } else {
+        format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+    }
+}
+
+/// Writes `model.safetensors.index.json` for `files` weights files (removing a stale one
+/// when there is a single file).
+pub(crate) fn write_index(
+    dir: &Path,
+    files: usize,
+    total_bytes: u64,
+    weight_map: &BTreeMap<String, String>,
+) -> Result<(), HfError> {
+    let path = dir.join("model.safetensors.index.json");
+    let write_err = |source| HfError::Write {
+        path: path.clone(),
+        source,
+    };
+    if files > 1 {
+        let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
         let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-        std::fs::write(&index_path, text).map_err(write_err(&index_path))?;
-    } else if index_path.exists() {
-        std::fs::remove_file(&index_path).map_err(write_err(&index_path))?;
+        std::fs::write(&path, text).map_err(write_err)?;
+    } else if path.exists() {
+        std::fs::remove_file(&path).map_err(write_err)?;
     }
     Ok(())
 }
