@@ -7,66 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use common::*;
 use object_store::ObjectStoreExt;
-
-/// The tiny model on four plays, `steps` steps of 8 sequences of 64 tokens, checkpoints as
-/// `checkpoint` says.
-fn job(
-    dir: &Path,
-    name: &str,
-    micro: i64,
-    parallel: &str,
-    checkpoint: &str,
-    steps: i64,
-) -> PathBuf {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    let text = format!(
-        r#"
-[model]
-preset = "tiny"
-
-[data]
-path = "{data}"
-
-[train]
-seq_len = 64
-batch_size = 8
-micro_batch_size = {micro}
-steps = {steps}
-seed = 3
-device = "cpu"
-threads = 1
-log_every = 1
-eval_every = 6
-eval_batches = {eval_batches}
-
-[optimizer]
-lr = 3e-3
-warmup_steps = 4
-
-[parallel]
-{parallel}
-
-[checkpoint]
-{checkpoint}
-
-[output]
-dir = "{out}"
-"#,
-        data = four_plays().display(),
-        out = out.display(),
-        eval_batches = 16 / micro,
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// Runs `job` on `world` ranks with `extra` arguments; returns the run and rank 0's stdout.
 fn run_out(job: &Path, world: usize, extra: &[&str]) -> (Run, String) {
@@ -105,7 +51,7 @@ fn resume_continues_the_loss_curve_bit_for_bit() {
         ("dp2-zero1", 2, 2, "zero1 = true", "every = 6"),
         ("tp2", 2, 4, "tp = 2", "every = 6\nasync = false"),
     ] {
-        let path = job(dir.path(), name, micro, parallel, checkpoint, 12);
+        let path = tiny_job(dir.path(), name, micro, parallel, checkpoint, 12);
         let (straight, out) = run_out(&path, world, &[]);
         assert!(out.contains("checkpoint step 6 committed"), "{out}");
         assert!(out.contains("checkpoint step 12 committed"), "{out}");
@@ -124,7 +70,7 @@ fn resume_continues_the_loss_curve_bit_for_bit() {
 fn a_checkpoint_resumes_on_other_meshes() {
     let dir = tempfile::tempdir().unwrap();
     // Saved at dp 2 x tp 2 with ZeRO-1 (each rank holds a quarter of the optimizer state).
-    let base_job = job(
+    let base_job = tiny_job(
         dir.path(),
         "dp2tp2",
         2,
@@ -163,7 +109,7 @@ fn a_checkpoint_resumes_on_other_meshes() {
         ("dp4tp1", 4, 2, ""),
         ("dp1tp2", 2, 4, "tp = 2"),
     ] {
-        let path = job(dir.path(), name, micro, parallel, "", 12);
+        let path = tiny_job(dir.path(), name, micro, parallel, "", 12);
         let (resumed, out) = run_out(&path, world, &["--resume", path_str(&step6)]);
         assert!(out.contains("resumed at step 6 from"), "{name}: {out}");
         let diff = max_diff(&resumed.losses, &base.losses[6..]);
@@ -245,7 +191,7 @@ fn faults(url: &str, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     // A small host buffer: the 40 MB shard goes up in 32 MiB parts, one at a time.
     let checkpoint = format!("every = 4\ndir = \"{url}\"\nhost_buffer_mb = 1");
-    let path = job(dir.path(), "faults", 4, "", &checkpoint, 12);
+    let path = tiny_job(dir.path(), "faults", 4, "", &checkpoint, 12);
     let (straight, _) = run_out(&path, 1, &[]);
     let damage = Damage::new(url);
     let shard = "step-12/rank-00000.safetensors";
@@ -326,7 +272,7 @@ fn damaged_checkpoints_are_refused_on_s3() {
 #[test]
 fn a_rank_killed_while_saving_leaves_no_checkpoint_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let path = job(dir.path(), "kill", 2, "", "every = 1", 100_000);
+    let path = tiny_job(dir.path(), "kill", 2, "", "every = 1", 100_000);
     let ckpts = output_dir(&path).join("checkpoints");
     let mut children = spawn_ranks_with(&path, 2, &[], &[]);
     // Kill rank 1 as soon as a save has started (a step directory exists) and before rank
@@ -373,7 +319,7 @@ fn a_rank_killed_while_saving_leaves_no_checkpoint_behind() {
     let newest = kiln_ok(&["checkpoint", "verify", path_str(&ckpts)]);
     assert!(newest.contains("every checksum matches"), "{newest}");
     // The run resumes from the newest committed checkpoint.
-    let resume_job = job(
+    let resume_job = tiny_job(
         dir.path(),
         "kill",
         2,
@@ -395,7 +341,7 @@ fn a_rank_killed_while_saving_leaves_no_checkpoint_behind() {
 #[test]
 fn retention_keeps_the_newest_and_every_mth() {
     let dir = tempfile::tempdir().unwrap();
-    let path = job(
+    let path = tiny_job(
         dir.path(),
         "retention",
         8,

@@ -19,46 +19,7 @@ fn data() -> &'static Path {
 
 /// A job: the tiny model, 12 steps of a global batch of 8 sequences of 64 tokens.
 fn job(dir: &Path, name: &str, micro: i64, parallel: &str) -> PathBuf {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    let text = format!(
-        r#"
-[model]
-preset = "tiny"
-
-[data]
-path = "{data}"
-
-[train]
-seq_len = 64
-batch_size = 8
-micro_batch_size = {micro}
-steps = 12
-seed = 3
-device = "cpu"
-threads = 1
-log_every = 1
-eval_every = 6
-eval_batches = {eval_batches}
-
-[optimizer]
-lr = 3e-3
-warmup_steps = 4
-
-[parallel]
-{parallel}
-
-[output]
-dir = "{out}"
-"#,
-        data = data().display(),
-        out = out.display(),
-        // The same 16 validation sequences whatever the micro-batch.
-        eval_batches = 16 / micro,
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    tiny_job(dir, name, micro, parallel, "", 12)
 }
 
 #[test]

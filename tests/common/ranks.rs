@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use super::{path_str, read_metrics};
+use super::{four_plays, path_str, read_metrics};
 
 pub fn free_peers(n: usize) -> Vec<String> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -136,4 +136,59 @@ pub fn max_diff(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// A job file: the tiny model on four plays, `steps` steps of 8 sequences of 64 tokens
+/// (micro-batches of `micro`), `parallel` and `checkpoint` as the sections' contents.
+pub fn tiny_job(
+    dir: &Path,
+    name: &str,
+    micro: i64,
+    parallel: &str,
+    checkpoint: &str,
+    steps: i64,
+) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let text = format!(
+        r#"
+[model]
+preset = "tiny"
+
+[data]
+path = "{data}"
+
+[train]
+seq_len = 64
+batch_size = 8
+micro_batch_size = {micro}
+steps = {steps}
+seed = 3
+device = "cpu"
+threads = 1
+log_every = 1
+eval_every = 6
+eval_batches = {eval_batches}
+
+[optimizer]
+lr = 3e-3
+warmup_steps = 4
+
+[parallel]
+{parallel}
+
+[checkpoint]
+{checkpoint}
+
+[output]
+dir = "{out}"
+"#,
+        data = four_plays().display(),
+        out = out.display(),
+        // The same 16 validation sequences whatever the micro-batch.
+        eval_batches = 16 / micro,
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
