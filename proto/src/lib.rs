@@ -3,9 +3,21 @@
 //! - [`job`]: the TOML job file a user writes (`kiln train JOB.toml`), parsed and validated
 //!   before any work starts.
 //! - [`manifest`]: the JSON manifest that describes a tokenized dataset of Parquet shards.
+//! - [`rpc`]: the coordinator's gRPC service (`proto/kiln.proto`), generated at build time
+//!   without `protoc`; [`control`]: its messages as checked Kiln types; [`client`]: how a
+//!   worker or a client connects (token, TLS).
 //!
-//! This crate does no IO beyond reading and writing these two documents, and knows nothing of
-//! libtorch, Parquet or the network.
+//! Apart from [`client`]'s connection, this crate does no IO beyond reading and writing
+//! these documents, and knows nothing of libtorch or Parquet.
 
+pub mod client;
+pub mod control;
 pub mod job;
 pub mod manifest;
+
+/// The generated gRPC types and services. Only the coordinator's service and the clients
+/// touch them; everything else uses [`control`].
+#[allow(clippy::all, missing_docs)]
+pub mod rpc {
+    tonic::include_proto!("kiln.v1");
+}

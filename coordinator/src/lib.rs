@@ -1,0 +1,12 @@
+//! Kiln's coordinator: it accepts jobs, registers workers, forms each job's mesh and hands
+//! out the rendezvous, watches heartbeats, drives the two-phase checkpoint commit, and
+//! brings a job back from its newest committed checkpoint when a worker fails or the
+//! worker count changes.
+//!
+//! - [`machine`]: every decision, as pure functions of the state (unit-tested).
+//! - [`state`]: the state kept in an object store with conditional puts.
+//! - [`service`]: the gRPC service around them (token check, field validation).
+
+pub mod machine;
+pub mod service;
+pub mod state;

@@ -1,0 +1,328 @@
+//! The control plane's messages as Kiln's own types. The generated gRPC types ([`rpc`])
+//! stop at the service boundary: what arrives is converted here, and every field checked,
+//! before the coordinator or a worker looks at it.
+//!
+//! [`rpc`]: crate::rpc
+
+use std::net::SocketAddr;
+
+use crate::rpc;
+
+/// Largest job file the coordinator accepts.
+pub const MAX_JOB_BYTES: usize = 1 << 20;
+/// Largest world a job may ask for.
+pub const MAX_WORKERS: u32 = 100_000;
+/// Longest id, host name or address accepted.
+pub const MAX_ID_LEN: usize = 256;
+/// Longest error text a worker may report (longer text is cut, not refused).
+pub const MAX_ERROR_LEN: usize = 16 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    #[default]
+    Idle,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl WorkerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Running => "running",
+            WorkerState::Succeeded => "succeeded",
+            WorkerState::Failed => "failed",
+        }
+    }
+}
+
+/// A rank's latest training step, as its heartbeats carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub step: u64,
+    pub steps: u64,
+    pub loss: f64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    pub step_s: f64,
+    /// Of `step_s`, the time this rank computed (neither waiting for data nor for peers).
+    pub compute_s: f64,
+}
+
+/// What a worker says of itself in every heartbeat.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkerReport {
+    pub state: WorkerState,
+    /// Where it will listen for its ring peers when given work (set while not running).
+    pub ready_addr: Option<String>,
+    /// The job, generation and rank of what it runs or last ran.
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub progress: Option<Progress>,
+    pub error: String,
+    pub checkpoint_written: u64,
+    pub checkpoint_committed: u64,
+}
+
+impl WorkerReport {
+    /// Whether it runs generation `generation` of `job_id`.
+    pub fn runs(&self, job_id: &str, generation: u64) -> bool {
+        self.state == WorkerState::Running && self.job_id == job_id && self.generation == generation
+    }
+
+    /// Whether it has finished (either way) generation `generation` of `job_id`.
+    pub fn finished(&self, job_id: &str, generation: u64) -> Option<WorkerState> {
+        (self.job_id == job_id
+            && self.generation == generation
+            && matches!(self.state, WorkerState::Succeeded | WorkerState::Failed))
+        .then_some(self.state)
+    }
+}
+
+/// One rank's part of a generation of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub peers: Vec<String>,
+    pub job_toml: String,
+    pub resume: String,
+}
+
+/// What the coordinator tells a worker in reply to a heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Wait,
+    Run(Assignment),
+    Abort(String),
+}
+
+/// A heartbeat's reply: the command, and phase two of a checkpoint commit for rank 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub command: Command,
+    pub commit_step: u64,
+}
+
+/// A field that failed validation: which, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+pub fn field_error(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// An id-like string: at most [`MAX_ID_LEN`] printable ASCII characters without spaces.
+pub fn check_id(field: &'static str, value: &str, required: bool) -> Result<(), FieldError> {
+    if value.is_empty() {
+        return if required {
+            Err(field_error(field, "missing"))
+        } else {
+            Ok(())
+        };
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(field_error(
+            field,
+            format!("{} bytes, more than {MAX_ID_LEN}", value.len()),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(field_error(
+            field,
+            format!("{value:?} has characters other than printable ASCII"),
+        ));
+    }
+    Ok(())
+}
+
+fn finite(field: &'static str, v: f64) -> Result<f64, FieldError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(field_error(
+            field,
+            format!("{v} is not a finite non-negative number"),
+        ))
+    }
+}
+
+impl TryFrom<rpc::Progress> for Progress {
+    type Error = FieldError;
+
+    fn try_from(p: rpc::Progress) -> Result<Self, FieldError> {
+        if p.step > p.steps {
+            return Err(field_error(
+                "progress.step",
+                format!("step {} beyond steps {}", p.step, p.steps),
+            ));
+        }
+        Ok(Progress {
+            step: p.step,
+            steps: p.steps,
+            // A diverged loss is reported as it is; the worker fails on it by itself.
+            loss: p.loss,
+            tokens_per_s: finite("progress.tokens_per_s", p.tokens_per_s)?,
+            mfu: finite("progress.mfu", p.mfu)?,
+            step_s: finite("progress.step_seconds", p.step_seconds)?,
+            compute_s: finite("progress.compute_seconds", p.compute_seconds)?,
+        })
+    }
+}
+
+impl From<Progress> for rpc::Progress {
+    fn from(p: Progress) -> Self {
+        rpc::Progress {
+            step: p.step,
+            steps: p.steps,
+            loss: p.loss,
+            tokens_per_s: p.tokens_per_s,
+            mfu: p.mfu,
+            step_seconds: p.step_s,
+            compute_seconds: p.compute_s,
+        }
+    }
+}
+
+impl TryFrom<rpc::WorkerReport> for WorkerReport {
+    type Error = FieldError;
+
+    fn try_from(r: rpc::WorkerReport) -> Result<Self, FieldError> {
+        let state = match rpc::WorkerState::try_from(r.state) {
+            Ok(rpc::WorkerState::Idle) => WorkerState::Idle,
+            Ok(rpc::WorkerState::Running) => WorkerState::Running,
+            Ok(rpc::WorkerState::Succeeded) => WorkerState::Succeeded,
+            Ok(rpc::WorkerState::Failed) => WorkerState::Failed,
+            _ => {
+                return Err(field_error(
+                    "report.state",
+                    format!("{} is not a worker state", r.state),
+                ))
+            }
+        };
+        check_id("report.job_id", &r.job_id, state == WorkerState::Running)?;
+        let ready_addr = if r.ready_addr.is_empty() {
+            None
+        } else {
+            check_id("report.ready_addr", &r.ready_addr, true)?;
+            if r.ready_addr.parse::<SocketAddr>().is_err() && !r.ready_addr.contains(':') {
+                return Err(field_error(
+                    "report.ready_addr",
+                    format!("{:?} is not HOST:PORT", r.ready_addr),
+                ));
+            }
+            Some(r.ready_addr)
+        };
+        if r.rank >= MAX_WORKERS {
+            return Err(field_error(
+                "report.rank",
+                format!("{} is too large", r.rank),
+            ));
+        }
+        let mut error = r.error;
+        if error.len() > MAX_ERROR_LEN {
+            let mut cut = MAX_ERROR_LEN;
+            while !error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            error.truncate(cut);
+        }
+        Ok(WorkerReport {
+            state,
+            ready_addr,
+            job_id: r.job_id,
+            generation: r.generation,
+            rank: r.rank,
+            progress: r.progress.map(Progress::try_from).transpose()?,
+            error,
+            checkpoint_written: r.checkpoint_written,
+            checkpoint_committed: r.checkpoint_committed,
+        })
+    }
+}
+
+impl From<&WorkerReport> for rpc::WorkerReport {
+    fn from(r: &WorkerReport) -> Self {
+        rpc::WorkerReport {
+            state: match r.state {
+                WorkerState::Idle => rpc::WorkerState::Idle,
+                WorkerState::Running => rpc::WorkerState::Running,
+                WorkerState::Succeeded => rpc::WorkerState::Succeeded,
+                WorkerState::Failed => rpc::WorkerState::Failed,
+            } as i32,
+            ready_addr: r.ready_addr.clone().unwrap_or_default(),
+            job_id: r.job_id.clone(),
+            generation: r.generation,
+            rank: r.rank,
+            progress: r.progress.map(Into::into),
+            error: r.error.clone(),
+            checkpoint_written: r.checkpoint_written,
+            checkpoint_committed: r.checkpoint_committed,
+        }
+    }
+}
+
+impl From<Reply> for rpc::HeartbeatReply {
+    fn from(r: Reply) -> Self {
+        use rpc::heartbeat_reply::Command as C;
+        let command = match r.command {
+            Command::Wait => C::Wait(rpc::Wait {}),
+            Command::Abort(reason) => C::Abort(rpc::Abort { reason }),
+            Command::Run(a) => C::Run(rpc::Assignment {
+                job_id: a.job_id,
+                generation: a.generation,
+                rank: a.rank,
+                peers: a.peers,
+                job_toml: a.job_toml,
+                resume: a.resume,
+            }),
+        };
+        rpc::HeartbeatReply {
+            command: Some(command),
+            commit_step: r.commit_step,
+        }
+    }
+}
+
+impl TryFrom<rpc::HeartbeatReply> for Reply {
+    type Error = FieldError;
+
+    fn try_from(r: rpc::HeartbeatReply) -> Result<Self, FieldError> {
+        use rpc::heartbeat_reply::Command as C;
+        let command = match r.command {
+            None | Some(C::Wait(_)) => Command::Wait,
+            Some(C::Abort(a)) => Command::Abort(a.reason),
+            Some(C::Run(a)) => {
+                if a.rank as usize >= a.peers.len() {
+                    return Err(field_error(
+                        "run.rank",
+                        format!("rank {} of {} peers", a.rank, a.peers.len()),
+                    ));
+                }
+                Command::Run(Assignment {
+                    job_id: a.job_id,
+                    generation: a.generation,
+                    rank: a.rank,
+                    peers: a.peers,
+                    job_toml: a.job_toml,
+                    resume: a.resume,
+                })
+            }
+        };
+        Ok(Reply {
+            command,
+            commit_step: r.commit_step,
+        })
+    }
+}
