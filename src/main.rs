@@ -8,19 +8,27 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_checkpoint::layout::parse_step_dir;
 use kiln_checkpoint::{CheckpointStore, Listed, Manifest};
+use kiln_coordinator::agent::{self, AgentOptions};
+use kiln_coordinator::machine::Policy;
+use kiln_coordinator::service::Config as CoordinatorConfig;
+use kiln_coordinator::{self as coordinator, ops};
+use kiln_proto::client::Target;
 use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::index::{index, IndexOptions};
 use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::prepare::{prepare, PrepareOptions};
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
+use kiln_worker::checkpoint::CommitGate;
 use kiln_worker::device::{resolve_bf16, resolve_device};
 use kiln_worker::eval::evaluate;
 use kiln_worker::export::export_hf;
 use kiln_worker::generate::{generate, SampleOptions};
 use kiln_worker::hf::{self, SaveOptions};
 use kiln_worker::model::DecayPolicy;
+use kiln_worker::supervised::{self, StdinGate};
 use kiln_worker::train::{train, Event, Launch, KILN_META};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -87,6 +95,115 @@ enum Command {
         /// a checkpoint directory.
         #[arg(long, value_name = "latest|step-N|URL")]
         resume: Option<String>,
+        /// Run under `kiln worker`: events as JSON lines on stdout, checkpoint commits on
+        /// the coordinator's word (from stdin), and stop when stdin closes.
+        #[arg(long, hide = true)]
+        supervised: bool,
+    },
+    /// Run a coordinator: it accepts jobs, forms them on registered workers, and recovers
+    /// or re-forms them from their newest checkpoint.
+    Coordinator {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Where job state is kept, so a restarted coordinator picks its jobs up: a
+        /// directory or store URL.
+        #[arg(long, default_value = ".kiln/coordinator")]
+        state: String,
+        /// The shared token of workers and clients (generated and printed when not given).
+        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A worker not heard from for this many seconds is gone.
+        #[arg(long, default_value_t = 10.0)]
+        heartbeat_timeout_s: f64,
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_interval_ms: u64,
+        /// Failures in a row (no checkpoint committed between them) before a job fails.
+        #[arg(long, default_value_t = 5)]
+        max_restarts: u32,
+        /// Evict a worker that straggles (computes 1.5x slower than the median) this long.
+        #[arg(long)]
+        evict_stragglers_after_s: Option<f64>,
+        /// Serve TLS with this certificate (PEM) ...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ... and key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Run worker processes for a coordinator: each trains the ranks it is given.
+    Worker {
+        #[command(flatten)]
+        conn: Conn,
+        /// The address other workers reach this host at.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Workers on this host (one per GPU).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Where job files go (default: a directory under the system's temporary one).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        #[arg(long, default_value = "worker")]
+        name: String,
+    },
+    /// Submit a job to a coordinator.
+    Submit {
+        job: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+        /// Workers to run it on (default: parallel.tp, one data-parallel group).
+        #[arg(long, default_value_t = 0)]
+        workers: u32,
+        /// Fewest workers it may continue on after a failure.
+        #[arg(long, default_value_t = 1)]
+        min_workers: u32,
+        /// Most workers it may grow to (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_workers: u32,
+        /// Follow it to its end with a progress bar.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The coordinator's jobs and workers, or one job (with --watch: followed to its end).
+    Status {
+        job: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Change a job's worker count; it takes effect at the next checkpoint.
+    Scale {
+        job: String,
+        #[arg(long)]
+        workers: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop a job (its workers abort; its checkpoints stay).
+    Stop {
+        job: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A job's event log: formations, failures, recoveries, checkpoints.
+    Logs {
+        job: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a job on this host: a coordinator and N worker processes.
+    Local {
+        job: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Where the coordinator keeps its state (default: output.dir/coordinator).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 10.0)]
+        heartbeat_timeout_s: f64,
     },
     /// Generate text from trained weights.
     Sample {
@@ -160,6 +277,40 @@ enum Command {
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_bytes: u64,
     },
+}
+
+/// How to reach the coordinator.
+#[derive(clap::Args)]
+struct Conn {
+    #[arg(
+        long,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+    /// The CA certificate (PEM) of a coordinator that serves TLS.
+    #[arg(long, env = "KILN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl Conn {
+    fn target(self) -> Target {
+        Target {
+            url: self.coordinator,
+            token: self.token,
+            tls_ca: self.tls_ca,
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 #[derive(Subcommand)]
@@ -270,15 +421,20 @@ fn run(cli: Cli) -> Result<()> {
             world_size,
             peers,
             resume,
+            supervised,
         } => {
             let job = JobConfig::load(&job)?;
             let launch = Launch {
                 resume,
+                commit_gate: supervised.then(|| StdinGate::start() as Arc<dyn CommitGate>),
                 ..launch(rank, world_size, peers)?
             };
             let world = launch.world_size();
+            let quiet = quiet || supervised;
             let summary = train(&job, &launch, &mut |e| {
-                if !quiet {
+                if supervised {
+                    supervised::print_event(e)
+                } else if !quiet && rank == 0 {
                     print_event(e)
                 }
             })
@@ -290,7 +446,7 @@ fn run(cli: Cli) -> Result<()> {
                     e
                 }
             })?;
-            if !quiet {
+            if !quiet && rank == 0 {
                 if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
                     println!(
                         "done: training loss {first:.4} -> {last:.4}; waited for data {:.2}% of {:.1} s of training",
@@ -300,6 +456,144 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Coordinator {
+            listen,
+            state,
+            token,
+            heartbeat_timeout_s,
+            heartbeat_interval_ms,
+            max_restarts,
+            evict_stragglers_after_s,
+            tls_cert,
+            tls_key,
+        } => {
+            let token = match token.filter(|t| !t.is_empty()) {
+                Some(t) => t,
+                None => {
+                    let t = ops::random_token();
+                    eprintln!("no --token or KILN_TOKEN given; workers and clients need:\nexport KILN_TOKEN={t}");
+                    t
+                }
+            };
+            if !(heartbeat_timeout_s.is_finite() && heartbeat_timeout_s > 0.0) {
+                bail!("--heartbeat-timeout-s must be a positive number of seconds");
+            }
+            let config = CoordinatorConfig {
+                listen,
+                token,
+                state_url: state,
+                policy: Policy {
+                    heartbeat_timeout_s,
+                    max_restarts,
+                    evict_stragglers_after_s,
+                    ..Policy::default()
+                },
+                heartbeat_interval: std::time::Duration::from_millis(heartbeat_interval_ms.max(50)),
+                tls: tls_cert.zip(tls_key),
+            };
+            runtime()?.block_on(async {
+                let running = coordinator::service::start(config).await?;
+                println!(
+                    "kiln coordinator listening on {}; state in {}",
+                    running.addr, running.state_url
+                );
+                let done = running.done;
+                tokio::select! {
+                    r = done => r.context("the coordinator task failed")??,
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+        Command::Worker {
+            conn,
+            host,
+            nproc_per_node,
+            work_dir,
+            name,
+        } => {
+            let work_dir = work_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("kiln-worker-{}", std::process::id()))
+            });
+            let options = AgentOptions {
+                target: conn.target(),
+                host,
+                exe: std::env::current_exe().context("cannot find the kiln executable")?,
+                work_dir,
+                local_rank: None,
+                label: name,
+            };
+            if nproc_per_node == 0 {
+                bail!("--nproc-per-node must be at least 1");
+            }
+            runtime()?.block_on(agent::run_many(options, nproc_per_node))?;
+            Ok(())
+        }
+        Command::Submit {
+            job,
+            conn,
+            workers,
+            min_workers,
+            max_workers,
+            watch,
+        } => {
+            let target = conn.target();
+            runtime()?.block_on(async {
+                let id = ops::submit(&target, &job, workers, min_workers, max_workers).await?;
+                println!("{id}");
+                if watch {
+                    finish(ops::watch(&target, &id).await?)?;
+                }
+                Ok(())
+            })
+        }
+        Command::Status { job, conn, watch } => {
+            let target = conn.target();
+            let job = job.unwrap_or_default();
+            runtime()?.block_on(async {
+                if watch && !job.is_empty() {
+                    finish(ops::watch(&target, &job).await?)
+                } else {
+                    if watch {
+                        bail!("--watch follows one job: name it");
+                    }
+                    ops::status(&target, &job).await?;
+                    Ok(())
+                }
+            })
+        }
+        Command::Scale { job, workers, conn } => {
+            let target = conn.target();
+            let message = runtime()?.block_on(ops::scale(&target, &job, workers))?;
+            println!("{message}");
+            Ok(())
+        }
+        Command::Stop { job, conn } => {
+            let target = conn.target();
+            let message = runtime()?.block_on(ops::stop(&target, &job))?;
+            println!("{message}");
+            Ok(())
+        }
+        Command::Logs { job, conn, follow } => {
+            let target = conn.target();
+            runtime()?.block_on(ops::logs(&target, &job, follow))?;
+            Ok(())
+        }
+        Command::Local {
+            job,
+            workers,
+            state,
+            heartbeat_timeout_s,
+        } => {
+            let options = ops::Local {
+                job,
+                workers,
+                exe: std::env::current_exe().context("cannot find the kiln executable")?,
+                state_url: state,
+                heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout_s.max(0.5)),
+            };
+            finish(runtime()?.block_on(ops::local(options))?)
         }
         Command::Sample {
             model,
@@ -561,8 +855,17 @@ fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> 
     Ok(Launch {
         rank,
         peers,
-        resume: None,
+        ..Launch::default()
     })
+}
+
+/// Prints how a followed job ended; an error unless it completed.
+fn finish(job: kiln_proto::rpc::JobStatus) -> Result<()> {
+    println!("{}", ops::job_line(&job));
+    if job.phase != "completed" {
+        bail!("job {} {}: {}", job.job_id, job.phase, job.message);
+    }
+    Ok(())
 }
 
 /// The checkpoint a URL names: `.../step-N`, or the newest committed one under a checkpoint

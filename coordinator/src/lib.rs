@@ -6,7 +6,13 @@
 //! - [`machine`]: every decision, as pure functions of the state (unit-tested).
 //! - [`state`]: the state kept in an object store with conditional puts.
 //! - [`service`]: the gRPC service around them (token check, field validation).
+//! - [`agent`]: the worker side (`kiln worker`): heartbeats, and one supervised training
+//!   process per assignment.
+//! - [`ops`]: the client commands (`kiln submit`, `status`, `scale`, `stop`, `logs`,
+//!   `local`).
 
+pub mod agent;
 pub mod machine;
+pub mod ops;
 pub mod service;
 pub mod state;

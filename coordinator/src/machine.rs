@@ -89,11 +89,11 @@ impl JobSpec {
     /// Whether `world` workers can run this job: whole tensor-parallel groups, and a batch
     /// that splits evenly over the data-parallel ranks' micro-batches.
     pub fn fits(&self, world: u32) -> bool {
-        if world == 0 || world % self.tp != 0 {
+        if world == 0 || !world.is_multiple_of(self.tp) {
             return false;
         }
         let dp = u64::from(world / self.tp);
-        self.batch_size % (dp * self.micro_batch_size) == 0
+        self.batch_size.is_multiple_of(dp * self.micro_batch_size)
     }
 
     /// The largest world of at most `available` and `desired` workers (and within
@@ -177,7 +177,8 @@ pub fn stragglers(compute_s: &[(u32, f64)], factor: f64, min_gap_s: f64) -> Vec<
     }
     let mut times: Vec<f64> = compute_s.iter().map(|(_, t)| *t).collect();
     times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    // The lower median: with two ranks, the faster one is the reference.
+    let median = times[(times.len() - 1) / 2];
     compute_s
         .iter()
         .filter(|(_, t)| *t > median * factor && *t - median >= min_gap_s)
@@ -518,12 +519,10 @@ impl Machine {
             if !wanted {
                 let why = match self.jobs.get(&r.job_id) {
                     Some(j) if j.phase.finished() => format!("job {} is {}", j.id, j.phase.name()),
-                    Some(j) => format!(
-                        "job {} moved to generation {} ({})",
-                        j.id,
-                        j.generation,
-                        j.phase.name()
-                    ),
+                    Some(j) if j.generation != r.generation => {
+                        format!("job {} moved on to generation {}", j.id, j.generation)
+                    }
+                    Some(j) => format!("job {} is {}", j.id, j.phase.name()),
                     None => format!("no job {}", r.job_id),
                 };
                 return Reply {
@@ -594,7 +593,7 @@ impl Machine {
                 try_form(job, workers, now, &busy);
             }
             Phase::Rendezvous | Phase::Running | Phase::Checkpointing => {
-                decide_running(job, workers, &policy, now);
+                decide_running(job, workers, &policy, now, &busy);
             }
         }
         let job = &self.jobs[id];
@@ -658,10 +657,20 @@ fn try_form(
                 && !job.excluded.contains(&w.id)
         })
         .collect();
-    let Some(world) = job.spec.plan_world(free.len(), job.desired) else {
-        let need = (job.spec.min_workers.max(1)..=job.desired)
-            .find(|&w| job.spec.fits(w))
-            .unwrap_or(job.desired);
+    // A job's first generation waits for all the workers it asked for; a recovery
+    // continues on fewer (down to min_workers) rather than wait.
+    let planned = job
+        .spec
+        .plan_world(free.len(), job.desired)
+        .filter(|&w| job.generation > 0 || w == job.desired);
+    let Some(world) = planned else {
+        let need = if job.generation == 0 {
+            job.desired
+        } else {
+            (job.spec.min_workers.max(1)..=job.desired)
+                .find(|&w| job.spec.fits(w))
+                .unwrap_or(job.desired)
+        };
         set_message(
             job,
             format!(
@@ -714,6 +723,7 @@ fn decide_running(
     workers: &mut BTreeMap<String, Worker>,
     policy: &Policy,
     now: f64,
+    busy: &BTreeSet<String>,
 ) {
     let g = job.generation;
     let mut running = 0;
@@ -738,6 +748,13 @@ fn decide_running(
                 ));
             }
             None if w.report.runs(&job.id, g) => running += 1,
+            // Started, then stopped without saying how (its agent killed the process).
+            None if job.phase != Phase::Rendezvous
+                && w.report.job_id == job.id
+                && w.report.generation == g =>
+            {
+                failed.get_or_insert(format!("rank {rank} (worker {id}) stopped running"));
+            }
             None => {}
         }
     }
@@ -804,7 +821,10 @@ fn decide_running(
             let free = workers
                 .values()
                 .filter(|w| {
-                    w.available() && w.report.ready_addr.is_some() && !job.excluded.contains(&w.id)
+                    w.available()
+                        && w.report.ready_addr.is_some()
+                        && !busy.contains(&w.id)
+                        && !job.excluded.contains(&w.id)
                 })
                 .count();
             let target = job.spec.plan_world(world + free, job.desired);
@@ -903,8 +923,12 @@ fn set_phase(job: &mut Job, now: f64, phase: Phase, message: String) {
     job.message = message;
 }
 
-fn set_message(job: &mut Job, message: String) {
-    job.message = message;
+/// What a job waits for, after the reason it is waiting (its last phase change).
+fn set_message(job: &mut Job, waiting: String) {
+    job.message = match job.log.last() {
+        Some(last) => format!("{} ({waiting})", last.message),
+        None => waiting,
+    };
 }
 
 fn log(job: &mut Job, now: f64, phase: Phase, message: String) {

@@ -201,6 +201,17 @@ pub struct Saved {
     pub deleted: Vec<u64>,
 }
 
+/// The coordinator's part in a commit, when a coordinator runs the job: each rank reports
+/// its shard written (phase one), and rank 0 writes the manifest only once the coordinator
+/// has seen every rank's report and said so (phase two). Without a gate, rank 0 commits
+/// when every rank's confirmation object is in the store.
+pub trait CommitGate: Send + Sync {
+    /// This rank's shard of `step` (and its confirmation) is written.
+    fn written(&self, step: u64);
+    /// Blocks until `step` may be committed; an error gives the save up.
+    fn wait_commit(&self, step: u64, timeout: Duration) -> Result<(), String>;
+}
+
 /// Saves the training state of one rank every so often.
 pub struct Saver {
     store: CheckpointStore,
@@ -215,6 +226,7 @@ pub struct Saver {
     /// Part buffers kept from one save to the next.
     spare: Arc<Mutex<Vec<Vec<u8>>>>,
     in_flight: Option<InFlight>,
+    gate: Option<Arc<dyn CommitGate>>,
 }
 
 impl Saver {
@@ -241,7 +253,14 @@ impl Saver {
             host_budget: None,
             spare: Arc::default(),
             in_flight: None,
+            gate: None,
         }
+    }
+
+    /// Commits through `gate` (see [`CommitGate`]).
+    pub fn with_gate(mut self, gate: Option<Arc<dyn CommitGate>>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Holds at most `bytes` of a save in host memory (copied from the state, not yet
@@ -283,6 +302,7 @@ impl Saver {
         let (keep_last, keep_every, host_budget) =
             (self.keep_last, self.keep_every, self.host_budget);
         let spare = self.spare.clone();
+        let gate = self.gate.clone();
         let (copied_tx, copied) = mpsc::channel();
         let work = move || -> Result<Saved, CheckpointError> {
             let t0 = Instant::now();
@@ -307,7 +327,18 @@ impl Saver {
             drop(spare);
             let upload_s = t0.elapsed().as_secs_f64();
             let (mut committed, mut deleted) = (None, Vec::new());
+            if let Some(g) = &gate {
+                g.written(step);
+            }
             if rank == 0 {
+                if let Some(g) = &gate {
+                    g.wait_commit(step, commit_timeout()).map_err(|message| {
+                        CheckpointError::Io {
+                            object: store.display(step, ""),
+                            message,
+                        }
+                    })?;
+                }
                 store.commit(step, mesh, infos, train_state, commit_timeout())?;
                 committed = Some(store.display(step, kiln_checkpoint::layout::MANIFEST));
                 deleted = store.retain(step, keep_last, keep_every)?;

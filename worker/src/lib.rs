@@ -8,9 +8,11 @@
 //! - [`optim`]: AdamW, gradient clipping, learning-rate schedules.
 //! - [`hf`]: Hugging Face checkpoint directories in and out.
 //! - [`train`]: the single-process training loop of `kiln train`.
+//! - [`supervised`]: a training process run by `kiln worker`'s agent, over stdin/stdout.
 //! - [`generate`] and [`eval`]: sampling text and measuring loss.
 //!
-//! Architecture invariant: nothing here knows about gRPC or the coordinator.
+//! Architecture invariant: nothing here knows about gRPC or the coordinator; a coordinated
+//! run only adds a [`checkpoint::CommitGate`] and line-based stdio ([`supervised`]).
 
 pub mod checkpoint;
 pub mod collective;
@@ -24,4 +26,5 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod supervised;
 pub mod train;

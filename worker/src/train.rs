@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_proto::job::JobConfig;
@@ -23,7 +24,7 @@ use tch::Tensor;
 
 use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Mesh};
 
-use crate::checkpoint::{self, Saver};
+use crate::checkpoint::{self, CommitGate, Saver};
 use crate::collective::tcp::rendezvous_timeout;
 use crate::collective::{CollectiveError, ParallelDims, ProcessGroups, ReduceOp};
 use crate::config::{ConfigError, LlamaConfig};
@@ -87,13 +88,26 @@ pub enum TrainError {
 
 /// Where this process sits in a multi-process run: its global rank and every rank's
 /// `host:port` (`peers[r]` is where rank `r` listens). One process alone by default.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Launch {
     pub rank: usize,
     pub peers: Vec<String>,
     /// Continue from a checkpoint: `latest` (the newest valid one under the job's checkpoint
     /// directory, or a fresh start when there is none yet), `step-N`, or a checkpoint's URL.
     pub resume: Option<String>,
+    /// Checkpoint commits go through a coordinator (see [`CommitGate`]).
+    pub commit_gate: Option<Arc<dyn CommitGate>>,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("rank", &self.rank)
+            .field("peers", &self.peers)
+            .field("resume", &self.resume)
+            .field("commit_gate", &self.commit_gate.is_some())
+            .finish()
+    }
 }
 
 impl Launch {
@@ -190,7 +204,7 @@ pub struct Summary {
 pub const KILN_META: &str = "kiln.json";
 
 /// Trains `job` as rank `launch.rank` of `launch.world_size()` processes. Only global rank 0
-/// writes the metrics log, the ledger and the model, and reports events.
+/// writes the metrics log, the ledger and the model; every rank reports its events.
 pub fn train(
     job: &JobConfig,
     launch: &Launch,
@@ -369,7 +383,8 @@ pub fn train(
                 ck.keep_last,
                 ck.keep_every as u64,
             )
-            .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20)),
+            .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20))
+            .with_gate(launch.commit_gate.clone()),
         )
     } else {
         None
@@ -413,15 +428,16 @@ pub fn train(
     // Metrics name the steps done (1-based), the ledger the step index (0-based).
     let (metrics_path, mut metrics) = sink("metrics.jsonl", &|s| s <= start_step)?;
     let (ledger_path, mut ledger) = sink("ledger.jsonl", &|s| s < start_step)?;
+    // Every rank reports its events (a supervisor follows each rank's steps); only the
+    // leader's go to the metrics log.
     let mut emit = |event: Event| -> Result<(), TrainError> {
-        if !leader {
-            return Ok(());
+        if leader {
+            let line = serde_json::to_string(&event).unwrap_or_default();
+            writeln!(metrics, "{line}").map_err(|source| TrainError::Write {
+                path: metrics_path.clone(),
+                source,
+            })?;
         }
-        let line = serde_json::to_string(&event).unwrap_or_default();
-        writeln!(metrics, "{line}").map_err(|source| TrainError::Write {
-            path: metrics_path.clone(),
-            source,
-        })?;
         on_event(&event);
         Ok(())
     };

@@ -1,0 +1,528 @@
+//! The worker agent of `kiln worker`: registers with the coordinator, heartbeats, and runs
+//! each assignment as a training process (`kiln train --supervised`) that it watches and,
+//! on the coordinator's word, kills at once. The training process keeps running while the
+//! coordinator is away; the agent keeps heartbeating until it is back, then registers
+//! again under its old id with what it is running.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::client::{source_chain, Client, Target};
+use kiln_proto::control::{Assignment, Command, Progress, Reply, WorkerReport, WorkerState};
+use kiln_proto::rpc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::{Mutex, Notify};
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub target: Target,
+    /// The address other workers reach this host at (its ring listens there).
+    pub host: String,
+    /// The `kiln` executable that runs training processes.
+    pub exe: PathBuf,
+    /// Where job files and per-generation logs go.
+    pub work_dir: PathBuf,
+    /// This agent's GPU among the host's (`LOCAL_RANK` of its training processes).
+    pub local_rank: Option<usize>,
+    /// A name for messages.
+    pub label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Connect(#[from] kiln_proto::client::ConnectError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot start the training process {exe}: {source}")]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the training process's output says, shared with the heartbeat loop.
+#[derive(Debug, Default)]
+struct Seen {
+    progress: Option<Progress>,
+    written: u64,
+    committed: u64,
+    /// The last lines it wrote to stderr (the error, when it fails).
+    tail: Vec<String>,
+}
+
+struct Running {
+    assignment: Assignment,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    seen: Arc<std::sync::Mutex<Seen>>,
+    commit_sent: u64,
+}
+
+/// A free port on this host for the next ring: bound and released, so another process
+/// could take it in between; the ring then fails to listen and the generation restarts.
+fn free_addr(host: &str) -> String {
+    let port = TcpListener::bind((
+        if host == "localhost" {
+            "127.0.0.1"
+        } else {
+            "0.0.0.0"
+        },
+        0,
+    ))
+    .ok()
+    .and_then(|l| l.local_addr().ok())
+    .map_or(0, |a| a.port());
+    format!("{host}:{port}")
+}
+
+const TAIL_LINES: usize = 20;
+
+/// Runs the agent until it is killed or refused.
+pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
+    let client = options.target.connect_lazy()?;
+    let wake = Arc::new(Notify::new());
+    let mut agent = Agent {
+        options,
+        client,
+        id: String::new(),
+        interval: Duration::from_millis(1000),
+        running: None,
+        last: WorkerReport::default(),
+        ready_addr: String::new(),
+        wake: wake.clone(),
+        lost_since: None,
+    };
+    agent.ready_addr = free_addr(&agent.options.host);
+    agent.register().await?;
+    loop {
+        if let Some(reply) = agent.heartbeat().await? {
+            agent.act(reply).await?;
+        }
+        let interval = agent.interval;
+        let exited = async {
+            match agent.running.as_mut() {
+                Some(r) => {
+                    let _ = r.child.wait().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = wake.notified() => {}
+            _ = exited => {}
+        }
+        agent.reap().await;
+    }
+}
+
+struct Agent {
+    options: AgentOptions,
+    client: Client,
+    id: String,
+    interval: Duration,
+    running: Option<Running>,
+    /// What the agent reports when nothing runs: how the last assignment ended.
+    last: WorkerReport,
+    ready_addr: String,
+    wake: Arc<Notify>,
+    lost_since: Option<tokio::time::Instant>,
+}
+
+impl Agent {
+    fn report(&self) -> WorkerReport {
+        match &self.running {
+            Some(r) => {
+                let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+                WorkerReport {
+                    state: WorkerState::Running,
+                    ready_addr: None,
+                    job_id: r.assignment.job_id.clone(),
+                    generation: r.assignment.generation,
+                    rank: r.assignment.rank,
+                    progress: seen.progress,
+                    error: String::new(),
+                    checkpoint_written: seen.written,
+                    checkpoint_committed: seen.committed,
+                }
+            }
+            None => WorkerReport {
+                ready_addr: Some(self.ready_addr.clone()),
+                ..self.last.clone()
+            },
+        }
+    }
+
+    async fn register(&mut self) -> Result<(), AgentError> {
+        let mut warned = false;
+        loop {
+            let request = rpc::RegisterRequest {
+                host: self.options.host.clone(),
+                previous_id: self.id.clone(),
+                report: Some((&self.report()).into()),
+                kiln_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            match self.client.register(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if reply.worker_id != self.id {
+                        eprintln!(
+                            "{}: registered with the coordinator at {} as {}",
+                            self.options.label, self.options.target.url, reply.worker_id
+                        );
+                    } else {
+                        eprintln!(
+                            "{}: registered again as {}",
+                            self.options.label, reply.worker_id
+                        );
+                    }
+                    self.id = reply.worker_id;
+                    self.interval =
+                        Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(50)));
+                    self.lost_since = None;
+                    return Ok(());
+                }
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    return Err(AgentError::Refused(format!(
+                        "the coordinator refused this worker: {}",
+                        s.message()
+                    )))
+                }
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(AgentError::Refused(format!(
+                        "the coordinator refused to register this worker: {}",
+                        s.message()
+                    )))
+                }
+                Err(s) => {
+                    if !warned {
+                        eprintln!(
+                            "{}: waiting for the coordinator at {}: {}",
+                            self.options.label,
+                            self.options.target.url,
+                            status_text(&s)
+                        );
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// One heartbeat; `None` when the coordinator cannot be reached (training goes on).
+    async fn heartbeat(&mut self) -> Result<Option<Reply>, AgentError> {
+        let request = rpc::HeartbeatRequest {
+            worker_id: self.id.clone(),
+            report: Some((&self.report()).into()),
+        };
+        match self.client.heartbeat(request).await {
+            Ok(reply) => {
+                if self.lost_since.take().is_some() {
+                    eprintln!("{}: the coordinator is back", self.options.label);
+                }
+                Reply::try_from(reply.into_inner()).map(Some).map_err(|e| {
+                    AgentError::Refused(format!("bad reply from the coordinator: {e}"))
+                })
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                // The coordinator restarted or forgot this worker: register again, saying
+                // what runs here.
+                self.register().await?;
+                Ok(None)
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => Err(AgentError::Refused(
+                format!("the coordinator refused this worker: {}", s.message()),
+            )),
+            Err(s) => {
+                if self.lost_since.is_none() {
+                    eprintln!(
+                        "{}: cannot reach the coordinator ({}); training continues, retrying",
+                        self.options.label,
+                        status_text(&s)
+                    );
+                    self.lost_since = Some(tokio::time::Instant::now());
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Does what the reply says.
+    async fn act(&mut self, reply: Reply) -> Result<(), AgentError> {
+        match reply.command {
+            Command::Wait => {}
+            Command::Abort(reason) => {
+                if let Some(mut r) = self.running.take() {
+                    eprintln!(
+                        "{}: aborting rank {} of {} generation {}: {reason}",
+                        self.options.label,
+                        r.assignment.rank,
+                        r.assignment.job_id,
+                        r.assignment.generation
+                    );
+                    let _ = r.child.kill().await;
+                    self.last = WorkerReport {
+                        state: WorkerState::Idle,
+                        job_id: r.assignment.job_id.clone(),
+                        generation: r.assignment.generation,
+                        rank: r.assignment.rank,
+                        ..WorkerReport::default()
+                    };
+                    self.ready_addr = free_addr(&self.options.host);
+                    self.wake.notify_one();
+                }
+            }
+            Command::Run(a) => {
+                if self.running.is_none() {
+                    self.start(a).await?;
+                    self.wake.notify_one();
+                }
+            }
+        }
+        if let Some(r) = self.running.as_mut() {
+            if reply.commit_step > r.commit_sent {
+                if let Some(stdin) = r.stdin.as_mut() {
+                    let line = format!("commit {}\n", reply.commit_step);
+                    if stdin.write_all(line.as_bytes()).await.is_ok() {
+                        let _ = stdin.flush().await;
+                        r.commit_sent = reply.commit_step;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, a: Assignment) -> Result<(), AgentError> {
+        let dir = &self.options.work_dir;
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        let job_path = dir.join(format!("{}-g{}-r{}.toml", a.job_id, a.generation, a.rank));
+        std::fs::write(&job_path, &a.job_toml).map_err(|source| AgentError::Write {
+            path: job_path.clone(),
+            source,
+        })?;
+        eprintln!(
+            "{}: starting rank {} of {} for {} generation {}",
+            self.options.label,
+            a.rank,
+            a.peers.len(),
+            a.job_id,
+            a.generation
+        );
+        let mut cmd = tokio::process::Command::new(&self.options.exe);
+        cmd.arg("train")
+            .arg(&job_path)
+            .args(["--supervised", "--rank", &a.rank.to_string()])
+            .args(["--world-size", &a.peers.len().to_string()])
+            .args(["--peers", &a.peers.join(",")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if !a.resume.is_empty() {
+            cmd.args(["--resume", &a.resume]);
+        }
+        if let Some(local) = self.options.local_rank {
+            cmd.env("LOCAL_RANK", local.to_string());
+        }
+        let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
+            exe: self.options.exe.clone(),
+            source,
+        })?;
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        if let Some(out) = child.stdout.take() {
+            let (seen, wake) = (seen.clone(), self.wake.clone());
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if follow(&line, &seen) {
+                        wake.notify_one();
+                    }
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            let seen = seen.clone();
+            let label = format!(
+                "{} [{} g{} r{}]",
+                self.options.label, a.job_id, a.generation, a.rank
+            );
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{label} {line}");
+                    let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    s.tail.push(line);
+                    if s.tail.len() > TAIL_LINES {
+                        s.tail.remove(0);
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        self.running = Some(Running {
+            assignment: a,
+            child,
+            stdin,
+            seen,
+            commit_sent: 0,
+        });
+        Ok(())
+    }
+
+    /// Notes a training process that has exited.
+    async fn reap(&mut self) {
+        let Some(r) = self.running.as_mut() else {
+            return;
+        };
+        let Ok(Some(status)) = r.child.try_wait() else {
+            return;
+        };
+        let r = self.running.take().expect("checked above");
+        // Let the output readers drain what is left.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = status.success();
+        let error = if ok {
+            String::new()
+        } else {
+            let errors: Vec<&String> = seen
+                .tail
+                .iter()
+                .filter(|l| l.starts_with("error"))
+                .collect();
+            let text = if errors.is_empty() {
+                seen.tail.join("\n")
+            } else {
+                errors
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            format!("training process {status}: {text}")
+        };
+        eprintln!(
+            "{}: rank {} of {} generation {} {}",
+            self.options.label,
+            r.assignment.rank,
+            r.assignment.job_id,
+            r.assignment.generation,
+            if ok {
+                "finished".to_string()
+            } else {
+                format!("failed: {error}")
+            }
+        );
+        self.last = WorkerReport {
+            state: if ok {
+                WorkerState::Succeeded
+            } else {
+                WorkerState::Failed
+            },
+            ready_addr: None,
+            job_id: r.assignment.job_id.clone(),
+            generation: r.assignment.generation,
+            rank: r.assignment.rank,
+            progress: seen.progress,
+            error,
+            checkpoint_written: seen.written,
+            checkpoint_committed: seen.committed,
+        };
+        drop(seen);
+        self.ready_addr = free_addr(&self.options.host);
+        self.wake.notify_one();
+    }
+}
+
+/// Takes in one line of a training process's stdout; whether it changes what to report.
+fn follow(line: &str, seen: &std::sync::Mutex<Seen>) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return false;
+    };
+    let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    match v["type"].as_str() {
+        Some("step") => {
+            let step_s = f("step_s");
+            let waiting = (f("data_wait") + f("collective_wait")).clamp(0.0, 1.0);
+            s.progress = Some(Progress {
+                step: v["step"].as_u64().unwrap_or(0),
+                steps: v["steps"].as_u64().unwrap_or(0),
+                loss: f("loss"),
+                tokens_per_s: f("tokens_per_s"),
+                mfu: f("mfu"),
+                step_s,
+                compute_s: step_s * (1.0 - waiting),
+            });
+            false
+        }
+        Some("shard_written") => {
+            s.written = s.written.max(v["step"].as_u64().unwrap_or(0));
+            true
+        }
+        Some("checkpoint") if !v["url"].as_str().unwrap_or("").is_empty() => {
+            s.committed = s.committed.max(v["step"].as_u64().unwrap_or(0));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A status's message, or its code when it has none.
+pub fn status_text(s: &tonic::Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        let m = s.message().to_string();
+        match std::error::Error::source(s) {
+            Some(src) => format!("{m}: {}", source_chain(src)),
+            None => m,
+        }
+    }
+}
+
+/// Runs `n` agents in this process (one per GPU of the host).
+pub async fn run_many(options: AgentOptions, n: usize) -> Result<(), AgentError> {
+    if n <= 1 {
+        return run(options).await;
+    }
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for local in 0..n {
+        let o = AgentOptions {
+            local_rank: Some(local),
+            label: format!("{} local {local}", options.label),
+            ..options.clone()
+        };
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = run(o).await {
+                errors.lock().await.push(e);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let first = errors.lock().await.pop();
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
