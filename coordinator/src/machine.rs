@@ -198,6 +198,8 @@ pub struct Worker {
     pub placeholder: bool,
     /// Since when this worker has been flagged a straggler (while running).
     pub straggling_since: Option<f64>,
+    /// Whether the job's log says so (after [`Policy::straggler_grace_s`]).
+    pub straggler_reported: bool,
 }
 
 impl Worker {
@@ -214,6 +216,8 @@ pub struct Policy {
     pub max_restarts: u32,
     /// Straggler: compute time over `straggler_factor` x the median.
     pub straggler_factor: f64,
+    /// How long a rank must straggle before it is reported.
+    pub straggler_grace_s: f64,
     /// Evict a worker that straggles for this long (and re-form without it); `None`:
     /// report only.
     pub evict_stragglers_after_s: Option<f64>,
@@ -225,6 +229,7 @@ impl Default for Policy {
             heartbeat_timeout_s: 10.0,
             max_restarts: DEFAULT_MAX_RESTARTS,
             straggler_factor: 1.5,
+            straggler_grace_s: 10.0,
             evict_stragglers_after_s: None,
         }
     }
@@ -296,6 +301,7 @@ impl Machine {
                             last_seen: now,
                             placeholder: true,
                             straggling_since: None,
+                            straggler_reported: false,
                         },
                     );
                 }
@@ -438,6 +444,7 @@ impl Machine {
                 last_seen: now,
                 placeholder: false,
                 straggling_since: None,
+                straggler_reported: false,
             },
         );
         self.decide(now);
@@ -853,7 +860,9 @@ fn decide_running(
             };
             if slow.contains(&(rank as u32)) {
                 let since = *w.straggling_since.get_or_insert(now);
-                if since == now {
+                // Reported once it has lasted (a noisy step is not a straggler).
+                if now - since >= policy.straggler_grace_s && !w.straggler_reported {
+                    w.straggler_reported = true;
                     let phase = job.phase;
                     log(
                         job,
@@ -878,6 +887,7 @@ fn decide_running(
                 }
             } else {
                 w.straggling_since = None;
+                w.straggler_reported = false;
             }
         }
     }

@@ -194,11 +194,7 @@ impl rpc::coordinator_server::Coordinator for Service {
                     .ranks
                     .iter()
                     .enumerate()
-                    .filter(|(_, id)| {
-                        m.workers
-                            .get(*id)
-                            .is_some_and(|w| w.straggling_since.is_some())
-                    })
+                    .filter(|(_, id)| m.workers.get(*id).is_some_and(|w| w.straggler_reported))
                     .map(|(r, _)| r as u32)
                     .collect();
                 rpc::JobStatus {

@@ -148,10 +148,25 @@ pub fn tiny_job(
     checkpoint: &str,
     steps: i64,
 ) -> PathBuf {
+    tiny_job_with(dir, name, 8, micro, parallel, checkpoint, steps)
+}
+
+/// [`tiny_job`] with a batch of `batch` sequences.
+pub fn tiny_job_with(
+    dir: &Path,
+    name: &str,
+    batch: i64,
+    micro: i64,
+    parallel: &str,
+    checkpoint: &str,
+    steps: i64,
+) -> PathBuf {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).unwrap();
     let text = format!(
         r#"
+name = "{name}"
+
 [model]
 preset = "tiny"
 
@@ -160,7 +175,7 @@ path = "{data}"
 
 [train]
 seq_len = 64
-batch_size = 8
+batch_size = {batch}
 micro_batch_size = {micro}
 steps = {steps}
 seed = 3

@@ -4,7 +4,7 @@
 //! - stdout: one JSON object per line: every [`Event`] of this rank, and
 //!   `{"type":"shard_written","step":N}` when its checkpoint shard of step N is written;
 //! - stdin: `commit N` lines (rank 0 may write step N's manifest: phase two of the commit).
-//!   End of input means the supervisor is gone: the process exits at once, so no rank
+//!   End of input means the supervisor is gone: the process aborts at once, so no rank
 //!   outlives its agent.
 
 use std::io::{BufRead, Write};
@@ -53,8 +53,14 @@ impl StdinGate {
                         g.changed.notify_all();
                     }
                 }
-                eprintln!("error: the worker agent that started this rank is gone; stopping");
-                std::process::exit(3);
+                // Its stderr may be gone with it: never panic on writing the farewell.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: the worker agent that started this rank is gone; stopping"
+                );
+                // Not `exit`: static destructors would run under the training thread's
+                // feet. Nothing is lost: only committed checkpoints count.
+                std::process::abort();
             })
             .expect("a thread starts");
         gate
