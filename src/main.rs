@@ -523,6 +523,7 @@ fn run(cli: Cli) -> Result<()> {
                 work_dir,
                 local_rank: None,
                 label: name,
+                threads: None,
             };
             if nproc_per_node == 0 {
                 bail!("--nproc-per-node must be at least 1");

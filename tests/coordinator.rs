@@ -658,10 +658,19 @@ fn bad_requests_are_refused_and_nothing_is_lost() {
         assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
     });
 
-    // Still serving, the job kept, and its state readable after a restart.
+    // Still serving, and the job kept.
     let s = cluster.status(&job);
     assert_eq!(s.phase, "pending");
     assert!(s.message.contains("0 free, at least 2 needed"), "{s:?}");
+    let stopped = cluster.kiln_ok(&["stop", &job]);
+    assert_eq!(stopped.trim(), format!("job {job} stopped"));
+    assert_eq!(cluster.status(&job).phase, "stopped");
+    let again = cluster.kiln(&["stop", &job]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains(&format!("job {job} is already stopped")),
+        "{err}"
+    );
 }
 
 /// A message whose field 1 is a number where `SubmitRequest` has text.

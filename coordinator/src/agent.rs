@@ -31,6 +31,19 @@ pub struct AgentOptions {
     pub local_rank: Option<usize>,
     /// A name for messages.
     pub label: String,
+    /// CPU threads of each training process (`OMP_NUM_THREADS`), when this host runs
+    /// several; `None`: libtorch's default (every core) or the environment's.
+    pub threads: Option<usize>,
+}
+
+/// The threads each of `n` processes on this host should use: an even share of the
+/// cores, unless `OMP_NUM_THREADS` already says.
+pub fn threads_per_process(n: usize) -> Option<usize> {
+    if n <= 1 || std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    Some((cores / n).max(1))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +353,9 @@ impl Agent {
         if let Some(local) = self.options.local_rank {
             cmd.env("LOCAL_RANK", local.to_string());
         }
+        if let Some(threads) = self.options.threads {
+            cmd.env("OMP_NUM_THREADS", threads.to_string());
+        }
         let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
             exe: self.options.exe.clone(),
             source,
@@ -502,6 +518,10 @@ pub async fn run_many(options: AgentOptions, n: usize) -> Result<(), AgentError>
     if n <= 1 {
         return run(options).await;
     }
+    let options = AgentOptions {
+        threads: options.threads.or(threads_per_process(n)),
+        ..options
+    };
     let errors = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for local in 0..n {

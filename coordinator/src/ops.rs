@@ -201,6 +201,8 @@ pub async fn watch(target: &Target, job_id: &str) -> Result<rpc::JobStatus, OpsE
     );
     let mut next_seq = 0u64;
     let mut unreachable = false;
+    let mut last_print = std::time::Instant::now();
+    let mut last_step = 0;
     loop {
         let status = client
             .status(rpc::StatusRequest {
@@ -252,8 +254,7 @@ pub async fn watch(target: &Target, job_id: &str) -> Result<rpc::JobStatus, OpsE
         };
         bar.set_length(job.steps);
         if let Some(p) = &job.progress {
-            bar.set_position(p.step);
-            bar.set_message(format!(
+            let message = format!(
                 "loss {:.4} | {:.0} tok/s | MFU {:.1}% | {} workers (tp {}) | checkpoint {} | {}",
                 p.loss,
                 p.tokens_per_s,
@@ -262,7 +263,18 @@ pub async fn watch(target: &Target, job_id: &str) -> Result<rpc::JobStatus, OpsE
                 job.tp,
                 job.committed_step,
                 job.phase
-            ));
+            );
+            bar.set_position(p.step);
+            // Without a terminal, a progress line every 10 s instead of the bar.
+            if bar.is_hidden()
+                && p.step != last_step
+                && (last_print.elapsed() >= Duration::from_secs(10) || p.step == p.steps)
+            {
+                println!("step {}/{} | {message}", p.step, p.steps);
+                last_print = std::time::Instant::now();
+                last_step = p.step;
+            }
+            bar.set_message(message);
         } else {
             bar.set_message(job.phase.clone());
         }
@@ -313,8 +325,14 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         options.workers, job.name
     );
     let mut children = Vec::new();
+    // Like torchrun: several training processes on one host share its cores.
+    let threads = crate::agent::threads_per_process(options.workers as usize);
     for i in 0..options.workers {
-        let child = tokio::process::Command::new(&options.exe)
+        let mut cmd = tokio::process::Command::new(&options.exe);
+        if let Some(t) = threads {
+            cmd.env("OMP_NUM_THREADS", t.to_string());
+        }
+        let child = cmd
             .args(["worker", "--coordinator", &url, "--host", "127.0.0.1"])
             .args(["--name", &format!("worker {i}")])
             .env("KILN_TOKEN", &token)
