@@ -463,9 +463,21 @@ impl Machine {
             .get_mut(worker_id)
             .filter(|w| !w.placeholder)
             .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_owned()))?;
+        // Only a change of what it runs, of its checkpoint progress or of its address can
+        // move a job: a heartbeat that only updates its step costs O(1). (Stragglers and
+        // timeouts are looked at on every tick.)
+        let r = &w.report;
+        let moves = r.state != report.state
+            || r.job_id != report.job_id
+            || r.generation != report.generation
+            || r.checkpoint_written != report.checkpoint_written
+            || r.checkpoint_committed != report.checkpoint_committed
+            || r.ready_addr != report.ready_addr;
         w.report = report;
         w.last_seen = now;
-        self.decide(now);
+        if moves {
+            self.decide(now);
+        }
         Ok(self.command_for(worker_id))
     }
 

@@ -393,6 +393,9 @@ fn a_failed_rank_recovers_in_a_new_generation() {
     // forms until it has stopped.
     let why = abort_of(&hb(&mut m, a, running(&job, 1, 0), 2.0)).to_owned();
     assert!(why.contains(&job), "{why}");
+    // An unchanged report moves nothing by itself; the next tick says what the job waits
+    // for.
+    m.tick(2.0);
     assert_eq!(m.jobs[&job].phase, Phase::Recovering);
     assert_eq!(m.jobs[&job].generation, 1);
     assert!(
@@ -895,6 +898,8 @@ fn straggle(m: &mut Machine, job: &str, ids: &[String], until: f64) {
             let slow = if rank == 2 { 3.0 } else { 1.0 };
             hb(m, id, compute(running(job, 1, rank as u32), slow), t);
         }
+        // Stragglers are looked for on the coordinator's tick.
+        m.tick(t);
         t += 1.0;
     }
 }
@@ -936,6 +941,7 @@ fn a_persistent_straggler_is_evicted_and_not_picked_again() {
 
     // At 15 s it has straggled for 5 s.
     hb(&mut m, &ids[0], compute(running(&job, 1, 0), 1.0), 15.0);
+    m.tick(15.0);
     let j = &m.jobs[&job];
     assert_eq!(j.phase, Phase::Recovering);
     assert!(j.message.contains("evicted"), "{}", j.message);

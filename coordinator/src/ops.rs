@@ -360,7 +360,12 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         .into_inner()
         .job_id;
     eprintln!("submitted {id}");
-    let outcome = watch(&target, &id).await;
+    let outcome = tokio::select! {
+        outcome = watch(&target, &id) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(OpsError::Other(format!(
+            "interrupted; the workers are stopped, and {id} continues from its newest checkpoint when run again"
+        ))),
+    };
     for c in &mut children {
         let _ = c.kill().await;
     }

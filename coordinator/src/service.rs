@@ -436,7 +436,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         addr: config.listen,
         source,
     })?;
-    let mut builder = Server::builder().tcp_nodelay(true);
+    let mut builder = Server::builder();
     if let Some((cert, key)) = &config.tls {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|source| ServeError::Tls {
@@ -473,7 +473,10 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     });
     let state_url = config.state_url.clone();
     let done = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // `Server::tcp_nodelay` does not reach sockets from a given listener: without
+        // this, small replies wait for delayed ACKs (about 40 ms each).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = async move {
             tokio::select! {
                 _ = shutdown_rx.changed() => {}
