@@ -224,6 +224,7 @@ fn running_report(a: &rpc::Assignment) -> rpc::WorkerReport {
             mfu: 0.4,
             step_seconds: 1.0,
             compute_seconds: 0.8,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -477,7 +477,10 @@ fn follow(line: &str, seen: &std::sync::Mutex<Seen>) -> bool {
         Some("step") => {
             let step_s = f("step_s");
             let waiting = (f("data_wait") + f("collective_wait")).clamp(0.0, 1.0);
+            let (val_loss, val_step) = s.progress.map_or((0.0, 0), |p| (p.val_loss, p.val_step));
             s.progress = Some(Progress {
+                val_loss,
+                val_step,
                 step: v["step"].as_u64().unwrap_or(0),
                 steps: v["steps"].as_u64().unwrap_or(0),
                 loss: f("loss"),
@@ -486,6 +489,12 @@ fn follow(line: &str, seen: &std::sync::Mutex<Seen>) -> bool {
                 step_s,
                 compute_s: step_s * (1.0 - waiting),
             });
+            false
+        }
+        Some("eval") => {
+            let p = s.progress.get_or_insert_with(Progress::default);
+            p.val_loss = f("val_loss");
+            p.val_step = v["step"].as_u64().unwrap_or(0);
             false
         }
         Some("shard_written") => {

@@ -145,6 +145,12 @@ pub fn job_line(j: &rpc::JobStatus) -> String {
             p.tokens_per_s,
             100.0 * p.mfu
         ));
+        if p.val_step > 0 {
+            line.push_str(&format!(
+                " | validation loss {:.4} at step {}",
+                p.val_loss, p.val_step
+            ));
+        }
     }
     if j.restarts > 0 {
         line.push_str(&format!(" | {} restarts", j.restarts));
@@ -254,8 +260,13 @@ pub async fn watch(target: &Target, job_id: &str) -> Result<rpc::JobStatus, OpsE
         };
         bar.set_length(job.steps);
         if let Some(p) = &job.progress {
+            let val = if p.val_step > 0 {
+                format!(" | val {:.4}", p.val_loss)
+            } else {
+                String::new()
+            };
             let message = format!(
-                "loss {:.4} | {:.0} tok/s | MFU {:.1}% | {} workers (tp {}) | checkpoint {} | {}",
+                "loss {:.4}{val} | {:.0} tok/s | MFU {:.1}% | {} workers (tp {}) | checkpoint {} | {}",
                 p.loss,
                 p.tokens_per_s,
                 100.0 * p.mfu,

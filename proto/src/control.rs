@@ -49,6 +49,9 @@ pub struct Progress {
     pub step_s: f64,
     /// Of `step_s`, the time this rank computed (neither waiting for data nor for peers).
     pub compute_s: f64,
+    /// The latest validation loss and the step it was measured after (0: none yet).
+    pub val_loss: f64,
+    pub val_step: u64,
 }
 
 /// What a worker says of itself in every heartbeat.
@@ -177,6 +180,8 @@ impl TryFrom<rpc::Progress> for Progress {
             mfu: finite("progress.mfu", p.mfu)?,
             step_s: finite("progress.step_seconds", p.step_seconds)?,
             compute_s: finite("progress.compute_seconds", p.compute_seconds)?,
+            val_loss: p.val_loss,
+            val_step: p.val_step,
         })
     }
 }
@@ -191,6 +196,8 @@ impl From<Progress> for rpc::Progress {
             mfu: p.mfu,
             step_seconds: p.step_s,
             compute_seconds: p.compute_s,
+            val_loss: p.val_loss,
+            val_step: p.val_step,
         }
     }
 }

@@ -610,6 +610,12 @@ pub fn train(
             })?;
             // Evaluation time does not count against training throughput.
             window_start += eval_start.elapsed();
+            // A save that finished meanwhile is reported now, not a step later.
+            if let Some(s) = saver.as_mut() {
+                if let Some(done) = s.poll()? {
+                    emit(checkpoint_event(done, std::mem::take(&mut pause_s)))?;
+                }
+            }
         }
     }
 
