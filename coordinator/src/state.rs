@@ -142,3 +142,61 @@ impl StateStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(next_job: u64) -> Persisted {
+        Persisted {
+            next_job,
+            jobs: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_are_read_back_and_a_second_writer_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap();
+        let (mut first, nothing) = StateStore::open(url).await.unwrap();
+        assert!(nothing.is_none());
+        for n in 1..=5 {
+            first.save(&state(n)).await.unwrap();
+        }
+        // A restarted coordinator reads the newest version; older ones beyond three are gone.
+        let (mut second, read) = StateStore::open(url).await.unwrap();
+        assert_eq!(read, Some(state(5)));
+        assert_eq!(second.version(), 5);
+        let mut kept = second.versions().await.unwrap();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![3, 4, 5]);
+        // Two coordinators on one state: whoever writes a version second is refused, and
+        // the first one's version stands.
+        second.save(&state(6)).await.unwrap();
+        let err = first.save(&state(60)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("version 6 was written by another coordinator"),
+            "{err}"
+        );
+        let (_, read) = StateStore::open(url).await.unwrap();
+        assert_eq!(read, Some(state(6)));
+    }
+
+    #[tokio::test]
+    async fn a_torn_newest_version_falls_back_to_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap();
+        let (mut s, _) = StateStore::open(url).await.unwrap();
+        s.save(&state(1)).await.unwrap();
+        std::fs::write(
+            dir.path().join("state").join(format!("v{:020}.json", 2)),
+            b"{\"next_job\": 2, \"jo",
+        )
+        .unwrap();
+        let (s, read) = StateStore::open(url).await.unwrap();
+        assert_eq!(read, Some(state(1)));
+        // The next write does not reuse the damaged version's name.
+        assert_eq!(s.version(), 2);
+    }
+}
