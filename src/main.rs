@@ -145,6 +145,9 @@ enum Command {
         work_dir: Option<PathBuf>,
         #[arg(long, default_value = "worker")]
         name: String,
+        /// Stop when stdin closes (`kiln local`'s workers: none outlives it).
+        #[arg(long, hide = true)]
+        exit_with_stdin: bool,
     },
     /// Submit a job to a coordinator.
     Submit {
@@ -512,7 +515,15 @@ fn run(cli: Cli) -> Result<()> {
             nproc_per_node,
             work_dir,
             name,
+            exit_with_stdin,
         } => {
+            if exit_with_stdin {
+                // Its training processes follow: their stdin closes with this process.
+                std::thread::spawn(|| {
+                    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                    std::process::exit(1);
+                });
+            }
             let work_dir = work_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("kiln-worker-{}", std::process::id()))
             });

@@ -334,6 +334,51 @@ fn dp2_tp2_through_kiln_local_and_separate_processes() {
     assert_eq!(s.committed_step, 12);
 }
 
+/// `kiln local` killed with SIGKILL leaves neither a worker nor a training process behind.
+#[test]
+fn nothing_outlives_a_killed_kiln_local() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let job = tiny_job_with(dir.path(), "orphancheck", 8, 4, "", "every = 4", 100_000);
+    let mut local = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["local", path_str(&job), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = local.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("coordinator on ") {
+                let _ = tx.send(rest.split(';').next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("kiln local starts");
+    let ranks = "orphancheck-1-g1-r";
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while processes_with(ranks).len() < 2 {
+        assert!(Instant::now() < deadline, "the ranks never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(processes_with(&url).len(), 2, "two workers");
+    local.kill().unwrap();
+    local.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<String> = [processes_with(&url), processes_with(ranks)].concat();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// SIGKILL a worker mid-run: the job recovers from its last committed checkpoint on the
 /// spare worker and finishes with the curve and the samples of an uninterrupted run.
 #[test]

@@ -345,9 +345,11 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         }
         let child = cmd
             .args(["worker", "--coordinator", &url, "--host", "127.0.0.1"])
-            .args(["--name", &format!("worker {i}")])
+            .args(["--name", &format!("worker {i}"), "--exit-with-stdin"])
             .env("KILN_TOKEN", &token)
-            .stdin(Stdio::null())
+            // Held open until the job ends: if this process dies, its workers see their
+            // stdin close and stop too.
+            .stdin(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| OpsError::Other(format!("cannot start a worker: {e}")))?;
