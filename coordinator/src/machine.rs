@@ -206,6 +206,15 @@ impl Worker {
     fn available(&self) -> bool {
         !self.placeholder && self.report.state != WorkerState::Running
     }
+
+    /// Whether `job` could give it a rank now: not running, offering a ring address, not
+    /// held by another live job (`busy`), and not evicted from this one.
+    fn free_for(&self, job: &Job, busy: &BTreeSet<String>) -> bool {
+        self.available()
+            && self.report.ready_addr.is_some()
+            && !busy.contains(&self.id)
+            && !job.excluded.contains(&self.id)
+    }
 }
 
 /// Tunables of the decisions.
@@ -667,15 +676,7 @@ fn try_form(
         );
         return;
     }
-    let free: Vec<&Worker> = workers
-        .values()
-        .filter(|w| {
-            w.available()
-                && w.report.ready_addr.is_some()
-                && !busy.contains(&w.id)
-                && !job.excluded.contains(&w.id)
-        })
-        .collect();
+    let free: Vec<&Worker> = workers.values().filter(|w| w.free_for(job, busy)).collect();
     // A job's first generation waits for all the workers it asked for; a recovery
     // continues on fewer (down to min_workers) rather than wait.
     let planned = job
@@ -837,15 +838,7 @@ fn decide_running(
                 format!("checkpoint step {committed} committed"),
             );
             // A committed checkpoint is where the job may change size.
-            let free = workers
-                .values()
-                .filter(|w| {
-                    w.available()
-                        && w.report.ready_addr.is_some()
-                        && !busy.contains(&w.id)
-                        && !job.excluded.contains(&w.id)
-                })
-                .count();
+            let free = workers.values().filter(|w| w.free_for(job, busy)).count();
             let target = job.spec.plan_world(world + free, job.desired);
             if let Some(target) = target.filter(|&t| t as usize != world) {
                 set_phase(
