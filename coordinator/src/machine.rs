@@ -980,5 +980,5 @@ fn sanitize(name: &str) -> String {
 }
 
 #[cfg(test)]
-#[path = "machine_tests.rs"]
+#[path = "machine_tests/mod.rs"]
 mod tests;

@@ -1,0 +1,112 @@
+//! A job from submission to completion, and the two-phase checkpoint commit.
+
+use super::*;
+
+#[test]
+fn two_worker_job_runs_to_completion() {
+    let mut m = machine();
+    let mut s = spec(1, 2, 1);
+    s.min_workers = 2;
+    let job = m.submit(s, 2, 0.0).unwrap();
+    assert!(m.take_dirty());
+    assert!(!m.take_dirty());
+    assert_eq!(m.jobs[&job].phase, Phase::Pending);
+    assert!(
+        m.jobs[&job].message.contains("waiting for workers"),
+        "{}",
+        m.jobs[&job].message
+    );
+
+    let a = m.register("host-a".into(), "", idle(&addr(1)), 1.0);
+    assert_eq!(
+        m.jobs[&job].phase,
+        Phase::Pending,
+        "one worker is below the minimum"
+    );
+    let b = m.register("host-b".into(), "", idle(&addr(2)), 1.0);
+    assert_ne!(a, b);
+    let j = &m.jobs[&job];
+    assert_eq!(j.phase, Phase::Rendezvous);
+    assert_eq!(j.generation, 1);
+    assert_eq!(j.ranks, vec![a.clone(), b.clone()]);
+    assert_eq!(j.peers, vec![addr(1), addr(2)]);
+    assert!(m.take_dirty());
+
+    for (rank, id) in [&a, &b].into_iter().enumerate() {
+        let reply = hb(&mut m, id, idle(&addr(rank + 1)), 2.0);
+        assert_eq!(reply.commit_step, 0);
+        let run = run_of(&reply);
+        assert_eq!(run.job_id, job);
+        assert_eq!(run.generation, 1);
+        assert_eq!(run.rank, rank as u32);
+        assert_eq!(run.peers, vec![addr(1), addr(2)]);
+        assert_eq!(run.resume, "latest");
+        assert_eq!(run.job_toml, spec(1, 2, 1).toml);
+    }
+
+    assert_eq!(
+        hb(&mut m, &a, running(&job, 1, 0), 3.0).command,
+        Command::Wait
+    );
+    assert_eq!(
+        m.jobs[&job].phase,
+        Phase::Rendezvous,
+        "rank 1 has not started yet"
+    );
+    assert_eq!(
+        hb(&mut m, &b, running(&job, 1, 1), 3.0).command,
+        Command::Wait
+    );
+    assert_eq!(m.jobs[&job].phase, Phase::Running);
+
+    let done = |rank| ended(&job, 1, rank, WorkerState::Succeeded, "");
+    assert_eq!(hb(&mut m, &a, done(0), 4.0).command, Command::Wait);
+    assert_eq!(m.jobs[&job].phase, Phase::Running, "rank 1 still runs");
+    assert_eq!(hb(&mut m, &b, done(1), 4.0).command, Command::Wait);
+    let j = &m.jobs[&job];
+    assert_eq!(j.phase, Phase::Completed);
+    assert!(j.message.contains("completed 100 steps"), "{}", j.message);
+    assert_eq!(j.restarts, 0);
+    // A finished job hands out nothing.
+    assert_eq!(hb(&mut m, &a, idle(&addr(1)), 5.0).command, Command::Wait);
+}
+
+#[test]
+fn checkpoint_commit_takes_two_phases() {
+    let mut m = machine();
+    let (job, ids) = start(&mut m, spec(1, 2, 1), 2, 2, 0.0);
+    let (a, b) = (&ids[0], &ids[1]);
+
+    // Rank 1 wrote step 4, rank 0 not yet: nothing to commit.
+    let reply = hb(&mut m, b, ckpt(running(&job, 1, 1), 4, 0), 1.0);
+    assert_eq!(reply.commit_step, 0);
+    assert_eq!(m.jobs[&job].commit_step, 0);
+    assert_eq!(m.jobs[&job].phase, Phase::Running);
+
+    // Both wrote step 4: rank 0 is told to commit it, rank 1 is not.
+    let reply = hb(&mut m, a, ckpt(running(&job, 1, 0), 4, 0), 2.0);
+    assert_eq!(reply.command, Command::Wait);
+    assert_eq!(reply.commit_step, 4);
+    assert_eq!(m.jobs[&job].phase, Phase::Checkpointing);
+    assert_eq!(m.jobs[&job].commit_step, 4);
+    assert_eq!(m.jobs[&job].committed_step, 0);
+    let reply = hb(&mut m, b, ckpt(running(&job, 1, 1), 4, 0), 2.5);
+    assert_eq!(reply.commit_step, 0);
+    // Until it says it committed, rank 0 is told again.
+    let reply = hb(&mut m, a, ckpt(running(&job, 1, 0), 4, 0), 2.8);
+    assert_eq!(reply.commit_step, 4);
+
+    // Rank 0 committed.
+    let reply = hb(&mut m, a, ckpt(running(&job, 1, 0), 4, 4), 3.0);
+    assert_eq!(reply.command, Command::Wait);
+    assert_eq!(reply.commit_step, 0);
+    let j = &m.jobs[&job];
+    assert_eq!(j.committed_step, 4);
+    assert_eq!(j.phase, Phase::Running);
+    assert_eq!(j.generation, 1);
+    assert!(
+        j.message.contains("checkpoint step 4 committed"),
+        "{}",
+        j.message
+    );
+}

@@ -1,0 +1,108 @@
+//! Job specs: which worlds fit, and what is refused.
+
+use super::*;
+
+#[test]
+fn fits_needs_tp_multiples_and_a_dividing_batch() {
+    let s = spec(1, 6, 1);
+    for w in [1, 2, 3, 6] {
+        assert!(s.fits(w), "world {w}");
+    }
+    for w in [0, 4, 5, 7, 12] {
+        assert!(!s.fits(w), "world {w}");
+    }
+    // tp 2, batch 8 in micro-batches of 2: dp 1, 2 and 4 fit.
+    let s = spec(2, 8, 2);
+    for w in [2, 4, 8] {
+        assert!(s.fits(w), "world {w}");
+    }
+    for w in [1, 3, 6, 12, 16] {
+        assert!(!s.fits(w), "world {w}");
+    }
+}
+
+#[test]
+fn plan_world_takes_the_largest_fitting_world_within_bounds() {
+    let s = spec(1, 6, 1);
+    assert_eq!(s.plan_world(5, 5), Some(3));
+    assert_eq!(s.plan_world(10, 4), Some(3));
+    assert_eq!(s.plan_world(10, 6), Some(6));
+    assert_eq!(s.plan_world(1, 6), Some(1));
+    assert_eq!(s.plan_world(0, 2), None);
+
+    let mut s = spec(1, 6, 1);
+    s.min_workers = 4;
+    assert_eq!(s.plan_world(10, 6), Some(6));
+    assert_eq!(
+        s.plan_world(5, 6),
+        None,
+        "4 and 5 do not fit, 3 is below the minimum"
+    );
+
+    let mut s = spec(1, 6, 1);
+    s.max_workers = 2;
+    assert_eq!(s.plan_world(10, 6), Some(2));
+
+    let s = spec(2, 8, 2);
+    assert_eq!(s.plan_world(7, 8), Some(4));
+    assert_eq!(s.plan_world(1, 8), None);
+}
+
+#[test]
+fn check_workers_explains_refusals() {
+    let s = spec(1, 6, 1);
+    assert_eq!(s.check_workers(3), Ok(()));
+    assert!(s.check_workers(0).unwrap_err().contains("at least 1"));
+    let e = s.check_workers(4).unwrap_err();
+    assert!(e.contains("4 workers cannot run this job"), "{e}");
+    assert!(e.contains("parallel.tp = 1"), "{e}");
+    assert!(e.contains("train.batch_size = 6"), "{e}");
+    assert!(e.contains("micro-batches of 1"), "{e}");
+
+    let mut s = spec(1, 6, 1);
+    s.min_workers = 2;
+    s.max_workers = 3;
+    let e = s.check_workers(1).unwrap_err();
+    assert!(e.contains("below the job's minimum of 2"), "{e}");
+    let e = s.check_workers(6).unwrap_err();
+    assert!(e.contains("above the job's maximum of 3"), "{e}");
+}
+
+#[test]
+fn submit_refuses_invalid_jobs() {
+    let mut m = machine();
+    assert!(matches!(
+        m.submit(spec(0, 6, 1), 1, 0.0),
+        Err(Refusal::Invalid(_))
+    ));
+    assert!(matches!(
+        m.submit(spec(1, 6, 0), 1, 0.0),
+        Err(Refusal::Invalid(_))
+    ));
+    let mut s = spec(1, 6, 1);
+    s.min_workers = 3;
+    s.max_workers = 2;
+    let e = m.submit(s, 2, 0.0).unwrap_err();
+    assert!(
+        matches!(&e, Refusal::Invalid(t) if t.contains("above max_workers")),
+        "{e}"
+    );
+    let e = m.submit(spec(1, 6, 1), 4, 0.0).unwrap_err();
+    assert!(
+        matches!(&e, Refusal::Invalid(t) if t.contains("cannot run this job")),
+        "{e}"
+    );
+    assert!(m.jobs.is_empty());
+    assert!(!m.take_dirty());
+}
+
+#[test]
+fn job_ids_are_sanitized_and_numbered() {
+    let mut m = machine();
+    let mut s = spec(1, 1, 1);
+    s.name = "my job/v2".into();
+    assert_eq!(m.submit(s, 1, 0.0).unwrap(), "my-job-v2-1");
+    let mut s = spec(1, 1, 1);
+    s.name = String::new();
+    assert_eq!(m.submit(s, 1, 0.0).unwrap(), "job-2");
+}
