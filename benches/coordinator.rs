@@ -159,6 +159,7 @@ impl Coordinator {
             policy: Policy::default(),
             heartbeat_interval: interval,
             tls: None,
+            metrics_listen: None,
         };
         let running = rt.block_on(service::start(config))?;
         Ok(Coordinator {

@@ -5,6 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KILN_ROOT"
 
 scripts/setup.sh --no-build
+scripts/test-deps.sh
 KILN_SHAKESPEARE=$(scripts/fetch-shakespeare.sh)
 export KILN_SHAKESPEARE
 

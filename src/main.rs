@@ -19,12 +19,14 @@ use kiln_shard_loader::index::{index, IndexOptions};
 use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::prepare::{prepare, PrepareOptions};
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
+use kiln_telemetry::{names, Identity};
 use kiln_worker::checkpoint::CommitGate;
-use kiln_worker::device::{resolve_bf16, resolve_device};
+use kiln_worker::device::{resolve_bf16, resolve_device, resolve_device_for_rank};
 use kiln_worker::eval::evaluate;
 use kiln_worker::export::export_hf;
 use kiln_worker::generate::{generate, SampleOptions};
 use kiln_worker::hf::{self, SaveOptions};
+use kiln_worker::metrics::RankMetrics;
 use kiln_worker::model::DecayPolicy;
 use kiln_worker::supervised::{self, StdinGate};
 use kiln_worker::train::{train, Event, Launch, KILN_META};
@@ -129,6 +131,10 @@ enum Command {
         /// ... and key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Serve job-level metrics for Prometheus at http://ADDR/metrics (e.g.
+        /// 0.0.0.0:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run worker processes for a coordinator: each trains the ranks it is given.
     Worker {
@@ -207,6 +213,19 @@ enum Command {
         state: Option<String>,
         #[arg(long, default_value_t = 10.0)]
         heartbeat_timeout_s: f64,
+        /// Serve the coordinator's metrics for Prometheus at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Write a self-contained HTML page (loss, throughput and step-time plots) from a run's
+    /// metrics log.
+    Report {
+        /// The run: its output directory, a `metrics.jsonl`, a store URL holding one (the
+        /// job's checkpoint directory), or the job file.
+        run: String,
+        /// Where to write the page (default: `report.html` in the current directory).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Generate text from trained weights.
     Sample {
@@ -353,14 +372,11 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Logs to stderr; metrics and traces over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    // Dropped (flushed) when `main` returns.
+    let _telemetry = kiln_telemetry::init(&identity(&cli.command));
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Library errors already embed their causes; print each cause only once.
@@ -374,6 +390,50 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Who this process is, for the resource of its telemetry: a training rank names its job,
+/// rank, generation (under a coordinator), host and device.
+fn identity(command: &Command) -> Identity {
+    match command {
+        Command::Train {
+            job,
+            rank,
+            world_size,
+            ..
+        } => {
+            let job = JobConfig::load(job).ok();
+            let job_id = std::env::var("KILN_JOB_ID")
+                .ok()
+                .or_else(|| job.as_ref().map(|j| j.name.clone()))
+                .unwrap_or_default();
+            let mut id = Identity::new("kiln-train")
+                .with(names::JOB_ID, job_id)
+                .with(names::RANK, rank);
+            if let Ok(generation) = std::env::var("KILN_GENERATION") {
+                id = id.with(names::GENERATION, generation);
+            }
+            let local_rank = (*world_size > 1).then(|| {
+                std::env::var("LOCAL_RANK")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(*rank)
+            });
+            let device = job
+                .and_then(|j| resolve_device_for_rank(&j.train.device, local_rank).ok())
+                .map(|d| match d {
+                    tch::Device::Cuda(i) => format!("cuda:{i}"),
+                    _ => "cpu".to_string(),
+                });
+            if let Some(device) = device {
+                id = id.with(names::DEVICE, device);
+            }
+            id
+        }
+        Command::Coordinator { .. } | Command::Local { .. } => Identity::new("kiln-coordinator"),
+        Command::Worker { .. } => Identity::new("kiln-worker"),
+        _ => Identity::new("kiln"),
     }
 }
 
@@ -434,7 +494,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let world = launch.world_size();
             let quiet = quiet || supervised;
+            let mut metrics = RankMetrics::new();
             let summary = train(&job, &launch, &mut |e| {
+                metrics.record(e);
                 if supervised {
                     supervised::print_event(e)
                 } else if !quiet && rank == 0 {
@@ -470,6 +532,7 @@ fn run(cli: Cli) -> Result<()> {
             evict_stragglers_after_s,
             tls_cert,
             tls_key,
+            metrics_listen,
         } => {
             let token = match token.filter(|t| !t.is_empty()) {
                 Some(t) => t,
@@ -494,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 heartbeat_interval: std::time::Duration::from_millis(heartbeat_interval_ms.max(50)),
                 tls: tls_cert.zip(tls_key),
+                metrics_listen,
             };
             runtime()?.block_on(async {
                 let running = coordinator::service::start(config).await?;
@@ -501,6 +565,9 @@ fn run(cli: Cli) -> Result<()> {
                     "kiln coordinator listening on {}; state in {}",
                     running.addr, running.state_url
                 );
+                if let Some(at) = running.metrics_addr {
+                    println!("metrics for Prometheus at http://{at}/metrics");
+                }
                 let done = running.done;
                 tokio::select! {
                     r = done => r.context("the coordinator task failed")??,
@@ -597,8 +664,10 @@ fn run(cli: Cli) -> Result<()> {
             workers,
             state,
             heartbeat_timeout_s,
+            metrics_listen,
         } => {
             let options = ops::Local {
+                metrics_listen,
                 job,
                 workers,
                 exe: std::env::current_exe().context("cannot find the kiln executable")?,
@@ -606,6 +675,12 @@ fn run(cli: Cli) -> Result<()> {
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout_s.max(0.5)),
             };
             finish(runtime()?.block_on(ops::local(options))?)
+        }
+        Command::Report { run, output } => {
+            let path = output.unwrap_or_else(|| PathBuf::from("report.html"));
+            let written = runtime()?.block_on(coordinator::report::write(&run, &path))?;
+            println!("wrote {}", written.display());
+            Ok(())
         }
         Command::Sample {
             model,
@@ -928,6 +1003,7 @@ fn print_event(e: &Event) {
             step_s,
             data_wait,
             collective_wait,
+            ..
         } => println!(
             "step {step:>6}/{steps} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s | {:.1}% MFU | {:.0} ms/step | data wait {:.1}% | comm wait {:.1}%",
             mfu * 100.0,

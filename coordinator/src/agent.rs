@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_proto::client::{source_chain, Client, Target};
-use kiln_proto::control::{Assignment, Command, Progress, Reply, WorkerReport, WorkerState};
+use kiln_proto::control::{
+    Assignment, Command, Progress, Reply, WorkerReport, WorkerState, PHASES,
+};
 use kiln_proto::rpc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
@@ -343,6 +345,9 @@ impl Agent {
             .args(["--supervised", "--rank", &a.rank.to_string()])
             .args(["--world-size", &a.peers.len().to_string()])
             .args(["--peers", &a.peers.join(",")])
+            // The rank's telemetry resource names its job and generation.
+            .env("KILN_JOB_ID", &a.job_id)
+            .env("KILN_GENERATION", a.generation.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -488,6 +493,9 @@ fn follow(line: &str, seen: &std::sync::Mutex<Seen>) -> bool {
                 mfu: f("mfu"),
                 step_s,
                 compute_s: step_s * (1.0 - waiting),
+                grad_norm: f("grad_norm"),
+                lr: f("lr"),
+                phases: PHASES.map(|name| v["phases"][name].as_f64().unwrap_or(0.0)),
             });
             false
         }

@@ -8,11 +8,15 @@
 //! - [`service`]: the gRPC service around them (token check, field validation).
 //! - [`agent`]: the worker side (`kiln worker`): heartbeats, and one supervised training
 //!   process per assignment.
+//! - [`observe`]: job-level metrics (Prometheus endpoint, OTLP) and recovery spans.
 //! - [`ops`]: the client commands (`kiln submit`, `status`, `scale`, `stop`, `logs`,
 //!   `local`).
+//! - [`report`]: `kiln report`, an HTML page of a run's metrics log.
 
 pub mod agent;
 pub mod machine;
+pub mod observe;
 pub mod ops;
+pub mod report;
 pub mod service;
 pub mod state;

@@ -306,6 +306,8 @@ pub struct Local {
     /// Where the coordinator keeps its state (default: `output.dir/coordinator`).
     pub state_url: Option<String>,
     pub heartbeat_timeout: Duration,
+    /// Serve the coordinator's Prometheus metrics here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
@@ -328,9 +330,13 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         },
         heartbeat_interval: Duration::from_millis(500),
         tls: None,
+        metrics_listen: options.metrics_listen,
     })
     .await?;
     let url = format!("http://{}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        eprintln!("metrics on http://{at}/metrics");
+    }
     eprintln!(
         "coordinator on {url}; starting {} workers for {}",
         options.workers, job.name

@@ -18,6 +18,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::machine::{JobSpec, Machine, Policy, Refusal};
+use crate::observe::{self, Observer};
 use crate::state::{StateError, StateStore};
 
 /// How the coordinator runs.
@@ -32,6 +33,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// PEM certificate and key: serve TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Serve job-level metrics in the Prometheus text format at `/metrics` here.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,7 @@ pub fn now() -> f64 {
 
 struct Shared {
     machine: Mutex<(Machine, StateStore)>,
+    observer: std::sync::Mutex<Observer>,
     interval_ms: u32,
     /// Set when the state can no longer be written: the coordinator must stop.
     fatal: watch::Sender<Option<String>>,
@@ -391,6 +395,8 @@ fn auth(token: Arc<String>) -> impl Fn(Request<()>) -> Result<Request<()>, Statu
 /// A running coordinator's address, and how to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     pub state_url: String,
     /// Resolves when the server stops (its error, if any).
     pub done: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -423,6 +429,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let (fatal, mut fatal_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
         machine: Mutex::new((machine, store)),
+        observer: std::sync::Mutex::new(Observer::new()),
         interval_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
         fatal,
     });
@@ -465,12 +472,45 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         loop {
             tokio::select! {
                 _ = every.tick() => {
-                    let _ = ticker.with(|m, now| m.tick(now)).await;
+                    let _ = ticker
+                        .with(|m, now| {
+                            m.tick(now);
+                            ticker
+                                .observer
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .update(m, now);
+                        })
+                        .await;
                 }
                 _ = tick_stop.changed() => return,
             }
         }
     });
+    let metrics_addr = match config.metrics_listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| ServeError::Listen { addr: at, source })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| ServeError::Listen { addr: at, source })?;
+            let shared = shared.clone();
+            let render = move || {
+                let shared = shared.clone();
+                async move {
+                    let guard = shared.machine.lock().await;
+                    observe::prometheus_text(&observe::snapshot(&guard.0, now()))
+                }
+            };
+            let mut stop = shutdown_rx.clone();
+            tokio::spawn(observe::serve_metrics(listener, render, async move {
+                let _ = stop.changed().await;
+            }));
+            Some(addr)
+        }
+        None => None,
+    };
     let state_url = config.state_url.clone();
     let done = tokio::spawn(async move {
         // `Server::tcp_nodelay` does not reach sockets from a given listener: without
@@ -495,6 +535,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     });
     Ok(Running {
         addr,
+        metrics_addr,
         state_url,
         done,
         shutdown,

@@ -52,7 +52,22 @@ pub struct Progress {
     /// The latest validation loss and the step it was measured after (0: none yet).
     pub val_loss: f64,
     pub val_step: u64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Seconds per step by phase: data wait, forward, backward, collective, optimizer,
+    /// checkpoint (the order of [`PHASES`]).
+    pub phases: [f64; 6],
 }
+
+/// The phases of [`Progress::phases`], in order.
+pub const PHASES: [&str; 6] = [
+    "data_wait",
+    "forward",
+    "backward",
+    "collective",
+    "optimizer",
+    "checkpoint",
+];
 
 /// What a worker says of itself in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -182,6 +197,32 @@ impl TryFrom<rpc::Progress> for Progress {
             compute_s: finite("progress.compute_seconds", p.compute_seconds)?,
             val_loss: p.val_loss,
             val_step: p.val_step,
+            grad_norm: p.grad_norm,
+            lr: finite("progress.lr", p.lr)?,
+            phases: match p.phases {
+                None => [0.0; 6],
+                Some(ph) => {
+                    let mut out = [0.0; 6];
+                    let given = [
+                        ph.data_wait,
+                        ph.forward,
+                        ph.backward,
+                        ph.collective,
+                        ph.optimizer,
+                        ph.checkpoint,
+                    ];
+                    for ((o, v), name) in out.iter_mut().zip(given).zip(PHASES) {
+                        if !(v.is_finite() && v >= 0.0) {
+                            return Err(field_error(
+                                "progress.phases",
+                                format!("{name}: {v} is not a number of seconds"),
+                            ));
+                        }
+                        *o = v;
+                    }
+                    out
+                }
+            },
         })
     }
 }
@@ -198,6 +239,16 @@ impl From<Progress> for rpc::Progress {
             compute_seconds: p.compute_s,
             val_loss: p.val_loss,
             val_step: p.val_step,
+            grad_norm: p.grad_norm,
+            lr: p.lr,
+            phases: Some(rpc::StepPhases {
+                data_wait: p.phases[0],
+                forward: p.phases[1],
+                backward: p.phases[2],
+                collective: p.phases[3],
+                optimizer: p.phases[4],
+                checkpoint: p.phases[5],
+            }),
         }
     }
 }

@@ -132,6 +132,11 @@ pub struct TrainSpec {
     /// Validation batches per evaluation (of `micro_batch_size` sequences).
     #[serde(default = "default_eval_batches")]
     pub eval_batches: i64,
+    /// The peak of one device in TFLOP/s (e.g. 989 for an H100's dense bf16), which MFU is
+    /// measured against. Default: what a large matmul reaches on the device, measured at
+    /// start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_tflops: Option<f64>,
 }
 
 /// Every field has a default, so `[optimizer]` may name only what it changes.
@@ -431,6 +436,12 @@ impl JobConfig {
             return fail(
                 "train.log_every",
                 format!("must be at least 1, got {}", t.log_every),
+            );
+        }
+        if let Some(p) = t.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            return fail(
+                "train.peak_tflops",
+                format!("must be a positive number of TFLOP/s, got {p}"),
             );
         }
         if t.eval_every < 0 || t.eval_batches < 1 {

@@ -304,7 +304,14 @@ impl Saver {
         let spare = self.spare.clone();
         let gate = self.gate.clone();
         let (copied_tx, copied) = mpsc::channel();
+        // The save is a span of the step that started it, however long it outlives the step.
+        let span = tracing::info_span!(
+            "checkpoint.save",
+            kiln.step = step,
+            kiln.bytes = tracing::field::Empty
+        );
         let work = move || -> Result<Saved, CheckpointError> {
+            let _entered = span.enter();
             let t0 = Instant::now();
             let mut spare = spare.lock().unwrap_or_else(|p| p.into_inner());
             let info = tch::no_grad(|| {
@@ -325,6 +332,7 @@ impl Saver {
                 )
             })?;
             drop(spare);
+            span.record("kiln.bytes", info.size);
             let upload_s = t0.elapsed().as_secs_f64();
             let (mut committed, mut deleted) = (None, Vec::new());
             if let Some(g) = &gate {

@@ -9,6 +9,7 @@
 //! - [`hf`]: Hugging Face checkpoint directories in and out.
 //! - [`train`]: the single-process training loop of `kiln train`.
 //! - [`supervised`]: a training process run by `kiln worker`'s agent, over stdin/stdout.
+//! - [`metrics`]: a rank's OpenTelemetry metrics, from the loop's events.
 //! - [`generate`] and [`eval`]: sampling text and measuring loss.
 //!
 //! Architecture invariant: nothing here knows about gRPC or the coordinator; a coordinated
@@ -22,6 +23,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod hf;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod parallel;

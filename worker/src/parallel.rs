@@ -271,20 +271,25 @@ pub struct StepStats {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Seconds in forward and backward passes, gradient accumulation included.
-    pub forward_backward_s: f64,
+    /// Seconds in forward passes (the loss included).
+    pub forward_s: f64,
+    /// Seconds in backward passes, gradient accumulation included.
+    pub backward_s: f64,
     /// Seconds waiting, after backward, for gradient communication still in flight.
     pub collective_wait_s: f64,
     /// Seconds the communication thread spent in collectives (overlapped with backward).
     pub collective_s: f64,
     /// Seconds in clipping, the AdamW update and the ZeRO-1 gather.
     pub optimizer_s: f64,
+    /// Seconds `before_update` held the step (a checkpoint still reading the weights).
+    pub held_s: f64,
 }
 
 /// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
-/// forward and backward each with its loss scaled by `1 / batches.len()`, summing gradients in
-/// the flat buffer; average over the data-parallel group (overlapped with backward); clip the
-/// global gradient norm to `grad_clip` (0: no clipping); AdamW at `lr`.
+/// forward and backward each, gradients accumulated and all-reduced in buckets while backward
+/// runs, then clipping and the AdamW update. `before_update` runs just before the parameters
+/// change (a checkpoint still copying them waits there). Each phase is a span (`forward`,
+/// `backward`, `collective`, `optimizer`) under the caller's step span.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Llama,
@@ -296,23 +301,31 @@ pub fn train_step(
     bf16: bool,
     before_update: &mut dyn FnMut(),
 ) -> Result<StepStats, CollectiveError> {
-    let start = Instant::now();
+    let (mut forward_s, mut backward_s) = (0.0, 0.0);
     let mut loss_sum = 0.0;
     let scale = 1.0 / batches.len().max(1) as f64;
     for (i, (inputs, targets)) in batches.iter().enumerate() {
-        let tape = tch::autocast(bf16, || model.forward_tape(inputs, targets, scale))?;
+        let start = Instant::now();
+        let tape = tracing::info_span!("forward", kiln.micro_batch = i as u64)
+            .in_scope(|| tch::autocast(bf16, || model.forward_tape(inputs, targets, scale)))?;
         loss_sum += tape.loss * scale;
+        let forward_done = Instant::now();
+        forward_s += (forward_done - start).as_secs_f64();
         let last = i + 1 == batches.len();
         let grad = &model.params.grad;
-        model.backward(tape, i == 0, &mut |s| {
-            if last {
-                dp.segment_done(s, grad);
-            }
+        tracing::info_span!("backward", kiln.micro_batch = i as u64).in_scope(|| {
+            model.backward(tape, i == 0, &mut |s| {
+                if last {
+                    dp.segment_done(s, grad);
+                }
+            })
         })?;
+        backward_s += forward_done.elapsed().as_secs_f64();
     }
     let backward_done = Instant::now();
-    let collective_s = dp.finish()?;
+    let collective_s = tracing::info_span!("collective").in_scope(|| dp.finish())?;
     let synced = Instant::now();
+    let span = tracing::info_span!("optimizer").entered();
     let grad_norm = dp.grad_norm(&model.params.grad)?;
     if grad_clip > 0.0 {
         let coef = (grad_clip / (grad_norm + 1e-6)).min(1.0);
@@ -321,19 +334,24 @@ pub fn train_step(
         }
     }
     // The parameters and the optimizer state change from here on.
+    let held = Instant::now();
     before_update();
+    let held_s = held.elapsed().as_secs_f64();
     optimizer.step(&model.params, lr);
     dp.gather_params(&model.params.flat)?;
     let loss = Tensor::from_slice(&[loss_sum]).to_device(model.device());
     dp.groups.dp.all_reduce(&loss, ReduceOp::Avg)?;
     crate::device::sync(model.device());
+    drop(span);
     Ok(StepStats {
         loss: loss.double_value(&[0]),
         grad_norm,
-        forward_backward_s: (backward_done - start).as_secs_f64(),
+        forward_s,
+        backward_s,
         collective_wait_s: (synced - backward_done).as_secs_f64(),
         collective_s,
-        optimizer_s: synced.elapsed().as_secs_f64(),
+        optimizer_s: synced.elapsed().as_secs_f64() - held_s,
+        held_s,
     })
 }
 

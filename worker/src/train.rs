@@ -159,6 +159,12 @@ pub enum Event {
         /// Share of the window's wall time spent waiting, after backward, for gradient
         /// communication that did not overlap with it.
         collective_wait: f64,
+        /// Where a step's time went, in seconds per step over the window.
+        phases: Phases,
+        /// Steps in the window this report covers.
+        window_steps: i64,
+        /// When the window ended, in seconds since the Unix epoch.
+        time: f64,
     },
     Eval {
         step: i64,
@@ -185,6 +191,48 @@ pub enum Event {
         bytes: u64,
         deleted: Vec<u64>,
     },
+}
+
+/// Seconds per step by phase, averaged over a log window. Apart from `checkpoint`, they add up
+/// to about `step_s` (the rest is the loss all-reduce, the ledger and logging); the snapshot
+/// part of `checkpoint` is left out of `step_s` and tokens/s, so that those measure training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Phases {
+    /// Waiting for the loader's next batch.
+    pub data_wait: f64,
+    /// Forward passes, the loss included.
+    pub forward: f64,
+    /// Backward passes (the gradient all-reduce overlaps with them).
+    pub backward: f64,
+    /// Waiting after backward for gradient communication still in flight.
+    pub collective: f64,
+    /// Clipping, AdamW and the ZeRO-1 gather.
+    pub optimizer: f64,
+    /// Training held by checkpoints: the snapshot of a save, and a step waiting for the
+    /// previous save to finish reading the weights.
+    pub checkpoint: f64,
+}
+
+impl Phases {
+    fn add(&mut self, other: &Phases) {
+        self.data_wait += other.data_wait;
+        self.forward += other.forward;
+        self.backward += other.backward;
+        self.collective += other.collective;
+        self.optimizer += other.optimizer;
+        self.checkpoint += other.checkpoint;
+    }
+
+    fn scaled(&self, k: f64) -> Phases {
+        Phases {
+            data_wait: self.data_wait * k,
+            forward: self.forward * k,
+            backward: self.backward * k,
+            collective: self.collective * k,
+            optimizer: self.optimizer * k,
+            checkpoint: self.checkpoint * k,
+        }
+    }
 }
 
 /// The outcome of a run: every step's training loss, and the validation losses.
@@ -358,6 +406,7 @@ pub fn train(
     let ck = &job.checkpoint;
     let mut resumed = None;
     if let Some(which) = &launch.resume {
+        let _span = tracing::info_span!("checkpoint.load", kiln.resume = %which).entered();
         let r = resume(
             job,
             which,
@@ -442,7 +491,10 @@ pub fn train(
         Ok(())
     };
 
-    let peak_flops = device::measure_matmul_flops(device);
+    let peak_flops = match t.peak_tflops {
+        Some(tflops) => tflops * 1e12,
+        None => device::measure_matmul_flops(device),
+    };
     let flops_per_token = config.flops_per_token(t.seq_len);
     emit(Event::Start {
         params: config.num_params(),
@@ -478,12 +530,16 @@ pub fn train(
     let mut window_start = Instant::now();
     let mut window_tokens = 0usize;
     let mut window_collective_wait = 0.0f64;
+    let mut window_phases = Phases::default();
 
     let mut pause_s = 0.0f64;
     for step in start_step..t.steps {
+        let _step_span = tracing::info_span!("step", kiln.step = step + 1).entered();
         let lr = schedule.at(step);
         let mut batches = Vec::with_capacity(accum as usize);
         let mut hash = 0u64;
+        let data_span = tracing::info_span!("data").entered();
+        let data_start = Instant::now();
         for m in 0..accum {
             // Micro-batch m of every data-parallel rank together covers dp * micro consecutive
             // samples: the same samples, in the same order, whatever dp is.
@@ -500,6 +556,8 @@ pub fn train(
                 .to_device(device);
             batches.push((inputs, targets));
         }
+        let data_s = data_start.elapsed().as_secs_f64();
+        drop(data_span);
         // The step's hash is the wrapping sum over all its samples, whichever rank read them.
         let hash_sum = Tensor::from_slice(&[hash as i64]).to_device(device);
         groups.dp.all_reduce(&hash_sum, ReduceOp::Sum)?;
@@ -531,6 +589,14 @@ pub fn train(
         )?;
         let (loss_sum, grad_norm) = (stats.loss, stats.grad_norm);
         window_collective_wait += stats.collective_wait_s;
+        window_phases.add(&Phases {
+            data_wait: data_s,
+            forward: stats.forward_s,
+            backward: stats.backward_s,
+            collective: stats.collective_wait_s,
+            optimizer: stats.optimizer_s,
+            checkpoint: stats.held_s,
+        });
         if !loss_sum.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -561,9 +627,15 @@ pub fn train(
                 step_s: elapsed / steps_in_window.max(1) as f64,
                 data_wait: wait / elapsed,
                 collective_wait: window_collective_wait / elapsed,
+                phases: window_phases.scaled(1.0 / steps_in_window.max(1) as f64),
+                window_steps: steps_in_window as i64,
+                time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
             })?;
             window_tokens = 0;
             window_collective_wait = 0.0;
+            window_phases = Phases::default();
             window_start = Instant::now();
         }
         if let Some(s) = saver.as_mut() {
@@ -589,7 +661,10 @@ pub fn train(
                     "eos_id": manifest.eos_id,
                     "job": job,
                 });
-                let (previous, held) = s.save((step + 1) as u64, &model, &optimizer, state)?;
+                let (previous, held) =
+                    tracing::info_span!("checkpoint.snapshot", kiln.step = step + 1)
+                        .in_scope(|| s.save((step + 1) as u64, &model, &optimizer, state))?;
+                window_phases.checkpoint += held;
                 if let Some(done) = previous {
                     emit(checkpoint_event(done, std::mem::take(&mut pause_s)))?;
                 }
@@ -601,6 +676,7 @@ pub fn train(
         let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last);
         if let (true, Some(val)) = (due, val_data.as_mut()) {
             let eval_start = Instant::now();
+            let _eval_span = tracing::info_span!("evaluate", kiln.step = step + 1).entered();
             let r = evaluate(&model, val, micro, Some(eval_sequences), bf16)?;
             summary.val_losses.push((step + 1, r.loss));
             emit(Event::Eval {
