@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -128,27 +127,6 @@ fn a_checkpoint_resumes_on_other_meshes() {
         let ledger: Vec<&str> = resumed.ledger.lines().collect();
         assert_eq!(ledger, base_ledger[6..], "{name}: the ledgers differ");
     }
-}
-
-fn s3_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let endpoint = std::env::var("KILN_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
-            panic!(
-                "KILN_TEST_S3_ENDPOINT is unset: run scripts/test.sh, which starts SeaweedFS, or \
-                 `eval \"$(scripts/seaweedfs.sh /tmp/weed.pid)\"` first"
-            )
-        });
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "AK"),
-            ("AWS_SECRET_ACCESS_KEY", "SK"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
-            std::env::set_var(k, v);
-        }
-    });
 }
 
 /// Damages objects the way a failing disk or an interrupted copy would.

@@ -4,6 +4,8 @@
 //! and the same ledger of samples.
 
 mod common;
+#[path = "common/otlp.rs"]
+mod otlp;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,8 @@ struct Cluster {
     workers: Vec<(Child, PathBuf)>,
     rt: tokio::runtime::Runtime,
     extra: Vec<String>,
+    /// The coordinator's environment, besides this process's.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -33,6 +37,15 @@ impl Cluster {
     }
 
     fn with_args(dir: &Path, heartbeat_timeout_s: &'static str, extra: &[&str]) -> Cluster {
+        Cluster::with_env(dir, heartbeat_timeout_s, extra, Vec::new())
+    }
+
+    fn with_env(
+        dir: &Path,
+        heartbeat_timeout_s: &'static str,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Cluster {
         let port = free_peers(1)[0]
             .rsplit_once(':')
             .unwrap()
@@ -51,6 +64,7 @@ impl Cluster {
                 .build()
                 .unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env,
         };
         c.start_coordinator();
         c
@@ -78,6 +92,7 @@ impl Cluster {
             .args(["--heartbeat-timeout-s", self.heartbeat_timeout_s])
             .args(["--heartbeat-interval-ms", "200"])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -387,7 +402,9 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
     let base_job = twin(dir.path(), "base", 8, 4, "", 40);
     let base = run(&base_job, 2);
 
-    let mut cluster = Cluster::new(dir.path(), "3");
+    // The coordinator exports its metrics and spans to a receiver here.
+    let receiver = otlp::Receiver::start();
+    let mut cluster = Cluster::with_env(dir.path(), "3", &[], receiver.env());
     for _ in 0..3 {
         cluster.add_worker(1);
     }
@@ -420,6 +437,42 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
         logs.contains("recovering from the newest checkpoint"),
         "{logs}"
     );
+    // The recovery is a span, from the failure to generation 2 running, and a count.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let recovery = loop {
+        let spans = receiver.spans();
+        if let Some(span) = spans.into_iter().find(|s| s.name == "recovery") {
+            break span;
+        }
+        assert!(Instant::now() < deadline, "no recovery span arrived");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(recovery.attributes["kiln.job.id"], job);
+    assert_eq!(recovery.attributes["kiln.generation"], "1");
+    assert_eq!(recovery.attributes["kiln.next_generation"], "2");
+    assert!(
+        recovery.attributes["kiln.reason"].contains("rank 1"),
+        "{:?}",
+        recovery.attributes
+    );
+    assert!(recovery.end_ns > recovery.start_ns);
+    println!(
+        "recovery span: {:.2} s, {:?}",
+        (recovery.end_ns - recovery.start_ns) as f64 / 1e9,
+        recovery.attributes
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !receiver
+        .points()
+        .iter()
+        .any(|p| p.name == "kiln.job.recoveries" && p.value >= 1.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kiln.job.recoveries never counted 1"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let run = Run::read(&output_dir(&job_path));
     run.assert_matches(&base, 1e-6, "recovered after a killed worker");
     // Nothing committed before the kill was lost: every checkpoint kept is whole.

@@ -82,6 +82,12 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     let out = finished(kiln_local(&job, &env, &[]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("completed"), "{stdout}");
+    // The metrics log is also in the store, beside the checkpoints, whole.
+    let local_log = std::fs::read_to_string(output_dir(&job).join("metrics.jsonl")).unwrap();
+    let stored_log =
+        std::fs::read_to_string(output_dir(&job).join("checkpoints/metrics.jsonl")).unwrap();
+    assert_eq!(stored_log, local_log);
+    assert!(local_log.contains("\"type\":\"saved\""));
 
     // Both ranks and the coordinator flush at exit.
     let is_rank = |r: &HashMap<String, String>, rank: &str| {
@@ -418,4 +424,41 @@ fn prometheus_scrapes_the_coordinator() {
             .any(|t| (t - tokens_per_s).abs() < 1e-6 * t.max(1.0)),
         "{tokens_per_s} is not among the logged {logged:?}"
     );
+}
+
+/// The metrics log reaches the store beside the checkpoints (here a real S3 server), and
+/// `kiln report` draws the run from there once the machine's own copy is gone.
+#[test]
+fn the_metrics_log_is_kept_in_s3_and_reported_from_there() {
+    s3_env();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://kiln-test/metrics-log-{}", std::process::id());
+    let job = tiny_job_with(
+        dir.path(),
+        "s3log",
+        8,
+        4,
+        "",
+        &format!("every = 4\ndir = \"{url}\""),
+        8,
+    );
+    kiln_ok(&["train", path_str(&job), "--quiet"]);
+    let local = output_dir(&job).join("metrics.jsonl");
+    let logged = read_metrics(&local);
+    assert_eq!(logged.last().unwrap()["type"], "saved");
+    std::fs::remove_file(&local).unwrap();
+    let page = dir.path().join("s3.html");
+    let out = kiln_ok(&["report", &url, "-o", path_str(&page)]);
+    assert!(out.contains("wrote"), "{out}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("s3log"), "the page does not name the job");
+    // One point of the loss curve per logged step.
+    let steps = logged.iter().filter(|e| e["type"] == "step").count();
+    assert_eq!(steps, 8);
+    let points = html
+        .split("data-series=\"loss\" points=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a loss curve");
+    assert_eq!(points.split_whitespace().count(), steps, "{points}");
 }

@@ -741,6 +741,20 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Writes (replaces) the object `name` at the top of the checkpoint directory, beside the
+    /// `step-N/` directories: the run's metrics log, for one.
+    pub fn put_file(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.loc.child(name);
+        let store = self.loc.store.clone();
+        self.rt
+            .block_on(store.put(&path, bytes.into()))
+            .map(|_| ())
+            .map_err(|e| CheckpointError::Io {
+                object: self.loc.display(name),
+                message: e.to_string(),
+            })
+    }
+
     /// After committing `newest`: deletes the committed checkpoints retention does not keep
     /// and the uncommitted directories older than `newest` (saves that never finished).
     /// Returns the steps deleted.

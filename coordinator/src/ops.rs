@@ -151,6 +151,9 @@ pub fn job_line(j: &rpc::JobStatus) -> String {
                 p.val_loss, p.val_step
             ));
         }
+        if p.step_seconds > 0.0 {
+            line.push_str(&format!("\n  {}", breakdown(p)));
+        }
     }
     if j.restarts > 0 {
         line.push_str(&format!(" | {} restarts", j.restarts));
@@ -161,6 +164,33 @@ pub fn job_line(j: &rpc::JobStatus) -> String {
     if !j.message.is_empty() {
         line.push_str(&format!("\n  {}", j.message));
     }
+    line
+}
+
+/// The step time and where it went, with the gradient norm and learning rate:
+/// `520 ms/step: data 1% | forward 30% | ... | grad norm 0.91 | lr 3.0e-3`.
+pub fn breakdown(p: &rpc::Progress) -> String {
+    let mut line = format!("{:.0} ms/step:", p.step_seconds * 1e3);
+    if let Some(ph) = &p.phases {
+        let parts = [
+            ("data", ph.data_wait),
+            ("forward", ph.forward),
+            ("backward", ph.backward),
+            ("collective", ph.collective),
+            ("optimizer", ph.optimizer),
+            ("checkpoint", ph.checkpoint),
+        ];
+        let shares: Vec<String> = parts
+            .iter()
+            .map(|(name, s)| format!("{name} {:.0}%", 100.0 * s / p.step_seconds.max(1e-9)))
+            .collect();
+        line.push(' ');
+        line.push_str(&shares.join(" "));
+    }
+    line.push_str(&format!(
+        " | grad norm {:.3} | lr {:.2e}",
+        p.grad_norm, p.lr
+    ));
     line
 }
 
@@ -265,15 +295,23 @@ pub async fn watch(target: &Target, job_id: &str) -> Result<rpc::JobStatus, OpsE
             } else {
                 String::new()
             };
+            let mut health = String::new();
+            if job.restarts > 0 {
+                health.push_str(&format!(" | {} recoveries", job.restarts));
+            }
+            if !job.stragglers.is_empty() {
+                health.push_str(&format!(" | stragglers: ranks {:?}", job.stragglers));
+            }
             let message = format!(
-                "loss {:.4}{val} | {:.0} tok/s | MFU {:.1}% | {} workers (tp {}) | checkpoint {} | {}",
+                "loss {:.4}{val} | {:.0} tok/s | MFU {:.1}% | {} workers (tp {}) | checkpoint {} | {}{health}\n  {}",
                 p.loss,
                 p.tokens_per_s,
                 100.0 * p.mfu,
                 job.world,
                 job.tp,
                 job.committed_step,
-                job.phase
+                job.phase,
+                breakdown(p)
             );
             bar.set_position(p.step);
             // Without a terminal, a progress line every 10 s instead of the bar.
@@ -404,4 +442,31 @@ pub fn random_token() -> String {
         bytes[..8].copy_from_slice(&t.to_le_bytes());
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breakdown_shows_each_phase_as_a_share_of_the_step() {
+        let p = rpc::Progress {
+            step_seconds: 0.5,
+            grad_norm: 0.912,
+            lr: 0.003,
+            phases: Some(rpc::StepPhases {
+                data_wait: 0.005,
+                forward: 0.15,
+                backward: 0.275,
+                collective: 0.02,
+                optimizer: 0.05,
+                checkpoint: 0.0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            breakdown(&p),
+            "500 ms/step: data 1% forward 30% backward 55% collective 4% optimizer 10% checkpoint 0% | grad norm 0.912 | lr 3.00e-3"
+        );
+    }
 }

@@ -181,6 +181,11 @@ pub fn init(identity: &Identity) -> Telemetry {
     let spans = telemetry.tracer.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("kiln"))
+            // Spans carry Kiln's attributes only, not source locations or thread names.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
                 meta.target().starts_with("kiln") && *meta.level() <= tracing::Level::INFO
             }))

@@ -129,3 +129,25 @@ pub fn four_plays() -> &'static Path {
         data
     })
 }
+
+/// Points the object-store client at the S3 server `scripts/test.sh` starts (SeaweedFS).
+pub fn s3_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let endpoint = std::env::var("KILN_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+            panic!(
+                "KILN_TEST_S3_ENDPOINT is unset: run scripts/test.sh, which starts SeaweedFS, or \
+                 `eval \"$(scripts/seaweedfs.sh /tmp/weed.pid)\"` first"
+            )
+        });
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "AK"),
+            ("AWS_SECRET_ACCESS_KEY", "SK"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+    });
+}

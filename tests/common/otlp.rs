@@ -1,5 +1,6 @@
 //! An OTLP/gRPC receiver in the test process (the collector's side of the protocol, from
 //! `opentelemetry-proto`): it keeps every metric point and span it is sent, flattened.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -133,6 +133,8 @@ impl Launch {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Start {
+        /// The job's name.
+        job: String,
         params: i64,
         world: usize,
         dp: usize,
@@ -475,10 +477,18 @@ pub fn train(
         })?;
     }
     // Metrics name the steps done (1-based), the ledger the step index (0-based).
-    let (metrics_path, mut metrics) = sink("metrics.jsonl", &|s| s <= start_step)?;
+    let (metrics_path, mut metrics) = sink(METRICS_LOG, &|s| s <= start_step)?;
     let (ledger_path, mut ledger) = sink("ledger.jsonl", &|s| s < start_step)?;
     // Every rank reports its events (a supervisor follows each rank's steps); only the
     // leader's go to the metrics log.
+    // The leader also copies the log into the store, beside the checkpoints.
+    let mut run_log = leader.then(|| {
+        let store = match &saver {
+            Some(s) => Ok(s.store().clone()),
+            None => CheckpointStore::open(&job.checkpoint_dir()),
+        };
+        RunLog::new(store, metrics_path.clone())
+    });
     let mut emit = |event: Event| -> Result<(), TrainError> {
         if leader {
             let line = serde_json::to_string(&event).unwrap_or_default();
@@ -486,6 +496,9 @@ pub fn train(
                 path: metrics_path.clone(),
                 source,
             })?;
+        }
+        if let Some(log) = run_log.as_mut() {
+            log.after(&event);
         }
         on_event(&event);
         Ok(())
@@ -497,6 +510,7 @@ pub fn train(
     };
     let flops_per_token = config.flops_per_token(t.seq_len);
     emit(Event::Start {
+        job: job.name.clone(),
         params: config.num_params(),
         world,
         dp,
@@ -731,6 +745,59 @@ pub fn train(
     })?;
     summary.model_dir = model_dir;
     Ok(summary)
+}
+
+/// The name of the run's metrics log, in `output.dir` and in the checkpoint directory.
+pub const METRICS_LOG: &str = "metrics.jsonl";
+
+/// Copies the local metrics log to the checkpoint store, so that the run's record does not
+/// depend on the machine that ran rank 0 (nor on a telemetry collector): at most every 30 s
+/// on a step, at every checkpoint, and at the end. A store that refuses is reported once;
+/// training goes on.
+struct RunLog {
+    store: Option<CheckpointStore>,
+    local: PathBuf,
+    last: Option<Instant>,
+    warned: bool,
+}
+
+impl RunLog {
+    fn new(store: Result<CheckpointStore, CheckpointError>, local: PathBuf) -> RunLog {
+        let store = store
+            .map_err(|e| tracing::warn!("the metrics log stays local only: {e}"))
+            .ok();
+        RunLog {
+            store,
+            local,
+            last: None,
+            warned: false,
+        }
+    }
+
+    fn after(&mut self, event: &Event) {
+        let due = match event {
+            Event::Step { .. } => self.last.is_none_or(|t| t.elapsed().as_secs() >= 30),
+            Event::Checkpoint { .. } | Event::Saved { .. } => true,
+            _ => false,
+        };
+        let Some(store) = self.store.as_ref().filter(|_| due) else {
+            return;
+        };
+        self.last = Some(Instant::now());
+        let result = std::fs::read(&self.local)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                store
+                    .put_file(METRICS_LOG, bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            if !self.warned {
+                tracing::warn!("cannot copy the metrics log to the store: {e}");
+                self.warned = true;
+            }
+        }
+    }
 }
 
 fn checkpoint_event(done: checkpoint::Saved, pause_s: f64) -> Event {
