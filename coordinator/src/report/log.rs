@@ -1,0 +1,518 @@
+//! The metrics log (`metrics.jsonl`) as plain data: one JSON object per line, tagged by
+//! `"type"`, reduced to the last value of each step.
+//!
+//! Tolerant of what real logs contain: a last line cut short by a killed process (skipped),
+//! steps repeated by a recovery (the last one counts), event types it does not know
+//! (ignored), fields it does not know (ignored), logs of older versions without `phases`,
+//! `window_steps` or `time`, and `null` where a value was not finite (a diverged loss).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The run's configuration, from its `start` event.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Start {
+    /// The job's name (logs of older versions lack it).
+    pub job: Option<String>,
+    pub params: Option<i64>,
+    pub world: Option<u64>,
+    pub dp: Option<u64>,
+    pub tp: Option<u64>,
+    pub zero1: Option<bool>,
+    pub device: Option<String>,
+    pub bf16: Option<bool>,
+    pub flops_per_token: Option<f64>,
+    pub peak_flops: Option<f64>,
+    pub train_sequences: Option<u64>,
+    pub validation_sequences: Option<u64>,
+}
+
+/// One logged window of training steps, ending at `step`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Step {
+    pub step: i64,
+    /// The planned number of steps.
+    pub steps: Option<i64>,
+    pub loss: Option<f64>,
+    pub lr: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub mfu: Option<f64>,
+    /// Seconds per step over the window.
+    pub step_s: Option<f64>,
+    /// Share of the window's time spent waiting for data.
+    pub data_wait: Option<f64>,
+    /// Share of the window's time spent waiting for gradient communication.
+    pub collective_wait: Option<f64>,
+    /// Seconds per step by phase (absent in older logs).
+    pub phases: Option<BTreeMap<String, Option<f64>>>,
+    /// Steps in the window (absent in older logs).
+    pub window_steps: Option<i64>,
+    /// When the window ended, in seconds since the Unix epoch (absent in older logs).
+    pub time: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Eval {
+    pub step: i64,
+    pub val_loss: Option<f64>,
+    pub tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Checkpoint {
+    pub step: i64,
+    pub url: Option<String>,
+    /// How long training was held for the save.
+    pub pause_s: Option<f64>,
+    /// How long the save took, start to commit.
+    pub save_s: Option<f64>,
+    /// Bytes rank 0 wrote.
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Resumed {
+    /// Steps done when training continued (0: a fresh start).
+    pub step: i64,
+    pub from: Option<String>,
+    #[serde(default)]
+    pub rejected: Vec<String>,
+}
+
+/// What a metrics log says, steps in order with the last value of each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunLog {
+    /// The last `start` event (a run restarted on another mesh starts again).
+    pub start: Option<Start>,
+    /// How many `start` events the log holds.
+    pub starts: usize,
+    pub steps: Vec<Step>,
+    pub evals: Vec<Eval>,
+    pub checkpoints: Vec<Checkpoint>,
+    /// In log order.
+    pub resumed: Vec<Resumed>,
+    /// Whether the final weights were written (a `saved` event).
+    pub saved: bool,
+    /// JSON lines read (a truncated last line not counted).
+    pub lines: usize,
+}
+
+/// Why a log cannot be read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParseError {
+    /// No event at all.
+    Empty,
+    /// Line `line` (1-based) is not a metrics event.
+    Line { line: usize, message: String },
+}
+
+/// Phase names in stacking order (bottom first), with their labels. `compute` stands for
+/// forward, backward and optimizer together in logs without per-phase timing.
+pub const PHASES: [(&str, &str); 7] = [
+    ("data_wait", "data wait"),
+    ("compute", "compute"),
+    ("forward", "forward"),
+    ("backward", "backward"),
+    ("collective", "collective wait"),
+    ("optimizer", "optimizer"),
+    ("checkpoint", "checkpoint"),
+];
+
+impl Step {
+    /// Seconds per step by phase. Without `phases` (older logs): the data and collective
+    /// wait shares of `step_s`, and the rest as `compute`.
+    pub fn phase_seconds(&self) -> Vec<(String, f64)> {
+        if let Some(phases) = &self.phases {
+            return phases
+                .iter()
+                .map(|(k, v)| (k.clone(), finite(*v).unwrap_or(0.0).max(0.0)))
+                .collect();
+        }
+        let Some(step_s) = finite(self.step_s) else {
+            return Vec::new();
+        };
+        let share = |v: Option<f64>| finite(v).unwrap_or(0.0).clamp(0.0, 1.0);
+        let data = share(self.data_wait) * step_s;
+        let collective = share(self.collective_wait) * step_s;
+        vec![
+            ("data_wait".into(), data),
+            ("compute".into(), (step_s - data - collective).max(0.0)),
+            ("collective".into(), collective),
+        ]
+    }
+}
+
+/// `Some(v)` for a finite value.
+pub fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| v.is_finite())
+}
+
+impl RunLog {
+    /// The last logged step, if any.
+    pub fn last_step(&self) -> Option<&Step> {
+        self.steps.last()
+    }
+
+    /// The planned number of steps, from the last step that names it.
+    pub fn planned_steps(&self) -> Option<i64> {
+        self.steps.iter().rev().find_map(|s| s.steps)
+    }
+
+    /// The training loss of the last step with a finite one.
+    pub fn final_loss(&self) -> Option<(i64, f64)> {
+        self.steps
+            .iter()
+            .rev()
+            .find_map(|s| finite(s.loss).map(|l| (s.step, l)))
+    }
+
+    /// The validation loss of the last evaluation with a finite one.
+    pub fn final_val_loss(&self) -> Option<(i64, f64)> {
+        self.evals
+            .iter()
+            .rev()
+            .find_map(|e| finite(e.val_loss).map(|l| (e.step, l)))
+    }
+
+    /// Mean of a per-window value over the logged windows, weighted by their steps.
+    fn mean(&self, value: impl Fn(&Step) -> Option<f64>) -> Option<f64> {
+        let (sum, weight) = self
+            .steps
+            .iter()
+            .filter_map(|s| {
+                let w = s.window_steps.unwrap_or(1).max(1) as f64;
+                finite(value(s)).map(|v| (v * w, w))
+            })
+            .fold((0.0, 0.0), |(a, b), (v, w)| (a + v, b + w));
+        (weight > 0.0).then(|| sum / weight)
+    }
+
+    pub fn mean_tokens_per_s(&self) -> Option<f64> {
+        self.mean(|s| s.tokens_per_s)
+    }
+
+    pub fn mean_mfu(&self) -> Option<f64> {
+        self.mean(|s| s.mfu)
+    }
+
+    /// Seconds from the start of the first logged window to the end of the last, when the
+    /// log has timestamps (`time`).
+    pub fn wall_time_s(&self) -> Option<f64> {
+        let mut timed = self.steps.iter().filter(|s| finite(s.time).is_some());
+        let first = timed.next()?;
+        let last = timed.next_back().unwrap_or(first);
+        let first_window = match (first.window_steps, finite(first.step_s)) {
+            (Some(w), Some(s)) if w > 0 => w as f64 * s,
+            _ => 0.0,
+        };
+        let wall = last.time? - first.time? + first_window;
+        (wall > 0.0).then_some(wall)
+    }
+
+    /// The phases present in any step, in stacking order (known ones first, then others by
+    /// name).
+    pub fn phase_names(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.steps {
+            for (k, _) in s.phase_seconds() {
+                seen.insert(k);
+            }
+        }
+        let mut names: Vec<String> = PHASES
+            .iter()
+            .filter(|(k, _)| seen.contains(*k))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        names.extend(
+            seen.into_iter()
+                .filter(|k| !PHASES.iter().any(|(p, _)| p == k)),
+        );
+        names
+    }
+}
+
+/// Reads a metrics log. A last line that is not valid JSON and looks cut short (no newline
+/// after it, or JSON ending early) is skipped: the process was killed while writing it.
+pub fn parse(text: &str) -> Result<RunLog, ParseError> {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let ends_with_newline = text.ends_with('\n');
+    let mut steps = BTreeMap::new();
+    let mut evals = BTreeMap::new();
+    let mut checkpoints = BTreeMap::new();
+    let mut log = RunLog::default();
+    for (i, &(number, line)) in lines.iter().enumerate() {
+        let value: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let last = i + 1 == lines.len();
+                if last && (!ends_with_newline || e.is_eof()) {
+                    break;
+                }
+                return Err(ParseError::Line {
+                    line: number,
+                    message: format!("not JSON: {e}"),
+                });
+            }
+        };
+        log.lines += 1;
+        let fail = |message: String| ParseError::Line {
+            line: number,
+            message,
+        };
+        let Some(object) = value.as_object() else {
+            return Err(fail(format!(
+                "expected a JSON object, found {}",
+                kind_of(&value)
+            )));
+        };
+        let Some(kind) = object.get("type") else {
+            return Err(fail("no \"type\" field".into()));
+        };
+        let Some(kind) = kind.as_str().map(str::to_owned) else {
+            return Err(fail(format!(
+                "\"type\" should be a string, found {}",
+                kind_of(kind)
+            )));
+        };
+        fn event<T: serde::de::DeserializeOwned>(
+            kind: &str,
+            value: serde_json::Value,
+        ) -> Result<T, String> {
+            serde_json::from_value(value).map_err(|e| format!("a \"{kind}\" event: {e}"))
+        }
+        let kind = kind.as_str();
+        match kind {
+            "start" => {
+                log.start = Some(event(kind, value).map_err(fail)?);
+                log.starts += 1;
+            }
+            "step" => {
+                let s: Step = event(kind, value).map_err(fail)?;
+                steps.insert(s.step, s);
+            }
+            "eval" => {
+                let e: Eval = event(kind, value).map_err(fail)?;
+                evals.insert(e.step, e);
+            }
+            "checkpoint" => {
+                let c: Checkpoint = event(kind, value).map_err(fail)?;
+                checkpoints.insert(c.step, c);
+            }
+            "resumed" => log.resumed.push(event(kind, value).map_err(fail)?),
+            "saved" => log.saved = true,
+            _ => {}
+        }
+    }
+    if log.lines == 0 {
+        return Err(ParseError::Empty);
+    }
+    log.steps = steps.into_values().collect();
+    log.evals = evals.into_values().collect();
+    log.checkpoints = checkpoints.into_values().collect();
+    Ok(log)
+}
+
+fn kind_of(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const START: &str = r#"{"type":"start","params":3315072,"world":2,"dp":2,"tp":1,"zero1":false,"device":"Cpu","bf16":false,"flops_per_token":19988736.0,"peak_flops":1e11,"train_sequences":2060,"validation_sequences":769}"#;
+
+    fn step(step: i64, loss: f64) -> String {
+        format!(
+            r#"{{"type":"step","step":{step},"steps":20,"loss":{loss},"lr":0.003,"grad_norm":1.2,"tokens_per_s":1000.0,"mfu":0.2,"step_s":0.5,"data_wait":0.1,"collective_wait":0.2,"phases":{{"data_wait":0.05,"forward":0.15,"backward":0.2,"collective":0.05,"optimizer":0.04,"checkpoint":0.0}},"window_steps":2,"time":{}}}"#,
+            1_790_000_000.0 + step as f64
+        )
+    }
+
+    #[test]
+    fn a_log_reads_into_steps_evals_and_checkpoints() {
+        let text = [
+            START.to_owned(),
+            step(2, 9.0),
+            step(4, 8.0),
+            r#"{"type":"eval","step":4,"val_loss":8.5,"tokens":1024}"#.into(),
+            r#"{"type":"checkpoint","step":4,"url":"/x/step-4/manifest.json","pause_s":0.01,"save_s":0.3,"bytes":123456,"deleted":[]}"#.into(),
+            r#"{"type":"saved","path":"/x/model"}"#.into(),
+        ]
+        .join("\n")
+            + "\n";
+        let log = parse(&text).unwrap();
+        let start = log.start.as_ref().unwrap();
+        assert_eq!(
+            (start.params, start.world, start.dp),
+            (Some(3315072), Some(2), Some(2))
+        );
+        assert_eq!(start.device.as_deref(), Some("Cpu"));
+        assert_eq!(log.steps.len(), 2);
+        assert_eq!(log.final_loss(), Some((4, 8.0)));
+        assert_eq!(log.final_val_loss(), Some((4, 8.5)));
+        assert_eq!(log.planned_steps(), Some(20));
+        assert_eq!(log.checkpoints[0].bytes, Some(123456));
+        assert!(log.saved);
+        assert_eq!(log.lines, 6);
+        assert_eq!(log.mean_tokens_per_s(), Some(1000.0));
+        // From the start of the first window (2 steps of 0.5 s before step 2) to step 4.
+        assert!((log.wall_time_s().unwrap() - 3.0).abs() < 1e-6);
+        assert_eq!(
+            log.phase_names(),
+            [
+                "data_wait",
+                "forward",
+                "backward",
+                "collective",
+                "optimizer",
+                "checkpoint"
+            ]
+        );
+        let phases = log.steps[0].phase_seconds();
+        assert!(phases.contains(&("data_wait".into(), 0.05)), "{phases:?}");
+        assert_eq!(phases.len(), 6);
+    }
+
+    #[test]
+    fn a_truncated_last_line_is_skipped() {
+        let full = format!("{START}\n{}\n{}\n", step(1, 9.0), step(2, 8.0));
+        let cut = &full[..full.len() - 20];
+        let log = parse(cut).unwrap();
+        assert_eq!(log.steps.len(), 1);
+        assert_eq!(log.lines, 2);
+        // Cut right after a complete value's closing brace: the line still counts.
+        let log = parse(full.trim_end()).unwrap();
+        assert_eq!(log.steps.len(), 2);
+        // Cut inside the JSON even though a newline follows (EOF inside the value).
+        let text = format!("{START}\n{{\"type\":\"step\",\"step\":3\n");
+        assert_eq!(parse(&text).unwrap().steps.len(), 0);
+        // Only a cut line: nothing was logged.
+        assert_eq!(parse("{\"type\":\"st"), Err(ParseError::Empty));
+    }
+
+    #[test]
+    fn malformed_lines_are_named_by_number() {
+        let text = format!("{START}\n\nnot json\n{}\n", step(1, 9.0));
+        match parse(&text) {
+            Err(ParseError::Line { line, message }) => {
+                assert_eq!(line, 3);
+                assert!(message.starts_with("not JSON"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = format!(
+            "{START}\n{{\"type\":\"step\",\"loss\":1.0}}\n{}\n",
+            step(1, 9.0)
+        );
+        let Err(ParseError::Line { line: 2, message }) = parse(&text) else {
+            panic!("{:?}", parse(&text));
+        };
+        assert!(
+            message.contains("\"step\" event") && message.contains("`step`"),
+            "{message}"
+        );
+        let Err(ParseError::Line { line: 1, message }) = parse("[1]\n{}\n") else {
+            panic!()
+        };
+        assert_eq!(message, "expected a JSON object, found an array");
+        let Err(ParseError::Line { line: 1, message }) = parse("{\"step\":1}\n{}\n") else {
+            panic!()
+        };
+        assert_eq!(message, "no \"type\" field");
+        // A broken line that is not the last is an error even without a newline at the end.
+        assert!(matches!(
+            parse(&format!("{{\"type\":\n{}", step(1, 1.0))),
+            Err(ParseError::Line { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn empty_logs_and_unknown_events() {
+        assert_eq!(parse(""), Err(ParseError::Empty));
+        assert_eq!(parse("\n \n"), Err(ParseError::Empty));
+        let log = parse("{\"type\":\"telemetry\",\"gpu\":[1,2]}\n").unwrap();
+        assert_eq!(log.lines, 1);
+        assert!(log.steps.is_empty() && log.start.is_none());
+    }
+
+    #[test]
+    fn repeated_steps_keep_their_last_value() {
+        let text = [
+            START.to_owned(),
+            step(1, 9.0),
+            step(2, 8.0),
+            step(3, 7.0),
+            r#"{"type":"checkpoint","step":2,"pause_s":0.1,"save_s":1.0,"bytes":10}"#.into(),
+            r#"{"type":"eval","step":2,"val_loss":8.9,"tokens":10}"#.into(),
+            START.to_owned(),
+            r#"{"type":"resumed","step":2,"from":"/x/step-2/","rejected":[]}"#.into(),
+            r#"{"type":"checkpoint","step":2,"pause_s":0.2,"save_s":2.0,"bytes":10}"#.into(),
+            r#"{"type":"eval","step":2,"val_loss":8.7,"tokens":10}"#.into(),
+            step(3, 6.5),
+            step(4, 6.0),
+        ]
+        .join("\n");
+        let log = parse(&text).unwrap();
+        let losses: Vec<_> = log
+            .steps
+            .iter()
+            .map(|s| (s.step, s.loss.unwrap()))
+            .collect();
+        assert_eq!(losses, [(1, 9.0), (2, 8.0), (3, 6.5), (4, 6.0)]);
+        assert_eq!(log.checkpoints.len(), 1);
+        assert_eq!(log.checkpoints[0].save_s, Some(2.0));
+        assert_eq!(log.final_val_loss(), Some((2, 8.7)));
+        assert_eq!(log.starts, 2);
+        assert_eq!(log.resumed[0].step, 2);
+    }
+
+    #[test]
+    fn old_logs_without_phases_or_times() {
+        // As written before per-phase timing: no phases, window_steps or time.
+        let text = concat!(
+            r#"{"type":"start","params":7220480,"world":1,"dp":1,"tp":1,"zero1":false,"device":"Cpu","bf16":false,"flops_per_token":1.0,"peak_flops":1.0,"train_sequences":1,"validation_sequences":0}"#,
+            "\n",
+            r#"{"type":"step","step":10,"steps":200,"loss":9.6,"lr":0.0015,"grad_norm":1.6,"tokens_per_s":1758.0,"mfu":0.41,"step_s":1.0,"data_wait":0.25,"collective_wait":0.25}"#,
+            "\n",
+            r#"{"type":"step","step":20,"steps":200,"loss":null,"lr":0.0015,"grad_norm":null,"tokens_per_s":1800.0,"mfu":0.43,"step_s":1.0,"data_wait":0.0,"collective_wait":0.0}"#,
+            "\n"
+        );
+        let log = parse(text).unwrap();
+        assert_eq!(log.wall_time_s(), None);
+        assert_eq!(log.final_loss(), Some((10, 9.6)));
+        assert_eq!(log.steps[1].loss, None);
+        assert_eq!(log.mean_tokens_per_s(), Some(1779.0));
+        assert_eq!(log.phase_names(), ["data_wait", "compute", "collective"]);
+        assert_eq!(
+            log.steps[0].phase_seconds(),
+            [
+                ("data_wait".to_owned(), 0.25),
+                ("compute".to_owned(), 0.5),
+                ("collective".to_owned(), 0.25)
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_phases_stack_after_the_known_ones() {
+        let text = r#"{"type":"step","step":1,"phases":{"zeta":0.1,"forward":0.2,"alpha":null}}"#;
+        let log = parse(text).unwrap();
+        assert_eq!(log.phase_names(), ["forward", "alpha", "zeta"]);
+        assert_eq!(log.steps[0].phase_seconds()[0], ("alpha".into(), 0.0));
+    }
+}
