@@ -721,14 +721,7 @@ mod tests {
                 "{series}"
             );
         }
-        for phase in [
-            "data_wait",
-            "forward",
-            "backward",
-            "collective",
-            "optimizer",
-            "checkpoint",
-        ] {
+        for phase in kiln_proto::control::PHASES {
             assert!(
                 html.contains(&format!("<polygon data-series=\"{phase}\"")),
                 "{phase}"
