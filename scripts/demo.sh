@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: set up (Python venv with torch, release build), fetch the Shakespeare
 # plays, tokenize them into Parquet shards, pre-train a small Llama on the CPU (or GPU) with
-# a coordinator and two worker processes on this host, and print a sample. Safe to run
+# a coordinator and two worker processes on this host, print a sample and write an HTML
+# report of the run. Safe to run
 # again; each step reuses what is already there.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -21,3 +22,6 @@ rm -rf runs/shakespeare/out
 
 echo "==> sampling from runs/shakespeare/out/model"
 "$kiln" sample --model runs/shakespeare/out/model --prompt "ROMEO:" --tokens 120 --temperature 0.8 --top-k 40 --seed 1
+
+echo "==> the run's report"
+"$kiln" report runs/shakespeare/out -o runs/shakespeare/report.html

@@ -462,3 +462,36 @@ fn the_metrics_log_is_kept_in_s3_and_reported_from_there() {
         .expect("a loss curve");
     assert_eq!(points.split_whitespace().count(), steps, "{points}");
 }
+
+/// A collector that is down costs nothing but one message per signal: training runs to its
+/// end, the metrics log is whole, and the exporter's failure is not repeated every export.
+#[test]
+fn a_collector_that_is_down_is_reported_once_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = tiny_job_with(dir.path(), "nocollector", 8, 8, "", "", 6);
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", path_str(&job)])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &closed)
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let failures: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("ExportError"))
+        .collect();
+    assert!(
+        !failures.is_empty() && failures.len() <= 2,
+        "expected one failure per signal: {stderr}"
+    );
+    assert!(failures[0].contains("Connection refused"), "{stderr}");
+    let logged = read_metrics(&output_dir(&job).join("metrics.jsonl"));
+    assert_eq!(
+        logged.iter().filter(|e| e["type"] == "step").count(),
+        6,
+        "{logged:?}"
+    );
+}

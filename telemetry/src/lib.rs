@@ -23,6 +23,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -175,9 +176,18 @@ pub fn init(identity: &Identity) -> Telemetry {
     }
 
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // An exporter that cannot reach its collector fails at every export: say so once per
+    // kind of failure, not every few seconds for the whole run.
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    let once = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
+        !meta.target().starts_with("opentelemetry")
+            || seen
+                .lock()
+                .map_or(true, |mut seen| seen.insert(meta.callsite()))
+    }); // (a dynamic filter: asked at every event, not once per call site)
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(log_filter);
+        .with_filter(log_filter.and(once));
     let spans = telemetry.tracer.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("kiln"))
