@@ -469,6 +469,13 @@ fn the_metrics_log_is_kept_in_s3_and_reported_from_there() {
 fn a_collector_that_is_down_is_reported_once_and_training_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let job = tiny_job_with(dir.path(), "nocollector", 8, 8, "", "", 6);
+    // MFU against a peak named in the job file.
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("[train]\n", "[train]\npeak_tflops = 0.5\n"),
+    )
+    .unwrap();
     let closed = format!("http://127.0.0.1:{}", free_port());
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", path_str(&job)])
@@ -489,9 +496,17 @@ fn a_collector_that_is_down_is_reported_once_and_training_goes_on() {
     );
     assert!(failures[0].contains("Connection refused"), "{stderr}");
     let logged = read_metrics(&output_dir(&job).join("metrics.jsonl"));
-    assert_eq!(
-        logged.iter().filter(|e| e["type"] == "step").count(),
-        6,
-        "{logged:?}"
-    );
+    let steps: Vec<_> = logged.iter().filter(|e| e["type"] == "step").collect();
+    assert_eq!(steps.len(), 6, "{logged:?}");
+    let start = &logged[0];
+    assert_eq!(start["peak_flops"], 0.5e12);
+    let flops_per_token = start["flops_per_token"].as_f64().unwrap();
+    for s in steps {
+        let expected = s["tokens_per_s"].as_f64().unwrap() * flops_per_token / 0.5e12;
+        let mfu = s["mfu"].as_f64().unwrap();
+        assert!(
+            (mfu - expected).abs() <= 1e-9 * expected,
+            "{mfu} vs {expected}"
+        );
+    }
 }

@@ -648,6 +648,19 @@ dir = "out"
     }
 
     #[test]
+    fn a_peak_must_be_positive() {
+        let ok = parse(&GOOD.replace("steps = 10", "steps = 10\npeak_tflops = 989.0")).unwrap();
+        assert_eq!(ok.train.peak_tflops, Some(989.0));
+        let err = parse(&GOOD.replace("steps = 10", "steps = 10\npeak_tflops = 0.0"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid job file job.toml: train.peak_tflops: must be a positive number of TFLOP/s, got 0"
+        );
+    }
+
+    #[test]
     fn values_are_checked_against_each_other() {
         let text = GOOD.replace("micro_batch_size = 4", "micro_batch_size = 3");
         let err = parse(&text).unwrap_err().to_string();
