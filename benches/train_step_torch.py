@@ -16,6 +16,7 @@ PRESETS = {
     # vocab, dim, layers, heads, kv_heads, ffn, tied
     "tiny": (50257, 64, 2, 4, 2, 192, True),
     "125m": (50257, 768, 12, 12, 12, 2048, True),
+    "1b": (128256, 2048, 16, 32, 8, 8192, True),  # Llama 3.2 1B's shape
 }
 
 
@@ -69,7 +70,7 @@ class Llama(nn.Module):
 
     def forward(self, tokens):
         t = tokens.shape[1]
-        freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(t, dtype=torch.float32, device=tokens.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         x = self.embed(tokens)
