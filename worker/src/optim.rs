@@ -103,18 +103,22 @@ impl AdamW {
                 let mut v = self.exp_avg_sq.narrow(0, state_at, len);
                 let mut s = self.scratch.narrow(0, 0, len);
                 state_at += len;
+                // Eight passes over memory in all (decay included), each op in place or into
+                // the scratch buffer; the update is memory-bound, so passes are its cost.
                 let _ = m.lerp_(&g, 1.0 - c.beta1);
-                // v = beta2 * v + (1 - beta2) * g^2
+                // v = beta2 * v + (1 - beta2) * g^2, as a lerp towards g^2
                 let _ = g.mul_out(&s, &g);
-                let _ = s.g_mul_scalar_(1.0 - c.beta2);
-                let _ = v.g_mul_scalar_(c.beta2).g_add_(&s);
-                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+                let _ = v.lerp_(&s, 1.0 - c.beta2);
+                if step_size == 0.0 {
+                    continue; // a zero learning rate moves nothing (and d would be infinite)
+                }
+                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), as
+                // p += m / d with d = -(sqrt(v) / sqrt(1 - beta2^t) + eps) / step_size
                 let _ = v.sqrt_out(&s);
-                let _ = s.g_div_scalar_(bias_correction2_sqrt).g_add_scalar_(c.eps);
-                let divisor = s.shallow_clone();
-                let _ = m.div_out(&s, &divisor);
-                let _ = s.g_mul_scalar_(step_size);
-                let _ = p.g_sub_(&s);
+                let _ = s
+                    .g_mul_scalar_(-1.0 / (bias_correction2_sqrt * step_size))
+                    .g_add_scalar_(-c.eps / step_size);
+                let _ = p.addcdiv_(&m, &s);
             }
         });
     }
