@@ -98,9 +98,23 @@ struct HeadTape {
     x: Tensor,
     hn: Tensor,
     hnl: Tensor,
-    /// The scaled loss whose backward gives the head's gradients.
-    loss: Tensor,
+    grads: HeadGrads,
 }
+
+/// How the head's backward gets its gradients.
+#[derive(Debug)]
+enum HeadGrads {
+    /// The scaled loss, whose autograd backward gives them (tensor parallelism).
+    Loss(Tensor),
+    /// Computed already, chunk by chunk during the forward pass: the head weight's gradient
+    /// and the gradient of the final norm's output.
+    Done { weight: Tensor, hidden: Tensor },
+}
+
+/// Rows of logits the chunked loss holds at once, `LOSS_CHUNK_BYTES / (4 * vocab)`: about
+/// 32 MiB of fp32 logits, whatever the batch (a whole micro-batch's logits are
+/// `tokens * vocab * 4` bytes, 206 MB for 1,024 tokens of GPT-2's vocabulary).
+const LOSS_CHUNK_BYTES: i64 = 32 << 20;
 
 impl Llama {
     /// A model with all parameters zero; see [`Llama::init`] and `hf::load_weights`.
@@ -414,7 +428,7 @@ impl Llama {
 
     /// The mean cross-entropy without gradients, with or without tensor parallelism.
     pub fn loss_value(&self, inputs: &Tensor, targets: &Tensor) -> Result<f64, CollectiveError> {
-        tch::no_grad(|| self.forward_tape(inputs, targets, 1.0)).map(|tape| tape.loss)
+        tch::no_grad(|| self.forward_pieces(inputs, targets, 1.0, false)).map(|tape| tape.loss)
     }
 
     /// The sum over tensor-parallel ranks of `t`, as a constant (no gradient flows through
@@ -445,6 +459,17 @@ impl Llama {
         tokens: &Tensor,
         targets: &Tensor,
         scale: f64,
+    ) -> Result<Tape, CollectiveError> {
+        self.forward_pieces(tokens, targets, scale, true)
+    }
+
+    /// [`Llama::forward_tape`], computing the head's gradients only `with_grads`.
+    fn forward_pieces(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        with_grads: bool,
     ) -> Result<Tape, CollectiveError> {
         let c = &self.config;
         let t = tokens.size2().map_or(0, |(_, t)| t);
@@ -490,35 +515,92 @@ impl Llama {
         let hn = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
         let hnl = leaf(&hn);
         let vl = self.local.vocab.end - v0;
-        let logits = hnl
-            .linear::<Tensor>(self.p(self.head), None)
-            .to_kind(Kind::Float)
-            .reshape([-1, vl]);
         let targets = targets.reshape([-1]);
-        let (loss, value) = if self.tp.size() == 1 {
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &targets,
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            );
-            let value = loss.to_kind(Kind::Double).double_value(&[]);
-            (loss, value)
+        let (grads, value) = if self.tp.size() == 1 {
+            let (value, weight, hidden) =
+                self.chunked_loss(&hnl, &targets, scale, with_grads, LOSS_CHUNK_BYTES);
+            (HeadGrads::Done { weight, hidden }, value)
         } else {
-            self.vocab_parallel_cross_entropy(&logits, &targets)?
+            let logits = hnl
+                .linear::<Tensor>(self.p(self.head), None)
+                .to_kind(Kind::Float)
+                .reshape([-1, vl]);
+            let (loss, value) = self.vocab_parallel_cross_entropy(&logits, &targets)?;
+            (HeadGrads::Loss(loss * scale), value)
         };
         Ok(Tape {
             loss: value,
             embed,
             blocks,
-            head: HeadTape {
-                x,
-                hn,
-                hnl,
-                loss: loss * scale,
-            },
+            head: HeadTape { x, hn, hnl, grads },
         })
+    }
+
+    /// Mean cross-entropy of the head over `h` (`[.., dim]`, the final norm's output) and,
+    /// when `with_grads`, its gradients for a loss scaled by `scale`: the head weight's and
+    /// `h`'s. The logits are made, used and dropped a chunk of rows at a time
+    /// (`chunk_bytes` of fp32 logits: [`LOSS_CHUNK_BYTES`]), the gradient of each chunk's logits being
+    /// `(softmax - onehot) * scale / tokens` in closed form, so no full `[tokens, vocab]`
+    /// tensor ever exists: neither the logits nor their log-softmax nor their gradient.
+    /// Targets of -100 are ignored, as `cross_entropy` does. Matmuls follow autocast (bf16
+    /// on GPUs); the softmax and the loss are fp32.
+    fn chunked_loss(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        with_grads: bool,
+        chunk_bytes: i64,
+    ) -> (f64, Tensor, Tensor) {
+        let w = self.p(self.head).detach();
+        let vocab = w.size()[0];
+        let h = h.detach().reshape([-1, w.size()[1]]);
+        let n = h.size()[0];
+        let valid = targets.ne(-100);
+        let count = valid.sum(Kind::Int64).int64_value(&[]).max(1);
+        let rows = (chunk_bytes / (4 * vocab)).max(1);
+        let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
+        let grad_w = with_grads.then(|| Tensor::zeros_like(&w));
+        let grad_h = with_grads.then(|| Tensor::zeros([n, w.size()[1]], (Kind::Float, h.device())));
+        tch::no_grad(|| {
+            let mut start = 0;
+            while start < n {
+                let len = rows.min(n - start);
+                let hc = h.narrow(0, start, len);
+                let tc = targets.narrow(0, start, len);
+                let vc = valid.narrow(0, start, len);
+                let safe = tc.where_self(&vc, &tc.zeros_like()).unsqueeze(1);
+                let logits = hc.matmul(&w.tr()).to_kind(Kind::Float);
+                let lse = logits.logsumexp([1], true);
+                let picked = logits.gather(1, &safe, false);
+                let per_row = (&lse - &picked).squeeze_dim(1) * vc.to_kind(Kind::Float);
+                sum += per_row.sum(Kind::Double);
+                if let (Some(gw), Some(gh)) = (&grad_w, &grad_h) {
+                    // d loss / d logits = (softmax - onehot) * scale / count, on valid rows
+                    let mut d = logits;
+                    let _ = d.g_sub_(&lse).exp_();
+                    let _ = d.scatter_add_(
+                        1,
+                        &safe,
+                        &Tensor::full([len, 1], -1.0, (Kind::Float, d.device())),
+                    );
+                    let _ =
+                        d.g_mul_(&(vc.to_kind(Kind::Float).unsqueeze(1) * (scale / count as f64)));
+                    let mut rows_h = gh.narrow(0, start, len);
+                    rows_h.copy_(&d.matmul(&w).to_kind(Kind::Float));
+                    let mut gw = gw.shallow_clone();
+                    let _ = gw.g_add_(&d.tr().matmul(&hc).to_kind(w.kind()));
+                }
+                start += len;
+            }
+        });
+        let value = sum.double_value(&[]) / count as f64;
+        let empty = || Tensor::zeros([0], (Kind::Float, h.device()));
+        (
+            value,
+            grad_w.unwrap_or_else(empty),
+            grad_h.unwrap_or_else(empty),
+        )
     }
 
     fn vocab_mask(&self, tokens: &Tensor) -> Tensor {
@@ -581,9 +663,18 @@ impl Llama {
             head,
             ..
         } = tape;
-        let g = Tensor::run_backward(&[&head.loss], &[self.p(self.head), &head.hnl], false, false);
-        put(self.head, &g[0]);
-        let g_hn = self.tp_grad(g[1].shallow_clone())?;
+        let g_hn = match head.grads {
+            HeadGrads::Loss(loss) => {
+                let g =
+                    Tensor::run_backward(&[&loss], &[self.p(self.head), &head.hnl], false, false);
+                put(self.head, &g[0]);
+                self.tp_grad(g[1].shallow_clone())?
+            }
+            HeadGrads::Done { weight, hidden } => {
+                put(self.head, &weight);
+                hidden.view_as(&head.hnl)
+            }
+        };
         let g = grads(&[(&head.hn, &g_hn)], &[self.p(self.norm), &head.x]);
         put(self.norm, &g[0]);
         on_segment(self.blocks.len() + 1);
@@ -669,4 +760,93 @@ fn rope_inv_freq(c: &LlamaConfig) -> Tensor {
         .logical_not()
         .logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
     smoothed.where_self(&is_medium, &inv_freq_llama)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LlamaConfig;
+
+    fn tiny(tie: bool) -> Llama {
+        let mut c = LlamaConfig::preset("tiny").unwrap();
+        c.vocab_size = 97;
+        c.tie_embeddings = tie;
+        let model = Llama::new(&c, DecayPolicy::default(), Device::Cpu);
+        model.init(7);
+        model
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The chunked head loss gives the value and gradients of `cross_entropy` over the whole
+    /// logits through autograd, whatever the chunk size, ignored targets included.
+    #[test]
+    fn chunked_loss_matches_autograd_cross_entropy() {
+        let model = tiny(false);
+        tch::manual_seed(3);
+        let h = Tensor::randn([10, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let targets = Tensor::randint(97, [10], (Kind::Int64, Device::Cpu));
+        let _ = targets.narrow(0, 4, 2).fill_(-100);
+        let w = model.p(model.head);
+        let loss = h.linear::<Tensor>(w, None).cross_entropy_loss::<Tensor>(
+            &targets,
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        );
+        let want = Tensor::run_backward(&[&(&loss * 0.5)], &[w, &h], false, false);
+        // 3 rows per chunk (4 chunks, the last one short), then all rows at once.
+        for bytes in [3 * 4 * 97, 1 << 20] {
+            let (value, gw, gh) = model.chunked_loss(&h, &targets, 0.5, true, bytes);
+            assert!((value - loss.double_value(&[])).abs() < 1e-6, "{value}");
+            assert!(
+                max_diff(&gw, &want[0]) < 1e-6,
+                "weight {}",
+                max_diff(&gw, &want[0])
+            );
+            assert!(
+                max_diff(&gh, &want[1]) < 1e-6,
+                "hidden {}",
+                max_diff(&gh, &want[1])
+            );
+            assert!(gw.abs().sum(Kind::Float).double_value(&[]) > 1e-3);
+        }
+        let (value, gw, _) = model.chunked_loss(&h, &targets, 0.5, false, 1 << 20);
+        assert!((value - loss.double_value(&[])).abs() < 1e-6);
+        assert_eq!(gw.numel(), 0);
+    }
+
+    /// Backward piece by piece over the tape gives the gradients of one autograd graph
+    /// (`Llama::loss`), tied and untied.
+    #[test]
+    fn tape_gradients_match_one_autograd_graph() {
+        for tie in [true, false] {
+            let model = tiny(tie);
+            tch::manual_seed(5);
+            let ids = Tensor::randint(97, [2, 17], (Kind::Int64, Device::Cpu));
+            let (inputs, targets) = (ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
+            let tape = model.forward_tape(&inputs, &targets, 1.0).unwrap();
+            let loss = model.loss(&inputs, &targets);
+            assert!((tape.loss - loss.double_value(&[])).abs() < 1e-5);
+            model.backward(tape, true, &mut |_| {}).unwrap();
+            let ours = model.params.grad.copy();
+            let _ = model.params.grad.shallow_clone().zero_();
+            let views: Vec<Tensor> = model
+                .params
+                .entries()
+                .iter()
+                .map(|e| e.view.shallow_clone())
+                .collect();
+            let refs: Vec<&Tensor> = views.iter().collect();
+            let theirs = Tensor::run_backward(&[&loss], &refs, false, false);
+            for (e, g) in model.params.entries().iter().zip(&theirs) {
+                let mine = ours.narrow(0, e.offset, e.numel).view_as(g);
+                let d = max_diff(&mine, g);
+                assert!(d < 1e-5, "tie {tie}: {} differs by {d:e}", e.spec.name);
+            }
+        }
+    }
 }
