@@ -111,10 +111,17 @@ enum HeadGrads {
     Done { weight: Tensor, hidden: Tensor },
 }
 
-/// Rows of logits the chunked loss holds at once, `LOSS_CHUNK_BYTES / (4 * vocab)`: about
-/// 32 MiB of fp32 logits, whatever the batch (a whole micro-batch's logits are
-/// `tokens * vocab * 4` bytes, 206 MB for 1,024 tokens of GPT-2's vocabulary).
-const LOSS_CHUNK_BYTES: i64 = 32 << 20;
+/// Bytes of fp32 logits the chunked loss holds at once, whatever the batch (a whole
+/// micro-batch's logits are `tokens * vocab * 4` bytes, 206 MB for 1,024 tokens of GPT-2's
+/// vocabulary). On the CPU 16 MiB, under glibc's 32 MiB mmap threshold so that the chunks
+/// reuse heap memory instead of mapping and faulting in fresh pages each time; on GPUs 1 GiB,
+/// enough rows per chunk (2,048 of a 128K vocabulary) to keep the matmuls efficient.
+fn loss_chunk_bytes(device: Device) -> i64 {
+    match device {
+        Device::Cpu => 16 << 20,
+        _ => 1 << 30,
+    }
+}
 
 impl Llama {
     /// A model with all parameters zero; see [`Llama::init`] and `hf::load_weights`.
@@ -517,8 +524,13 @@ impl Llama {
         let vl = self.local.vocab.end - v0;
         let targets = targets.reshape([-1]);
         let (grads, value) = if self.tp.size() == 1 {
-            let (value, weight, hidden) =
-                self.chunked_loss(&hnl, &targets, scale, with_grads, LOSS_CHUNK_BYTES);
+            let (value, weight, hidden) = self.chunked_loss(
+                &hnl,
+                &targets,
+                scale,
+                with_grads,
+                loss_chunk_bytes(hnl.device()),
+            );
             (HeadGrads::Done { weight, hidden }, value)
         } else {
             let logits = hnl
@@ -539,7 +551,7 @@ impl Llama {
     /// Mean cross-entropy of the head over `h` (`[.., dim]`, the final norm's output) and,
     /// when `with_grads`, its gradients for a loss scaled by `scale`: the head weight's and
     /// `h`'s. The logits are made, used and dropped a chunk of rows at a time
-    /// (`chunk_bytes` of fp32 logits: [`LOSS_CHUNK_BYTES`]), the gradient of each chunk's logits being
+    /// (`chunk_bytes` of fp32 logits: [`loss_chunk_bytes`]), the gradient of each chunk's logits being
     /// `(softmax - onehot) * scale / tokens` in closed form, so no full `[tokens, vocab]`
     /// tensor ever exists: neither the logits nor their log-softmax nor their gradient.
     /// Targets of -100 are ignored, as `cross_entropy` does. Matmuls follow autocast (bf16
@@ -560,7 +572,7 @@ impl Llama {
         let count = valid.sum(Kind::Int64).int64_value(&[]).max(1);
         let rows = (chunk_bytes / (4 * vocab)).max(1);
         let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
-        let grad_w = with_grads.then(|| Tensor::zeros_like(&w));
+        let mut grad_w: Option<Tensor> = None;
         let grad_h = with_grads.then(|| Tensor::zeros([n, w.size()[1]], (Kind::Float, h.device())));
         tch::no_grad(|| {
             let mut start = 0;
@@ -570,12 +582,16 @@ impl Llama {
                 let tc = targets.narrow(0, start, len);
                 let vc = valid.narrow(0, start, len);
                 let safe = tc.where_self(&vc, &tc.zeros_like()).unsqueeze(1);
-                let logits = hc.matmul(&w.tr()).to_kind(Kind::Float);
+                let raw = hc.matmul(&w.tr());
+                // Under autocast the matmuls run in bf16 and accumulate out of place; in fp32
+                // they write into the gradients directly.
+                let fp32 = raw.kind() == w.kind();
+                let logits = raw.to_kind(Kind::Float);
                 let lse = logits.logsumexp([1], true);
                 let picked = logits.gather(1, &safe, false);
                 let per_row = (&lse - &picked).squeeze_dim(1) * vc.to_kind(Kind::Float);
                 sum += per_row.sum(Kind::Double);
-                if let (Some(gw), Some(gh)) = (&grad_w, &grad_h) {
+                if let Some(gh) = &grad_h {
                     // d loss / d logits = (softmax - onehot) * scale / count, on valid rows
                     let mut d = logits;
                     let _ = d.g_sub_(&lse).exp_();
@@ -587,9 +603,20 @@ impl Llama {
                     let _ =
                         d.g_mul_(&(vc.to_kind(Kind::Float).unsqueeze(1) * (scale / count as f64)));
                     let mut rows_h = gh.narrow(0, start, len);
-                    rows_h.copy_(&d.matmul(&w).to_kind(Kind::Float));
-                    let mut gw = gw.shallow_clone();
-                    let _ = gw.g_add_(&d.tr().matmul(&hc).to_kind(w.kind()));
+                    if fp32 {
+                        let _ = d.mm_out(&rows_h, &w);
+                    } else {
+                        rows_h.copy_(&d.matmul(&w));
+                    }
+                    match grad_w.as_mut() {
+                        None => grad_w = Some(d.tr().matmul(&hc).to_kind(w.kind())),
+                        Some(gw) if fp32 => {
+                            let _ = gw.addmm_(&d.tr(), &hc);
+                        }
+                        Some(gw) => {
+                            let _ = gw.g_add_(&d.tr().matmul(&hc));
+                        }
+                    }
                 }
                 start += len;
             }
