@@ -10,21 +10,26 @@
 #   - the same shape in plain PyTorch (benches/gpu/peer.py): eager, then torch.compile.
 # MFU is taken against the bf16 matmul ceiling measured first in the same call (and the
 # datasheet peak, DATASHEET_TFLOPS, default 989 for an H100/H200 SXM's dense bf16).
-# Prints one JSON line per measurement and a Markdown table last; everything also goes to
-# $OUT (gpu-check.md, *.json, logs).
+# Prints one JSON line per measurement and a Markdown table last. The runs work in $WORK
+# (default /tmp/kiln-gpu-check: checkpoints and weights of `1b` are about 20 GB); $OUT
+# receives two files, the table (gpu-check.md) and the measurements and logs
+# (gpu-check.tar.gz), which is what a device call brings back.
 #
 #   bash benches/gpu/check.sh
 #
 # Environment: PRESETS ("125m:16:16 1b:8:8", preset:batch:micro), SEQ (2048), STEPS (30),
-# COMPILE (1), DEVICE (cuda), DATASHEET_TFLOPS (989), KILN (.gpu/kiln), DATA (.gpu/data).
+# COMPILE (1), DEVICE (cuda), DATASHEET_TFLOPS (989), KILN (.gpu/kiln), DATA (.gpu/data),
+# OUT (runs/gpu-check), WORK (/tmp/kiln-gpu-check).
 # A dry run of the same logic on a CPU-only machine:
 #   DEVICE=cpu PRESETS=tiny:2:2 SEQ=64 STEPS=6 COMPILE=0 KILN=target/release/kiln \
 #     DATA=runs/shakespeare/data bash benches/gpu/check.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root=$(pwd)
-OUT=${OUT:-$root/runs/gpu-check}
-mkdir -p "$OUT"
+dest=${OUT:-$root/runs/gpu-check}
+OUT=${WORK:-/tmp/kiln-gpu-check}
+rm -rf "$OUT"
+mkdir -p "$OUT" "$dest"
 presets=${PRESETS:-125m:16:16 1b:8:8}
 seq_len=${SEQ:-2048} steps=${STEPS:-30} compile=${COMPILE:-1} device=${DEVICE:-cuda}
 datasheet=${DATASHEET_TFLOPS:-989}
@@ -104,7 +109,7 @@ preset = "$preset"
 max_seq_len = $seq_len
 
 [data]
-path = "$root/$data"
+path = "$(cd "$data" && pwd)"
 
 [train]
 seq_len = $seq_len
@@ -159,7 +164,8 @@ print(json.dumps({
 }))
 EOF
   cat "$OUT/kiln-$preset.json"
-  rm -rf "$run/out/checkpoints"
+  cp "$run/out/metrics.jsonl" "$OUT/kiln-$preset.metrics.jsonl" 2>/dev/null
+  rm -rf "$run/out/checkpoints" "$run/out/model"
   for mode in eager compile; do
     [ "$mode" = compile ] && [ "$compile" != 1 ] && continue
     log "plain PyTorch ($mode): $preset"
@@ -202,3 +208,6 @@ for k in sorted(glob.glob(os.path.join(out, "kiln-*.json"))):
         print(f"| {p} | {r['system']} | {r['batch']} x {r['seq']} | {r['tokens_per_s']:.0f} | {r['tflops']:.4g} | "
               f"{mfu:.1%} | {r['tflops'] / datasheet:.1%} | {peak if peak is not None else '?'} MiB | {pause} | {ratio:.2f}x |")
 EOF
+cp "$OUT/gpu-check.md" "$dest/"
+tar -czf "$dest/gpu-check.tar.gz" -C "$OUT" --exclude='*/out' .
+ls -la "$dest" >&2
