@@ -18,6 +18,7 @@ written as plain PyTorch DDP (gloo) under torchrun, plus the helpers the script 
 Each training process uses OMP_NUM_THREADS threads (the script sets it to Kiln's share).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -236,7 +237,7 @@ def cmd_train(a):
         loss_sum = 0.0
         for m, (inputs, targets) in enumerate(batches):
             f0 = time.perf_counter()
-            ctx = ddp.no_sync() if m + 1 < accum else _null()
+            ctx = ddp.no_sync() if m + 1 < accum else contextlib.nullcontext()
             with ctx:
                 logits = ddp(input_ids=inputs, use_cache=False).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) / accum
@@ -275,14 +276,6 @@ def cmd_train(a):
     # minutes after its last step).
     dist.barrier()
     dist.destroy_process_group()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- measure

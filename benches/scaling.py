@@ -91,12 +91,12 @@ def buckets(segs, bucket_bytes):
     return out
 
 
-def project(preset, seq, t_fwd, t_bwd, t_opt, tokens, n, busbw, alpha, bucket_mb=25.0, accum=1, single_step=None):
+def project(preset, seq, t_fwd, t_bwd, t_opt, n, busbw, alpha, bucket_mb=25.0, accum=1, single_step=None):
     """Step seconds and exposed communication at n devices."""
-    segs = segments(preset, seq)
+    base = single_step if single_step else t_fwd + t_bwd + t_opt
     if n == 1:
-        step = single_step if single_step else t_fwd + t_bwd + t_opt
-        return {"step_s": step, "exposed_s": 0.0, "comm_s": 0.0}
+        return {"step_s": base, "exposed_s": 0.0, "comm_s": 0.0}
+    segs = segments(preset, seq)
     lat = 2 * math.ceil(math.log2(n)) * alpha
     flops = [f for _, f in segs]
     total = sum(flops)
@@ -115,7 +115,6 @@ def project(preset, seq, t_fwd, t_bwd, t_opt, tokens, n, busbw, alpha, bucket_mb
         comm += t
         end = max(done_at[first], end) + t
     exposed = max(0.0, end - t_last)
-    base = single_step if single_step else t_fwd + t_bwd + t_opt
     return {"step_s": base + exposed + 3 * lat, "exposed_s": exposed + 3 * lat, "comm_s": comm}
 
 
@@ -138,7 +137,7 @@ def table(a, t_fwd, t_bwd, t_opt, step, tokens, peak, source="measured"):
     print("| network | devices | bus bandwidth per device | all-reduce busy | exposed | step | tokens/s | scaling efficiency | MFU | limited by |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, bw, alpha in NETWORKS:
-        p = project(a.preset, a.seq, t_fwd, t_bwd, t_opt, tokens, n, bw, alpha, a.bucket_mb, a.accum, step)
+        p = project(a.preset, a.seq, t_fwd, t_bwd, t_opt, n, bw, alpha, a.bucket_mb, a.accum, step)
         tps = n * tokens / p["step_s"]
         eff = tps / (n * one)
         mfu = tps * fpt / (n * peak * 1e12) if peak else float("nan")
@@ -165,7 +164,7 @@ def check_cpu(a):
     ph = {k: statistics.fmean(s["phases"][k] for s in steps) for k in steps[0]["phases"]}
     accum = meta["batch"] // (2 * meta["micro"])
     p = project(meta["size"], meta["seq_len"], ph["forward"], ph["backward"], ph["optimizer"],
-                meta["batch"] * meta["seq_len"] // 2, 2, a.busbw, a.alpha, a.bucket_mb, accum)
+                2, a.busbw, a.alpha, a.bucket_mb, accum)
     print(json.dumps({"measured_collective_wait_s": round(ph["collective"], 5),
                       "predicted_exposed_s": round(p["exposed_s"], 5),
                       "predicted_allreduce_busy_s": round(p["comm_s"], 5),
