@@ -224,7 +224,8 @@ async fn upload(location: &StoreLocation, name: &str, local: &Path) -> Result<()
     Ok(())
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
+/// What a JSON value is, for error messages: "a string", "an array", ...
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_shard_loader::prepare::json_kind;
 use serde::Deserialize;
 
 /// The run's configuration, from its `start` event.
@@ -269,7 +270,7 @@ pub fn parse(text: &str) -> Result<RunLog, ParseError> {
         let Some(object) = value.as_object() else {
             return Err(fail(format!(
                 "expected a JSON object, found {}",
-                kind_of(&value)
+                json_kind(&value)
             )));
         };
         let Some(kind) = object.get("type") else {
@@ -278,7 +279,7 @@ pub fn parse(text: &str) -> Result<RunLog, ParseError> {
         let Some(kind) = kind.as_str().map(str::to_owned) else {
             return Err(fail(format!(
                 "\"type\" should be a string, found {}",
-                kind_of(kind)
+                json_kind(kind)
             )));
         };
         fn event<T: serde::de::DeserializeOwned>(
@@ -317,17 +318,6 @@ pub fn parse(text: &str) -> Result<RunLog, ParseError> {
     log.evals = evals.into_values().collect();
     log.checkpoints = checkpoints.into_values().collect();
     Ok(log)
-}
-
-fn kind_of(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
