@@ -17,7 +17,7 @@ use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::index::{index, IndexOptions};
 use kiln_shard_loader::mixture::MixtureLoader;
-use kiln_shard_loader::prepare::{prepare, PrepareOptions};
+use kiln_shard_loader::prepare::{self, human, prepare, Dedup, PrepareOptions};
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
 use kiln_telemetry::{names, Identity};
 use kiln_worker::checkpoint::CommitGate;
@@ -45,9 +45,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize text or JSONL files into a dataset of Parquet token shards.
+    /// Tokenize a corpus (Parquet, JSONL plain/gzip/zstd, or text files; local or in a store)
+    /// into a dataset of Parquet token shards, on one machine or as one part of many.
     Prepare {
-        /// Files, directories or glob patterns to read.
+        /// Files, directories, glob patterns or store URLs (s3://bucket/data/*/*.parquet).
         #[arg(required = true)]
         inputs: Vec<String>,
         /// Output directory or store URL (s3://, az://, gs://, file://) for the shards and
@@ -60,9 +61,9 @@ enum Command {
         /// End-of-document token of a tokenizer.json (found automatically when common).
         #[arg(long)]
         eos_token: Option<String>,
-        /// Field holding the text in JSONL files.
-        #[arg(long, default_value = "text")]
-        text_key: String,
+        /// The JSONL field or Parquet column that holds each document's text.
+        #[arg(long, alias = "text-key", default_value = "text")]
+        text_column: String,
         /// Share of documents held out for validation (every round(1/f)-th document).
         #[arg(long, default_value_t = 0.05)]
         val_fraction: f64,
@@ -72,7 +73,31 @@ enum Command {
         /// Start a new row group (the unit the loader fetches) after about this many tokens.
         #[arg(long, default_value_t = 1 << 20)]
         row_group_tokens: usize,
-        /// Replace an existing dataset in the output directory.
+        /// Input bytes per unit of work (consecutive files; a larger file is its own unit).
+        /// Units are what parts share out; changing this changes the dataset's layout.
+        #[arg(long, default_value_t = kiln_shard_loader::prepare::UNIT_BYTES)]
+        unit_bytes: u64,
+        /// This machine's part, from 0 (with --parts).
+        #[arg(long, default_value_t = 0, requires = "parts")]
+        part: u32,
+        /// How many machines share the work; each runs with its own --part.
+        #[arg(long, default_value_t = 1)]
+        parts: u32,
+        /// Count and leave out unreadable documents (a null or non-string text, a malformed
+        /// JSON line) and files, instead of stopping at the first.
+        #[arg(long)]
+        skip_bad_documents: bool,
+        /// `exact`: keep one of identical documents, across every part.
+        #[arg(long, value_parser = ["none", "exact"], default_value = "none")]
+        dedup: String,
+        /// Do not write the manifest when this part finds every unit finished (run
+        /// `kiln data merge` later).
+        #[arg(long)]
+        no_merge: bool,
+        /// Tokenizer threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Replace an existing dataset, or start a preparation over with other arguments.
         #[arg(long)]
         force: bool,
     },
@@ -350,6 +375,9 @@ enum DataCommand {
     Stats { url: String },
     /// Re-read every shard: checksums, counts, and every token id against the vocabulary.
     Verify { url: String },
+    /// Write the manifest of a `kiln prepare --parts N` run once every part has finished
+    /// (the last part to finish does this itself unless it ran with --no-merge).
+    Merge { url: String },
     /// Write a manifest for Parquet token files written by other tools (pyarrow, datasets).
     Index {
         /// Directory or store URL holding the `*.parquet` files.
@@ -444,10 +472,17 @@ fn run(cli: Cli) -> Result<()> {
             output,
             tokenizer,
             eos_token,
-            text_key,
+            text_column,
             val_fraction,
             shard_tokens,
             row_group_tokens,
+            unit_bytes,
+            part,
+            parts,
+            skip_bad_documents,
+            dedup,
+            no_merge,
+            threads,
             force,
         } => {
             let options = PrepareOptions {
@@ -455,26 +490,49 @@ fn run(cli: Cli) -> Result<()> {
                 output: output.clone(),
                 tokenizer,
                 eos_token,
-                text_key,
+                text_key: text_column,
                 val_fraction,
                 shard_tokens,
                 row_group_tokens,
+                unit_bytes,
+                part,
+                parts,
+                skip_bad: skip_bad_documents,
+                dedup: if dedup == "exact" {
+                    Dedup::Exact
+                } else {
+                    Dedup::None
+                },
+                merge: !no_merge,
+                threads,
                 force,
                 progress: true,
             };
-            let m = prepare(&options)?;
-            println!(
-                "prepared {}: {} train documents ({} tokens in {} shards), {} validation documents ({} tokens); tokenizer {} (vocab {}, eos {})",
-                output,
-                m.train.documents,
-                m.train.tokens,
-                m.train.shards.len(),
-                m.validation.documents,
-                m.validation.tokens,
-                m.tokenizer.kind,
-                m.vocab_size,
-                m.eos_id
+            let s = prepare(&options)?;
+            let per_s = |x: u64| human(x as f64 / s.seconds.max(1e-3));
+            eprintln!(
+                "{}: {} of {} units tokenized now ({} finished before), {} documents, {} tokens from {} in {:.1} s ({} tokens/s, {} docs/s, {} threads)",
+                if s.parts > 1 {
+                    format!("part {} of {}", s.part, s.parts)
+                } else {
+                    "prepare".into()
+                },
+                s.units_done,
+                s.units,
+                s.units_resumed,
+                human(s.documents as f64),
+                human(s.tokens as f64),
+                bytes(s.input_bytes),
+                s.seconds,
+                per_s(s.tokens),
+                per_s(s.documents),
+                s.threads
             );
+            match (&s.manifest, &s.merge_note) {
+                (Some(m), _) => print_prepared(&output, m),
+                (None, Some(note)) => eprintln!("{output}: manifest not written: {note}"),
+                (None, None) => {}
+            }
             Ok(())
         }
         Command::Train {
@@ -794,6 +852,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
                 Ok(())
             }
+            DataCommand::Merge { url } => {
+                let m = prepare::merge(&url, true)?;
+                print_prepared(&url, &m);
+                Ok(())
+            }
             DataCommand::Verify { url } => {
                 let dataset = TokenDataset::open(&url)?;
                 dataset.verify()?;
@@ -887,6 +950,47 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The tokenizer named on the command line, else the one recorded beside the weights, else a
 /// `tokenizer.json` in the model directory.
+/// The summary line of a written dataset.
+fn print_prepared(url: &str, m: &kiln_proto::manifest::Manifest) {
+    let p = m.prepared.clone().unwrap_or_default();
+    let mut left_out = Vec::new();
+    if p.dedup.is_some() {
+        left_out.push(format!("{} duplicates removed", p.duplicates_removed));
+    }
+    if p.skipped_documents + p.skipped_files > 0 {
+        left_out.push(format!(
+            "{} unreadable documents and {} unreadable files skipped",
+            p.skipped_documents, p.skipped_files
+        ));
+    }
+    let left_out = if left_out.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", left_out.join(", "))
+    };
+    println!(
+        "prepared {url}: {} train documents ({} tokens in {} shards), {} validation documents ({} tokens); tokenizer {} (vocab {}, eos {}){left_out}; fingerprint {}",
+        m.train.documents,
+        m.train.tokens,
+        m.train.shards.len(),
+        m.validation.documents,
+        m.validation.tokens,
+        m.tokenizer.kind,
+        m.vocab_size,
+        m.eos_id,
+        prepare::fingerprint(m),
+    );
+}
+
+/// 1234567 bytes -> "1.2 MB".
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / 1e9),
+        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / 1e6),
+        n => format!("{:.1} kB", n as f64 / 1e3),
+    }
+}
+
 fn load_tokenizer(model: &std::path::Path, name: Option<String>) -> Result<Tokenizer> {
     if let Some(name) = name {
         return Ok(Tokenizer::load(&name, None)?);

@@ -42,6 +42,33 @@ pub struct Manifest {
     pub token_column: String,
     pub train: Split,
     pub validation: Split,
+    /// How `kiln prepare` made the dataset; absent from datasets indexed from other tools'
+    /// files and from those written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<Prepared>,
+}
+
+/// What `kiln prepare` read and left out. Nothing here depends on how many machines
+/// (`--parts`) tokenized the inputs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Prepared {
+    /// Input files read (after expanding directories and patterns).
+    pub input_files: u64,
+    /// Their size in bytes, as stored (compressed where they are).
+    pub input_bytes: u64,
+    /// Units of work the inputs were split into (each has its own shards).
+    pub units: u64,
+    /// Documents left out as unreadable (`--skip-bad-documents`): a null or non-string
+    /// text, a malformed JSON line.
+    pub skipped_documents: u64,
+    /// Files left out as unreadable (`--skip-bad-documents`).
+    pub skipped_files: u64,
+    /// `exact` when identical documents were kept once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<String>,
+    /// Documents removed as exact duplicates of an earlier one.
+    pub duplicates_removed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

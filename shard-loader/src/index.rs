@@ -140,6 +140,7 @@ pub fn index(options: &IndexOptions) -> Result<Manifest, DatasetError> {
         token_column: options.column.clone(),
         train: split(shards),
         validation: split(validation),
+        prepared: None,
     };
     let body = bytes::Bytes::from(manifest.to_json());
     runtime

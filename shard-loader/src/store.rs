@@ -58,6 +58,21 @@ impl StoreLocation {
     pub fn display(&self, name: &str) -> String {
         format!("{}/{name}", self.url.trim_end_matches('/'))
     }
+
+    /// A human-readable name for an object of this store: the URL it would be given by.
+    pub fn display_path(&self, path: &Path) -> String {
+        match path.prefix_match(&self.prefix) {
+            Some(parts) => {
+                let rel: Vec<String> = parts.map(|p| p.as_ref().to_owned()).collect();
+                if rel.is_empty() {
+                    self.url.clone()
+                } else {
+                    self.display(&rel.join("/"))
+                }
+            }
+            None => path.to_string(),
+        }
+    }
 }
 
 fn retry_config() -> RetryConfig {
