@@ -51,7 +51,10 @@ fn copy_dataset(f: &Fixture, name: &str) -> PathBuf {
     std::fs::create_dir_all(&to).unwrap();
     for entry in std::fs::read_dir(&f.data).unwrap() {
         let p = entry.unwrap().path();
-        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        // The shards and the manifest; not `parts/`, what `kiln prepare` kept of its work.
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
     }
     to
 }
@@ -94,18 +97,18 @@ fn missing_corrupt_and_out_of_range_shards_are_named() {
     let out = f.root.join("out");
 
     let missing = copy_dataset(&f, "missing");
-    std::fs::remove_file(missing.join("train-00000.parquet")).unwrap();
+    std::fs::remove_file(missing.join("train-00000-00000.parquet")).unwrap();
     let err = train_fails(&f, &job_text(&missing, &out, "", ""));
     assert!(
         err.contains(&format!(
             "shard {} is missing",
-            missing.join("train-00000.parquet").display()
+            missing.join("train-00000-00000.parquet").display()
         )),
         "{err}"
     );
 
     let corrupt = copy_dataset(&f, "corrupt");
-    let shard = corrupt.join("train-00000.parquet");
+    let shard = corrupt.join("train-00000-00000.parquet");
     let mut bytes = std::fs::read(&shard).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -140,7 +143,10 @@ fn missing_corrupt_and_out_of_range_shards_are_named() {
     std::fs::write(&manifest, text).unwrap();
     let err = train_fails(&f, &job_text(&small, &out, "", ""));
     assert!(err.contains("but the tokenizer has 100 ids"), "{err}");
-    assert!(err.contains("train-00000.parquet holds token"), "{err}");
+    assert!(
+        err.contains("train-00000-00000.parquet holds token"),
+        "{err}"
+    );
 
     let err = train_fails(&f, &job_text(&f.root.join("nowhere"), &out, "", ""));
     assert!(
@@ -178,7 +184,9 @@ fn prepare_refuses_to_overwrite_a_dataset_and_rejects_bad_input() {
         path_str(&f.root.join("x")),
     ]);
     assert!(
-        err.contains("/nonexistent/*.txt: no such file or directory, and no file matches it"),
+        err.contains(
+            "/nonexistent/*.txt: no such file, directory or object, and nothing matches it"
+        ),
         "{err}"
     );
 
@@ -206,7 +214,10 @@ fn prepare_refuses_to_overwrite_a_dataset_and_rejects_bad_input() {
         "-o",
         path_str(&f.root.join("j")),
     ]);
-    assert!(err.contains("docs.jsonl:2: no field \"text\""), "{err}");
+    assert!(
+        err.contains("docs.jsonl: line 2: no field \"text\"; pass --skip-bad-documents"),
+        "{err}"
+    );
 
     let err = kiln_err(&[
         "prepare",

@@ -50,7 +50,10 @@ fn parquet_and_compressed_jsonl_are_read_in_full() {
     let m = manifest(&out);
     let p = m.prepared.clone().unwrap();
     assert_eq!((p.input_files, p.units, p.skipped_documents), (4, 4, 0));
-    assert_eq!(m.train.documents + m.validation.documents, texts.len() as u64);
+    assert_eq!(
+        m.train.documents + m.validation.documents,
+        texts.len() as u64
+    );
 
     // Exactly the tokens of every text, in file order; every 20th of each unit held out.
     let tok = Tokenizer::load("gpt2", None).unwrap();
@@ -209,12 +212,29 @@ fn parts_and_a_killed_run_give_the_dataset_of_one_run() {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        // About 20 units of two plays each.
-        a.extend(["--unit-bytes", "200000", "--threads", "1"].map(String::from));
+        // About 20 units of two plays each (too few documents a unit to hold any out).
+        a.extend(
+            [
+                "--unit-bytes",
+                "200000",
+                "--threads",
+                "1",
+                "--val-fraction",
+                "0",
+            ]
+            .map(String::from),
+        );
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
     let one = tmp.path().join("one");
+    let mut held_out = args(&tmp.path().join("held-out"), &[]);
+    held_out.truncate(held_out.len() - 2);
+    let err = kiln_err(&as_strs(&held_out));
+    assert!(
+        err.contains("the validation split would be empty: 42 documents in 20 units with --val-fraction 0.05"),
+        "{err}"
+    );
     let printed = kiln_ok(&as_strs(&args(&one, &[])));
     let reference = manifest(&one);
     assert!(reference.prepared.as_ref().unwrap().units >= 10);

@@ -326,7 +326,11 @@ fn download(
     use std::io::Write;
     let mut tmp = tempfile::NamedTempFile::new().map_err(|e| file_err(file, e))?;
     rt.block_on(async {
-        let got = location.store.get(path).await.map_err(|e| file_err(file, e))?;
+        let got = location
+            .store
+            .get(path)
+            .await
+            .map_err(|e| file_err(file, e))?;
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| file_err(file, e))?;

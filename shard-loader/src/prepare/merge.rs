@@ -9,6 +9,9 @@
 //! - `parts/unit-UUUUU.hashes` (`--dedup exact`): the unit's documents as 24-byte records,
 //!   the id (u64, little-endian) and the first 16 bytes of the text's SHA-256.
 //! - `parts/merge.lock`: held by the part writing the manifest.
+//!
+//! The plan and the unit records stay beside the manifest (a few kilobytes a unit): they
+//! say how the dataset was made. The hashes are deleted once the manifest is written.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -352,7 +355,11 @@ pub(crate) fn any_finished(io: &Io, plan: &Plan) -> Result<bool, PrepareError> {
 }
 
 /// The unit records of a plan, or the note that says which are missing.
-fn records(io: &Io, plan: &Plan, plan_sha: &str) -> Result<Result<Vec<UnitRecord>, (usize, String)>, PrepareError> {
+fn records(
+    io: &Io,
+    plan: &Plan,
+    plan_sha: &str,
+) -> Result<Result<Vec<UnitRecord>, (usize, String)>, PrepareError> {
     let mut found = Vec::new();
     let mut missing = Vec::new();
     for u in 0..plan.units.len() {
@@ -418,14 +425,13 @@ pub fn merge(output: &str, progress: bool) -> Result<Manifest, PrepareError> {
         name: location.display(PLAN),
     })?;
     let plan_sha = plan.sha256();
-    let records = records(&io, &plan, &plan_sha)?.map_err(|(missing, first)| {
-        PrepareError::Incomplete {
+    let records =
+        records(&io, &plan, &plan_sha)?.map_err(|(missing, first)| PrepareError::Incomplete {
             output: output.to_owned(),
             missing,
             units: plan.units.len(),
             first,
-        }
-    })?;
+        })?;
     let manifest = write_manifest(&io, &plan, records, progress)?;
     io.delete(LOCK)?;
     Ok(manifest)
@@ -478,8 +484,14 @@ fn write_manifest(
             if !drop.is_empty() {
                 prepared.duplicates_removed += drop.len() as u64;
                 r.train = without(io, plan, &r.train, &drop, staging.path(), &mut replaced)?;
-                r.validation =
-                    without(io, plan, &r.validation, &drop, staging.path(), &mut replaced)?;
+                r.validation = without(
+                    io,
+                    plan,
+                    &r.validation,
+                    &drop,
+                    staging.path(),
+                    &mut replaced,
+                )?;
             }
             bar.inc(1);
         }
@@ -493,6 +505,7 @@ fn write_manifest(
     if plan.val_fraction > 0.0 && validation.documents == 0 {
         return Err(PrepareError::EmptyValidation {
             documents: train.documents,
+            units: prepared.units,
             fraction: plan.val_fraction,
             every: plan.every(),
         });
@@ -509,9 +522,14 @@ fn write_manifest(
         prepared: Some(prepared),
     };
     io.write(manifest::FILE_NAME, manifest.to_json().into_bytes())?;
-    // The shards the manifest no longer names.
+    // The shards the manifest no longer names, and the hashes only the merge needed.
     for name in replaced {
         io.delete(&name)?;
+    }
+    if plan.dedup {
+        for u in 0..plan.units.len() {
+            io.delete(&hashes_name(u))?;
+        }
     }
     Ok(manifest)
 }

@@ -125,7 +125,9 @@ pub enum PrepareError {
     },
     #[error("cannot read {name}: {message}; pass --skip-bad-documents to count and skip unreadable files")]
     Input { name: String, message: String },
-    #[error("{name}: {row}: {message}; pass --skip-bad-documents to count and skip such documents")]
+    #[error(
+        "{name}: {row}: {message}; pass --skip-bad-documents to count and skip such documents"
+    )]
     BadDocument {
         name: String,
         row: String,
@@ -136,10 +138,11 @@ pub enum PrepareError {
     #[error("--part {part} is not below --parts {parts}")]
     Part { part: u32, parts: u32 },
     #[error(
-        "the validation split would be empty: {documents} documents with --val-fraction {fraction} (every {every}th document of each unit); give more documents or a larger fraction, or 0 for no validation"
+        "the validation split would be empty: {documents} documents in {units} units with --val-fraction {fraction} (every {every}th document of each unit); give more documents, a larger fraction or larger units (--unit-bytes), or 0 for no validation"
     )]
     EmptyValidation {
         documents: u64,
+        units: u64,
         fraction: f64,
         every: u64,
     },

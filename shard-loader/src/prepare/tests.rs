@@ -15,7 +15,10 @@ fn corpus(dir: &Path, files: usize, n: usize, period: usize) -> Vec<String> {
         let mut out = std::fs::File::create(&path).unwrap();
         for d in 0..n {
             let k = (f * n + d) % period;
-            let text = format!("Document {k}: the quick brown fox {} jumps.", "ab ".repeat(k % 7));
+            let text = format!(
+                "Document {k}: the quick brown fox {} jumps.",
+                "ab ".repeat(k % 7)
+            );
             writeln!(out, "{}", serde_json::json!({ "text": text, "id": k })).unwrap();
         }
         paths.push(path.display().to_string());
@@ -46,7 +49,11 @@ fn prepare_parts(base: &PrepareOptions, parts: u32) -> Manifest {
             ..base.clone()
         })
         .unwrap();
-        assert_eq!(s.manifest.is_some(), part == parts - 1, "only the last part merges");
+        assert_eq!(
+            s.manifest.is_some(),
+            part == parts - 1,
+            "only the last part merges"
+        );
         manifest = s.manifest;
     }
     manifest.unwrap()
@@ -56,9 +63,18 @@ fn prepare_parts(base: &PrepareOptions, parts: u32) -> Manifest {
 fn formats_go_by_extension() {
     assert_eq!(format_of("a/b.parquet"), Some(Format::Parquet));
     assert_eq!(format_of("x.jsonl"), Some(Format::Jsonl(Compression::None)));
-    assert_eq!(format_of("x.JSONL.GZ"), Some(Format::Jsonl(Compression::Gzip)));
-    assert_eq!(format_of("x.json.gz"), Some(Format::Jsonl(Compression::Gzip)));
-    assert_eq!(format_of("x.jsonl.zst"), Some(Format::Jsonl(Compression::Zstd)));
+    assert_eq!(
+        format_of("x.JSONL.GZ"),
+        Some(Format::Jsonl(Compression::Gzip))
+    );
+    assert_eq!(
+        format_of("x.json.gz"),
+        Some(Format::Jsonl(Compression::Gzip))
+    );
+    assert_eq!(
+        format_of("x.jsonl.zst"),
+        Some(Format::Jsonl(Compression::Zstd))
+    );
     assert_eq!(format_of("x.txt"), Some(Format::Text));
     assert_eq!(format_of("x.md"), Some(Format::Text));
     assert_eq!(format_of("x.csv"), None);
@@ -100,7 +116,9 @@ fn a_finished_part_is_skipped_and_merge_names_what_is_missing() {
     assert!(s.units_done > 0 && s.manifest.is_none());
     let note = s.merge_note.unwrap();
     assert!(note.contains("units are not finished yet"), "{note}");
-    let err = merge(&out.display().to_string(), false).unwrap_err().to_string();
+    let err = merge(&out.display().to_string(), false)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("units are not finished yet (unit 1: ") && err.contains("part-0"),
         "{err}"
@@ -127,8 +145,13 @@ fn a_finished_part_is_skipped_and_merge_names_what_is_missing() {
     .unwrap();
     assert!(s.manifest.is_none());
     let m = merge(&out.display().to_string(), false).unwrap();
-    assert_eq!(m, prepare_parts(&options(base.inputs.clone(), &tmp.path().join("one")), 1));
-    let err = merge(&out.display().to_string(), false).unwrap_err().to_string();
+    assert_eq!(
+        m,
+        prepare_parts(&options(base.inputs.clone(), &tmp.path().join("one")), 1)
+    );
+    let err = merge(&out.display().to_string(), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already holds a dataset"), "{err}");
 }
 
@@ -213,7 +236,12 @@ fn inputs_in_a_store_by_prefix_and_glob() {
         rt.block_on(loc.store.put(&loc.child(name), body.into_bytes().into()))
             .unwrap();
     };
-    let doc = |i: usize| format!("{}\n", serde_json::json!({ "text": format!("text number {i}") }));
+    let doc = |i: usize| {
+        format!(
+            "{}\n",
+            serde_json::json!({ "text": format!("text number {i}") })
+        )
+    };
     put("data/a/1.jsonl", (0..20).map(doc).collect());
     put("data/b/2.jsonl", (20..40).map(doc).collect());
     put("data/b/deep/3.jsonl", (40..60).map(doc).collect());

@@ -171,13 +171,8 @@ pub(crate) fn run(
                         }),
                     }
                 };
-                match input::read_file(
-                    file,
-                    &options.text_key,
-                    rt,
-                    &ctx.progress.bytes,
-                    &mut sink,
-                ) {
+                match input::read_file(file, &options.text_key, rt, &ctx.progress.bytes, &mut sink)
+                {
                     Ok(()) => {}
                     Err(PrepareError::Input { name, message }) if options.skip_bad => {
                         tracing::warn!("skipping {name}: {message}");
