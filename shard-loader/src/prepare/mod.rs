@@ -234,7 +234,13 @@ pub(crate) struct Progress {
     pub tokens: AtomicU64,
     pub text_bytes: AtomicU64,
     start: Instant,
+    /// Without a terminal (a batch job's log), a plain line every [`LOG_EVERY`] instead.
+    log_lines: bool,
+    last_line: std::sync::Mutex<Instant>,
+    total_bytes: u64,
 }
+
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Progress {
     fn new(total_bytes: u64, visible: bool, label: String) -> Self {
@@ -251,7 +257,11 @@ impl Progress {
             .progress_chars("=> "),
         );
         bar.set_prefix(label);
+        use std::io::IsTerminal;
         Progress {
+            log_lines: visible && !std::io::stderr().is_terminal(),
+            last_line: std::sync::Mutex::new(Instant::now()),
+            total_bytes,
             bar,
             bytes: Arc::new(AtomicU64::new(0)),
             documents: AtomicU64::new(0),
@@ -266,14 +276,30 @@ impl Progress {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
         let docs = self.documents.load(Ordering::Relaxed);
         let tokens = self.tokens.load(Ordering::Relaxed);
-        self.bar.set_position(self.bytes.load(Ordering::Relaxed));
-        self.bar.set_message(format!(
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let message = format!(
             "{} docs ({}/s), {} tokens ({}/s)",
             human(docs as f64),
             human(docs as f64 / secs),
             human(tokens as f64),
             human(tokens as f64 / secs)
-        ));
+        );
+        if self.log_lines {
+            let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() >= LOG_EVERY {
+                *last = Instant::now();
+                eprintln!(
+                    "{}: {}B of {}B read ({:.0}%, {}B/s), {message}",
+                    self.bar.prefix(),
+                    human(bytes as f64),
+                    human(self.total_bytes as f64),
+                    100.0 * bytes as f64 / self.total_bytes.max(1) as f64,
+                    human(bytes as f64 / secs),
+                );
+            }
+        }
+        self.bar.set_position(bytes);
+        self.bar.set_message(message);
     }
 }
 
