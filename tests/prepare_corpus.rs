@@ -253,6 +253,11 @@ fn parts_and_a_killed_run_give_the_dataset_of_one_run() {
     assert_eq!(manifest(&two), reference);
     let fingerprint = |s: &str| s.rsplit("fingerprint ").next().unwrap().trim().to_owned();
     assert_eq!(fingerprint(&merged), fingerprint(&printed));
+    let stats = kiln_ok(&["data", "stats", path_str(&two)]);
+    assert!(
+        stats.contains(&format!("\"fingerprint\": \"{}\"", fingerprint(&printed))),
+        "{stats}"
+    );
     assert_eq!(samples(&two, 1000), samples(&one, 1000));
 
     // Killed once a unit is finished, then started again with the same arguments.

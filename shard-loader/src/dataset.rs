@@ -98,6 +98,11 @@ pub struct Stats {
     pub tokenizer: String,
     pub vocab_size: u32,
     pub eos_id: u32,
+    /// The SHA-256 of the manifest: equal fingerprints, equal datasets.
+    pub fingerprint: String,
+    /// What `kiln prepare` read and left out, when it made the dataset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<kiln_proto::manifest::Prepared>,
     pub splits: Vec<SplitStats>,
 }
 
@@ -331,6 +336,8 @@ impl TokenDataset {
             tokenizer: m.tokenizer.kind.clone(),
             vocab_size: m.vocab_size,
             eos_id: m.eos_id,
+            fingerprint: crate::prepare::fingerprint(m),
+            prepared: m.prepared.clone(),
             splits,
         }
     }

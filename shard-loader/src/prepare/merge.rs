@@ -29,7 +29,7 @@ use crate::store::{self, StoreLocation};
 use crate::tokenizer::{hex, Tokenizer};
 
 pub(crate) const PLAN: &str = "parts/plan.json";
-const LOCK: &str = "parts/merge.lock";
+pub(crate) const LOCK: &str = "parts/merge.lock";
 const PLAN_FORMAT: &str = "kiln-prepare-plan";
 
 pub(crate) fn unit_name(u: usize) -> String {
@@ -58,12 +58,19 @@ impl<'a> Io<'a> {
         }
     }
 
+    fn reach_err(&self, name: &str, e: impl std::fmt::Display) -> PrepareError {
+        PrepareError::Reach {
+            name: self.location.display(name),
+            message: e.to_string(),
+        }
+    }
+
     pub fn exists(&self, name: &str) -> Result<bool, PrepareError> {
         let key = self.location.child(name);
         match self.rt.block_on(self.location.store.head(&key)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.store_err(name, e)),
+            Err(e) => Err(self.reach_err(name, e)),
         }
     }
 
@@ -71,7 +78,7 @@ impl<'a> Io<'a> {
         let key = self.location.child(name);
         match self.rt.block_on(self.location.store.delete(&key)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.store_err(name, e)),
+            Err(e) => Err(self.reach_err(name, e)),
         }
     }
 
@@ -84,10 +91,7 @@ impl<'a> Io<'a> {
                 Err(e) => Err(e),
             }
         });
-        got.map_err(|e| PrepareError::Input {
-            name: self.location.display(name),
-            message: e.to_string(),
-        })
+        got.map_err(|e| self.reach_err(name, e))
     }
 
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, PrepareError> {
@@ -230,12 +234,12 @@ impl Plan {
                 bytes = 0;
             }
             bytes += f.size;
-            units.last_mut().map(|u| {
+            if let Some(u) = units.last_mut() {
                 u.push(PlannedFile {
                     name: f.name.clone(),
                     size: f.size,
-                })
-            });
+                });
+            }
         }
         Plan {
             format: PLAN_FORMAT.into(),

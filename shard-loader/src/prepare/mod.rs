@@ -169,6 +169,8 @@ pub enum PrepareError {
     Store(#[from] StoreError),
     #[error("cannot upload {name}: {message}")]
     Upload { name: String, message: String },
+    #[error("cannot reach {name}: {message}")]
+    Reach { name: String, message: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: std::path::PathBuf,
@@ -339,6 +341,10 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareSummary, PrepareError>
         }
         // A dataset is complete only once its manifest exists: remove the old one first.
         io.delete(manifest::FILE_NAME)?;
+    }
+    if options.force && options.parts == 1 {
+        // Starting over alone: a merge lock left by a killed run holds nothing.
+        io.delete(merge::LOCK)?;
     }
     let plan = merge::Plan::new(options, &tokenizer, &files);
     let plan_sha = plan.sha256();
