@@ -57,12 +57,9 @@ fn parquet_and_compressed_jsonl_are_read_in_full() {
 
     // Exactly the tokens of every text, in file order; every 20th of each unit held out.
     let tok = Tokenizer::load("gpt2", None).unwrap();
-    let per_file = [
-        texts.len() / 4 + usize::from(texts.len() % 4 > 2),
-        texts.len() / 4,
-        texts.len() / 4 + usize::from(texts.len() % 4 > 0),
-        texts.len() / 4 + usize::from(texts.len() % 4 > 1),
-    ];
+    // The script's files hold paragraphs i, i + 4, ... for i = 2, 3, 0, 1, in that order.
+    let p = texts.len();
+    let per_file = [(p + 1) / 4, p / 4, p.div_ceil(4), (p + 2) / 4];
     let (mut train, mut validation) = (Vec::new(), Vec::new());
     let mut next = 0;
     for n in per_file {

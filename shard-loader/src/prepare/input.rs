@@ -277,37 +277,39 @@ pub(crate) fn read_file(
     sink: &mut dyn FnMut(Record) -> Result<(), PrepareError>,
 ) -> Result<(), PrepareError> {
     let start = bytes.load(Ordering::Relaxed);
-    let result = match (&file.format, &file.source) {
-        (format, source) => {
-            // A file in a store is streamed to a local temporary file first.
-            let _staged;
-            let path = match source {
-                Source::Local(path) => path.clone(),
-                Source::Store { location, path } => {
-                    _staged = download(file, location, path, rt)?;
-                    _staged.path().to_owned()
-                }
-            };
-            let f = File::open(&path).map_err(|e| file_err(file, e))?;
-            match format {
-                Format::Parquet => read_parquet(file, &path, f, text_key, bytes, sink),
-                Format::Text | Format::Jsonl(_) => {
-                    let counted = Counting {
-                        inner: f,
-                        counter: bytes.clone(),
-                    };
-                    match format {
-                        Format::Jsonl(c) => read_jsonl(file, counted, *c, text_key, sink),
-                        _ => read_text(file, counted, sink),
-                    }
-                }
-            }
-        }
-    };
+    let result = read_any(file, text_key, rt, bytes, sink);
     // Whatever was counted, the file is now done.
     let counted = bytes.load(Ordering::Relaxed) - start;
     bytes.fetch_add(file.size.saturating_sub(counted), Ordering::Relaxed);
     result
+}
+
+fn read_any(
+    file: &InputFile,
+    text_key: &str,
+    rt: &Handle,
+    bytes: &Arc<AtomicU64>,
+    sink: &mut dyn FnMut(Record) -> Result<(), PrepareError>,
+) -> Result<(), PrepareError> {
+    // A file in a store is streamed to a local temporary file first.
+    let _staged;
+    let path = match &file.source {
+        Source::Local(path) => path.clone(),
+        Source::Store { location, path } => {
+            _staged = download(file, location, path, rt)?;
+            _staged.path().to_owned()
+        }
+    };
+    let f = File::open(&path).map_err(|e| file_err(file, e))?;
+    let counted = || Counting {
+        inner: f,
+        counter: bytes.clone(),
+    };
+    match file.format {
+        Format::Parquet => read_parquet(file, &path, text_key, bytes, sink),
+        Format::Jsonl(c) => read_jsonl(file, counted(), c, text_key, sink),
+        Format::Text => read_text(file, counted(), sink),
+    }
 }
 
 pub(crate) fn file_err(file: &InputFile, e: impl std::fmt::Display) -> PrepareError {
@@ -463,11 +465,11 @@ fn sink_batch(
 fn read_parquet(
     file: &InputFile,
     path: &Path,
-    f: File,
     text_key: &str,
     bytes: &Arc<AtomicU64>,
     sink: &mut dyn FnMut(Record) -> Result<(), PrepareError>,
 ) -> Result<(), PrepareError> {
+    let f = File::open(path).map_err(|e| file_err(file, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| file_err(file, e))?;
     let column = text_column(file, builder.schema(), text_key)?;
     let metadata = builder.metadata().clone();

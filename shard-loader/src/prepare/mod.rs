@@ -401,7 +401,7 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareSummary, PrepareError>
         progress: &progress,
     };
     for &u in &todo {
-        let record = unit::run(&ctx, u, &unit_files[u])?;
+        let record = unit::run(&ctx, u, unit_files[u])?;
         io.write(&merge::unit_name(u), record.to_json().into_bytes())?;
     }
     progress.update();

@@ -93,6 +93,8 @@ impl<'a> SplitWriter<'a> {
     }
 }
 
+type Encoded = Result<Vec<u32>, crate::tokenizer::TokenizerError>;
+
 /// What the reader thread found besides documents.
 #[derive(Default)]
 struct ReadCounts {
@@ -195,21 +197,20 @@ pub(crate) fn run(
 
         let consumed = (|| -> Result<(), PrepareError> {
             for batch in rx.iter() {
-                let encoded: Vec<(Option<[u8; 16]>, Result<Vec<u32>, _>)> =
-                    ctx.pool.install(|| {
-                        batch
-                            .par_iter()
-                            .map(|(_, text)| {
-                                let hash = dedup.then(|| {
-                                    let d = Sha256::digest(text.as_bytes());
-                                    let mut h = [0u8; 16];
-                                    h.copy_from_slice(&d[..16]);
-                                    h
-                                });
-                                (hash, ctx.tokenizer.encode(text))
-                            })
-                            .collect()
-                    });
+                let encoded: Vec<(Option<[u8; 16]>, Encoded)> = ctx.pool.install(|| {
+                    batch
+                        .par_iter()
+                        .map(|(_, text)| {
+                            let hash = dedup.then(|| {
+                                let d = Sha256::digest(text.as_bytes());
+                                let mut h = [0u8; 16];
+                                h.copy_from_slice(&d[..16]);
+                                h
+                            });
+                            (hash, ctx.tokenizer.encode(text))
+                        })
+                        .collect()
+                });
                 let mut text_bytes = 0;
                 for ((index, text), (hash, tokens)) in batch.iter().zip(encoded) {
                     text_bytes += text.len() as u64;
