@@ -4,6 +4,8 @@
 //! slurmctld and slurmd as root, on 127.0.0.1), training a 2-worker job to completion.
 
 mod common;
+#[path = "deploy/prepare.rs"]
+mod prepare;
 
 use std::fs::File;
 use std::io::Write;
@@ -15,6 +17,9 @@ use common::*;
 use serde_json::Value;
 
 const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// The kustomize directories: the base, the submit Job, the tokenizing Job.
+const K8S_DIRS: [&str; 3] = ["deploy/k8s", "deploy/k8s/submit", "deploy/k8s/prepare"];
 
 fn kubectl() -> PathBuf {
     let candidates = [
@@ -255,21 +260,25 @@ fn resource_files(dir: &str) -> Vec<String> {
 fn kubernetes_manifests_pass_strict_schema_validation() {
     let base = kustomize("deploy/k8s");
     let submit = kustomize("deploy/k8s/submit");
+    let prepare = kustomize("deploy/k8s/prepare");
     let docs = yaml_documents(&base);
     let submit_docs = yaml_documents(&submit);
+    let prepare_docs = yaml_documents(&prepare);
     assert_valid("-", Some(&base), docs.len());
     assert_valid("-", Some(&submit), submit_docs.len());
+    assert_valid("-", Some(&prepare), prepare_docs.len());
     // The resource files one by one (kustomization.yaml itself is kustomize's, not an API
     // object, so it is left out).
-    for dir in ["deploy/k8s", "deploy/k8s/submit"] {
+    for dir in K8S_DIRS {
         for file in resource_files(dir) {
             let n = yaml_documents(&std::fs::read_to_string(root().join(&file)).unwrap()).len();
             assert_valid(&file, None, n);
         }
     }
 
-    // Everything lands in the namespace kiln; the names the pods use exist.
-    for d in docs.iter().chain(&submit_docs) {
+    // Everything lands in the namespace kiln; the names the pods use exist (the submit and
+    // prepare Jobs use those of the base).
+    for d in docs.iter().chain(&submit_docs).chain(&prepare_docs) {
         if d["kind"] != "Namespace" {
             assert_eq!(d["metadata"]["namespace"], "kiln", "{}", d["metadata"]);
         }
@@ -277,10 +286,12 @@ fn kubernetes_manifests_pass_strict_schema_validation() {
     }
     let mut all = docs.clone();
     all.extend(submit_docs.iter().cloned());
+    all.extend(prepare_docs.iter().cloned());
     let coordinator = find(&docs, "Deployment", "kiln-coordinator");
     let workers = find(&docs, "StatefulSet", "kiln-worker");
     let job = find(&submit_docs, "Job", "kiln-submit");
-    for w in [coordinator, workers, job] {
+    let prepare_job = find(&prepare_docs, "Job", "kiln-prepare");
+    for w in [coordinator, workers, job, prepare_job] {
         check_references(&all, w);
     }
 
@@ -357,16 +368,20 @@ fn kubernetes_manifests_pass_strict_schema_validation() {
 #[test]
 fn a_misspelled_field_fails_validation() {
     let base = kustomize("deploy/k8s");
-    for (right, wrong) in [
-        ("readinessProbe:", "readinesProbe:"),
-        ("podManagementPolicy:", "podManagmentPolicy:"),
+    let prepare = kustomize("deploy/k8s/prepare");
+    for (manifests, right, wrong) in [
+        (&base, "readinessProbe:", "readinesProbe:"),
+        (&base, "podManagementPolicy:", "podManagmentPolicy:"),
         (
+            &base,
             "terminationGracePeriodSeconds:",
             "terminationGracePeriodSecond:",
         ),
+        (&prepare, "completionMode:", "completionMod:"),
+        (&prepare, "backoffLimitPerIndex:", "backoffLimitPerIdx:"),
     ] {
-        assert!(base.contains(right), "{right}");
-        let (ok, text) = run_validator("-", Some(&base.replacen(right, wrong, 1)));
+        assert!(manifests.contains(right), "{right}");
+        let (ok, text) = run_validator("-", Some(&manifests.replacen(right, wrong, 1)));
         assert!(!ok, "{wrong} was accepted:\n{text}");
         let field = wrong.trim_end_matches(':');
         assert!(
@@ -472,19 +487,26 @@ impl Drop for Daemon {
 
 /// A single-node Slurm cluster in a temporary directory: munged with its own key and
 /// socket, slurmctld and slurmd on fixed ports of 127.0.0.1. Dropping it cancels its jobs
-/// and stops the daemons.
+/// and stops the daemons. Its ports are fixed, so the tests that start one take turns.
 struct Slurm {
     dir: PathBuf,
     conf: PathBuf,
     // Stopped in this order: slurmd, slurmctld, then munged.
     daemons: Vec<Daemon>,
+    // Released after the daemons stopped (fields drop after `Drop::drop`).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the running Slurm of this test binary.
+static SLURM_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const SLURMCTLD_PORT: u16 = 16817;
 const SLURMD_PORT: u16 = 16818;
 
 impl Slurm {
     fn start(dir: &Path) -> Slurm {
+        // A test that failed while holding it poisons nothing that matters here.
+        let turn = SLURM_TURN.lock().unwrap_or_else(|e| e.into_inner());
         for bin in [
             "munged",
             "slurmctld",
@@ -577,6 +599,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             dir: dir.clone(),
             conf: conf.clone(),
             daemons: Vec::new(),
+            _turn: turn,
         };
         let munged = Daemon::spawn(
             "munged",
