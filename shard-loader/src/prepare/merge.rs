@@ -411,6 +411,11 @@ pub(crate) fn merge_if_complete(
             io.location.url
         )));
     }
+    // Another part may have merged and let go of the lock before this one took it.
+    if io.exists(manifest::FILE_NAME)? {
+        io.delete(LOCK)?;
+        return Ok(Err("another part wrote it".into()));
+    }
     let result = write_manifest(io, plan, records, progress);
     io.delete(LOCK)?;
     result.map(Ok)

@@ -263,3 +263,31 @@ fn inputs_in_a_store_by_prefix_and_glob() {
     .to_string();
     assert!(err.contains("nothing matches it"), "{err}");
 }
+
+#[test]
+fn parts_and_dedup_into_a_store_give_the_local_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = corpus(&tmp.path().join("in"), 6, 40, 100);
+    let base = PrepareOptions {
+        dedup: Dedup::Exact,
+        ..options(inputs, &tmp.path().join("one"))
+    };
+    let local = prepare_parts(&base, 1);
+    let url = "memory://prep-out/data";
+    let remote = prepare_parts(
+        &PrepareOptions {
+            output: url.into(),
+            ..base
+        },
+        2,
+    );
+    assert_eq!(remote, local);
+    TokenDataset::open(url).unwrap().verify().unwrap();
+    // The merge lock (a conditional put here) is released, the hashes are gone.
+    let rt = runtime().unwrap();
+    let loc = crate::store::open(url).unwrap();
+    let io = merge::Io::new(&loc, rt.handle());
+    assert!(!io.exists(merge::LOCK).unwrap());
+    assert!(!io.exists(&merge::hashes_name(0)).unwrap());
+    assert!(io.exists(merge::PLAN).unwrap());
+}
