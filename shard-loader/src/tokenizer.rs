@@ -137,6 +137,21 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes of token `id` of a built-in vocabulary (its entry in the tiktoken rank
+    /// file); `None` for a `tokenizer.json`, a special token's id or an id outside the
+    /// vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match &self.inner {
+            Inner::Tiktoken(bpe) => {
+                let bytes = bpe.decode_bytes(&[id]).ok()?;
+                let special =
+                    std::str::from_utf8(&bytes).is_ok_and(|s| bpe.special_tokens().contains(s));
+                (!special).then_some(bytes)
+            }
+            Inner::HuggingFace(_) => None,
+        }
+    }
+
     pub fn kind(&self) -> &str {
         &self.kind
     }
@@ -170,6 +185,17 @@ mod tests {
         assert_eq!((t.vocab_size(), t.eos_id()), (50257, 50256));
         // Special-token text is encoded as plain text, never as the EOS id.
         assert!(!t.encode("<|endoftext|>").unwrap().contains(&50256));
+    }
+
+    #[test]
+    fn token_bytes_are_the_rank_file_entries() {
+        let t = Tokenizer::load("gpt2", None).unwrap();
+        assert_eq!(t.token_bytes(15496).as_deref(), Some(&b"Hello"[..]));
+        assert_eq!(t.token_bytes(0).as_deref(), Some(&b"!"[..]));
+        // Byte-level: a token may be part of a UTF-8 character.
+        assert_eq!(t.token_bytes(188).as_deref(), Some(&[0u8][..]));
+        assert_eq!(t.token_bytes(50256), None);
+        assert_eq!(t.token_bytes(50257), None);
     }
 
     #[test]
