@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod gpt2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error(
@@ -28,7 +30,12 @@ pub enum TokenizerError {
 }
 
 enum Inner {
-    Tiktoken(tiktoken_rs::CoreBPE),
+    /// A built-in vocabulary. GPT-2's also has an encoder that gives tiktoken's ids with
+    /// its regex run as a DFA (tokenizer/gpt2.rs), about three times as fast.
+    Tiktoken {
+        bpe: tiktoken_rs::CoreBPE,
+        gpt2: Option<Box<gpt2::Gpt2Encoder>>,
+    },
     HuggingFace(Box<tokenizers::Tokenizer>),
 }
 
@@ -63,8 +70,18 @@ impl Tokenizer {
                 path: PathBuf::from(kind),
                 message: e.to_string(),
             })?;
+            let gpt2 = match kind {
+                // Its mergeable ranks are the ids below the end-of-text token.
+                "gpt2" => Some(Box::new(gpt2::Gpt2Encoder::new(&bpe, eos_id).map_err(
+                    |message| TokenizerError::Load {
+                        path: PathBuf::from(kind),
+                        message,
+                    },
+                )?)),
+                _ => None,
+            };
             Ok(Tokenizer {
-                inner: Inner::Tiktoken(bpe),
+                inner: Inner::Tiktoken { bpe, gpt2 },
                 kind: kind.to_owned(),
                 vocab_size,
                 eos_id,
@@ -118,7 +135,11 @@ impl Tokenizer {
     /// Token ids of `text`, without special tokens (text that looks like one is plain text).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match &self.inner {
-            Inner::Tiktoken(bpe) => Ok(bpe.encode_ordinary(text)),
+            Inner::Tiktoken {
+                bpe,
+                gpt2: Some(gpt2),
+            } => Ok(gpt2.encode(bpe, text)),
+            Inner::Tiktoken { bpe, gpt2: None } => Ok(bpe.encode_ordinary(text)),
             Inner::HuggingFace(tok) => tok
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
@@ -128,7 +149,7 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         match &self.inner {
-            Inner::Tiktoken(bpe) => bpe
+            Inner::Tiktoken { bpe, .. } => bpe
                 .decode(ids)
                 .map_err(|e| TokenizerError::Decode(e.to_string())),
             Inner::HuggingFace(tok) => tok
@@ -142,7 +163,7 @@ impl Tokenizer {
     /// vocabulary.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         match &self.inner {
-            Inner::Tiktoken(bpe) => {
+            Inner::Tiktoken { bpe, .. } => {
                 let bytes = bpe.decode_bytes(&[id]).ok()?;
                 let special =
                     std::str::from_utf8(&bytes).is_ok_and(|s| bpe.special_tokens().contains(s));
