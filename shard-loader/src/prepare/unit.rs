@@ -141,59 +141,8 @@ pub(crate) fn run(
 
     // A reader thread decodes the files in order while the pool tokenizes the last batch.
     let (tx, rx) = mpsc::sync_channel::<Vec<(u64, String)>>(2);
-    let rt = ctx.io.rt;
     let counts = std::thread::scope(|scope| -> Result<ReadCounts, PrepareError> {
-        let reader = scope.spawn(move || -> Result<ReadCounts, PrepareError> {
-            let mut counts = ReadCounts::default();
-            let mut batch = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut index = 0u64;
-            for file in files {
-                let mut sink = |record: Record| -> Result<(), PrepareError> {
-                    match record {
-                        Record::Doc(text) => {
-                            batch_bytes += text.len();
-                            batch.push((index, text));
-                            index += 1;
-                            if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_DOCUMENTS {
-                                batch_bytes = 0;
-                                tx.send(std::mem::take(&mut batch)).map_err(|_| stopped())?;
-                            }
-                            Ok(())
-                        }
-                        Record::Bad { row, message } if options.skip_bad => {
-                            tracing::warn!("skipping {}: {row}: {message}", file.name);
-                            counts.skipped_documents += 1;
-                            Ok(())
-                        }
-                        Record::Bad { row, message } => Err(PrepareError::BadDocument {
-                            name: file.name.clone(),
-                            row,
-                            message,
-                        }),
-                    }
-                };
-                match input::read_file(file, &options.text_key, rt, &ctx.progress.bytes, &mut sink)
-                {
-                    Ok(()) => {}
-                    Err(PrepareError::Input { name, message }) if options.skip_bad => {
-                        tracing::warn!("skipping {name}: {message}");
-                        counts.skipped_files += 1;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if index >= 1 << 32 {
-                return Err(input::file_err(
-                    &files[0],
-                    "a unit holds more than 2^32 documents; split the file",
-                ));
-            }
-            if !batch.is_empty() {
-                tx.send(batch).map_err(|_| stopped())?;
-            }
-            Ok(counts)
-        });
+        let reader = scope.spawn(move || read_unit(ctx, files, &tx));
 
         let consumed = (|| -> Result<(), PrepareError> {
             for batch in rx.iter() {
@@ -268,6 +217,65 @@ pub(crate) fn run(
         skipped_files: counts.skipped_files,
         duplicates_removed: duplicates,
     })
+}
+
+/// The reader thread of [`run`]: decodes the unit's files in order and sends their documents,
+/// numbered within the unit, in batches of about [`BATCH_BYTES`].
+fn read_unit(
+    ctx: &UnitContext,
+    files: &[InputFile],
+    tx: &mpsc::SyncSender<Vec<(u64, String)>>,
+) -> Result<ReadCounts, PrepareError> {
+    let options = ctx.options;
+    let rt = ctx.io.rt;
+    let mut counts = ReadCounts::default();
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut index = 0u64;
+    for file in files {
+        let mut sink = |record: Record| -> Result<(), PrepareError> {
+            match record {
+                Record::Doc(text) => {
+                    batch_bytes += text.len();
+                    batch.push((index, text));
+                    index += 1;
+                    if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_DOCUMENTS {
+                        batch_bytes = 0;
+                        tx.send(std::mem::take(&mut batch)).map_err(|_| stopped())?;
+                    }
+                    Ok(())
+                }
+                Record::Bad { row, message } if options.skip_bad => {
+                    tracing::warn!("skipping {}: {row}: {message}", file.name);
+                    counts.skipped_documents += 1;
+                    Ok(())
+                }
+                Record::Bad { row, message } => Err(PrepareError::BadDocument {
+                    name: file.name.clone(),
+                    row,
+                    message,
+                }),
+            }
+        };
+        match input::read_file(file, &options.text_key, rt, &ctx.progress.bytes, &mut sink) {
+            Ok(()) => {}
+            Err(PrepareError::Input { name, message }) if options.skip_bad => {
+                tracing::warn!("skipping {name}: {message}");
+                counts.skipped_files += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if index >= 1 << 32 {
+        return Err(input::file_err(
+            &files[0],
+            "a unit holds more than 2^32 documents; split the file",
+        ));
+    }
+    if !batch.is_empty() {
+        tx.send(batch).map_err(|_| stopped())?;
+    }
+    Ok(counts)
 }
 
 fn stopped() -> PrepareError {
