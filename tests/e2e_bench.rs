@@ -11,26 +11,16 @@ use serde_json::Value;
 #[test]
 fn the_e2e_benchmark_trains_the_same_samples_to_the_same_loss_in_both_systems() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("bash")
-        .arg(root().join("benches/e2e.sh"))
-        .args(["demo", "4", "1"])
-        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
-        .env("E2E_DATA", four_plays())
-        .env("E2E_DIR", dir.path())
-        .env("SKIP", "1")
-        .output()
-        .expect("bash starts");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "benches/e2e.sh failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, lines) = run_bench(
+        "e2e.sh",
+        &["demo", "4", "1"],
+        &[
+            ("KILN_BIN", env!("CARGO_BIN_EXE_kiln").as_ref()),
+            ("E2E_DATA", four_plays().as_os_str()),
+            ("E2E_DIR", dir.path().as_os_str()),
+            ("SKIP", "1".as_ref()),
+        ],
     );
-    let lines: Vec<Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("JSON lines"))
-        .collect();
     let run = |system: &str| -> &Value {
         lines
             .iter()

@@ -11,24 +11,14 @@ use serde_json::Value;
 #[test]
 fn the_tokenize_benchmark_gives_kilns_ids_in_every_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("bash")
-        .arg(root().join("benches/tokenize.sh"))
-        .args(["0.3", "1"])
-        .env("BENCH_PROFILE", "dev")
-        .env("TOKENIZE_DIR", dir.path())
-        .output()
-        .expect("bash starts");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "benches/tokenize.sh failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, lines) = run_bench(
+        "tokenize.sh",
+        &["0.3", "1"],
+        &[
+            ("BENCH_PROFILE", "dev".as_ref()),
+            ("TOKENIZE_DIR", dir.path().as_os_str()),
+        ],
     );
-    let lines: Vec<Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("JSON lines"))
-        .collect();
     let runs: Vec<&Value> = lines.iter().filter(|l| l.get("system").is_some()).collect();
     let kiln = runs
         .iter()

@@ -101,6 +101,33 @@ pub fn prepare_plays(plays: &[&str], out: &Path, val_fraction: f64) {
     kiln_ok(&args);
 }
 
+/// Runs a benchmark script (`bash benches/NAME ARGS` with `env`), panicking with its output
+/// unless it succeeds; returns its stdout and the JSON objects it printed one a line.
+pub fn run_bench(
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (String, Vec<serde_json::Value>) {
+    let out = Command::new("bash")
+        .arg(root().join("benches").join(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("bash starts");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "benches/{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    (stdout, lines)
+}
+
 /// One JSON object per line of a metrics log.
 pub fn read_metrics(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
