@@ -511,7 +511,7 @@ fn run(cli: Cli) -> Result<()> {
             let s = prepare(&options)?;
             let per_s = |x: u64| human(x as f64 / s.seconds.max(1e-3));
             eprintln!(
-                "{}: {} of {} units tokenized now ({} finished before), {} documents, {} tokens from {} in {:.1} s ({} tokens/s, {} docs/s, {} threads)",
+                "{}: {} of {} units tokenized now ({} finished before), {} documents, {} tokens from {}B in {:.1} s ({} tokens/s, {} docs/s, {} threads)",
                 if s.parts > 1 {
                     format!("part {} of {}", s.part, s.parts)
                 } else {
@@ -522,7 +522,7 @@ fn run(cli: Cli) -> Result<()> {
                 s.units_resumed,
                 human(s.documents as f64),
                 human(s.tokens as f64),
-                bytes(s.input_bytes),
+                human(s.input_bytes as f64),
                 s.seconds,
                 per_s(s.tokens),
                 per_s(s.documents),
@@ -980,15 +980,6 @@ fn print_prepared(url: &str, m: &kiln_proto::manifest::Manifest) {
         m.eos_id,
         prepare::fingerprint(m),
     );
-}
-
-/// 1234567 bytes -> "1.2 MB".
-fn bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / 1e9),
-        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / 1e6),
-        n => format!("{:.1} kB", n as f64 / 1e3),
-    }
 }
 
 fn load_tokenizer(model: &std::path::Path, name: Option<String>) -> Result<Tokenizer> {
