@@ -1,0 +1,75 @@
+// The few libtorch C++ entry points Kiln needs that tch does not bind: autocast per device type
+// with an explicit dtype, and the build description of the libtorch loaded at run time.
+//
+// Every function is `extern "C"`, takes and returns plain integers or a heap string, and
+// catches every C++ exception: nothing C++ crosses into Rust. Device types and scalar types
+// are c10's enum values (CPU = 0, CUDA = 1; Half = 5, Float = 6, BFloat16 = 15).
+#include <ATen/Version.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+extern "C" {
+
+// 1 when autocast is on for `device_type` on this thread, 0 when off, -1 on an error.
+int kiln_autocast_is_enabled(int device_type) {
+  try {
+    return at::autocast::is_autocast_enabled(static_cast<c10::DeviceType>(device_type)) ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 0 on success, -1 on an error (an unknown device type).
+int kiln_autocast_set_enabled(int device_type, int enabled) {
+  try {
+    at::autocast::set_autocast_enabled(static_cast<c10::DeviceType>(device_type), enabled != 0);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The scalar type autocast casts to on `device_type`, or -1 on an error.
+int kiln_autocast_get_dtype(int device_type) {
+  try {
+    return static_cast<int>(
+        at::autocast::get_autocast_dtype(static_cast<c10::DeviceType>(device_type)));
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 0 on success, -1 on an error (libtorch refuses a dtype the device type does not support).
+int kiln_autocast_set_dtype(int device_type, int scalar_type) {
+  try {
+    at::autocast::set_autocast_dtype(static_cast<c10::DeviceType>(device_type),
+                                     static_cast<c10::ScalarType>(scalar_type));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// `at::show_config()`: how the loaded libtorch was built (its version, CUDA and cuDNN
+// versions, CPU capability). A malloc'd string for `kiln_free`, or null on an error.
+char* kiln_torch_config() {
+  try {
+    std::string s = at::show_config();
+    char* out = static_cast<char*>(std::malloc(s.size() + 1));
+    if (out != nullptr) {
+      std::memcpy(out, s.c_str(), s.size() + 1);
+    }
+    return out;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void kiln_free(char* p) { std::free(p); }
+
+}  // extern "C"
