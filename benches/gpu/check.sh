@@ -487,6 +487,7 @@ stage_peer() {
     --device "$device" --peak-tflops "$ceiling" $([ "$mode" = compile ] && echo --compile) \
     > "$work/$name.out" 2> "$work/$name.log"
   rc=$?
+  cat "$work/$name.out" >> "$work/$name.log"
   if [ $rc != 0 ]; then
     st="failed: $(reason $rc "$work/$name.log")"
     return
