@@ -14,7 +14,7 @@
 # reads `skipped (deadline)`. A stage that fails reads `failed: <reason>` and the next one
 # runs; the script exits 0 once the table is written. The stages, most valuable first
 # (minimum useful seconds in brackets, GPU / CPU dry run):
-#   doctor          `kiln doctor` (and `kiln doctor --json` when it has that flag) [5]
+#   doctor          `kiln doctor --json` (plain `kiln doctor` where a build lacks --json) [5]
 #   ceiling         the bf16 matmul ceiling, the best of square matmuls timed with CUDA
 #                   events; MFU is taken against it (and against DATASHEET_TFLOPS, default 989
 #                   for an H100/H200 SXM's dense bf16) [10 / 5]
@@ -38,7 +38,7 @@
 #                   still brings back what finished and names the stage that was running
 #   results.jsonl   one JSON line per stage: {"stage", "status", "seconds", "detail", "result"}
 #   log.txt         the setup (GPU, libraries, versions) and the last 40 lines of each stage
-#   doctor.txt      what `kiln doctor` printed, as it is
+#   doctor.txt      what `kiln doctor` printed, as it is, then its checks as a table
 #   metrics.jsonl   the metrics logs of the Kiln runs, each event tagged with its "stage"
 # The runs work in $WORK (default /tmp/kiln-gpu-check: `1b`'s checkpoints are about 20 GB,
 # deleted after each run).
@@ -279,29 +279,57 @@ with open(sys.argv[3], "a") as out:
 }
 
 # --- Stage functions ----------------------------------------------------------------------
+# One run of `kiln doctor`: with --json where this build has it (its checks take seconds: a
+# matmul ceiling, a few training steps, NCCL's collectives on a GPU), else the table.
+# doctor.txt gets what it printed, as it is, then the checks as a table.
 stage_doctor() {
-  local name=$1 rc
-  bounded "$kiln" doctor > "$work/doctor.out" 2>&1
-  rc=$?
-  head -c 1000000 "$work/doctor.out" > "$dest/doctor.txt"
-  cp "$work/doctor.out" "$work/$name.log"
-  if [ $rc != 0 ]; then
-    st="failed: $(reason $rc "$work/doctor.out")"
-    return
+  local name=$1 rc json=0 summary=""
+  timeout 20 "$kiln" doctor --help 2>/dev/null | grep -q -- '--json' && json=1
+  if [ $json = 1 ]; then
+    bounded "$kiln" doctor --json > "$work/doctor.out" 2> "$work/doctor.err"
+  else
+    bounded "$kiln" doctor > "$work/doctor.out" 2> "$work/doctor.err"
   fi
-  det="$(grep -c . "$work/doctor.out") lines in doctor.txt"
-  if bounded "$kiln" doctor --help 2>/dev/null | grep -q -- '--json'; then
-    bounded "$kiln" doctor --json > "$work/doctor.json.out" 2>>"$work/$name.log"
-    rc=$?
-    { echo; echo "--- kiln doctor --json (exit $rc)"; head -c 1000000 "$work/doctor.json.out"; } >> "$dest/doctor.txt"
-    if [ $rc != 0 ]; then
-      st="failed: doctor --json $(reason $rc "$work/$name.log")"
-    elif ! "$py" -c 'import json, sys; print(json.dumps(json.loads(sys.stdin.read())))' \
-        < "$work/doctor.json.out" > "$work/$name.json" 2>>"$work/$name.log"; then
+  rc=$?
+  {
+    head -c 1000000 "$work/doctor.out"
+    [ -s "$work/doctor.err" ] && { echo "--- stderr"; tail -c 100000 "$work/doctor.err"; }
+  } > "$dest/doctor.txt"
+  cat "$work/doctor.out" "$work/doctor.err" > "$work/$name.log"
+  if [ $json = 1 ]; then
+    summary=$("$py" - "$work/doctor.out" "$work/$name.json" "$dest/doctor.txt" "$device" 2>>"$work/$name.log" <<'EOF'
+import json, sys
+doc = json.loads(open(sys.argv[1]).read())
+json.dump(doc, open(sys.argv[2], "w"))
+checks = [c for c in (doc.get("checks") if isinstance(doc, dict) else None) or [] if isinstance(c, dict)]
+width = max((len(str(c.get("name", ""))) for c in checks), default=0)
+with open(sys.argv[3], "a") as f:
+    f.write("\n--- the checks\n")
+    for c in checks:
+        f.write(f"{str(c.get('name', '')):<{width}}  {str(c.get('status', '')):<5}  {c.get('value', '')}\n")
+counts = {}
+for c in checks:
+    counts[c.get("status")] = counts.get(c.get("status"), 0) + 1
+bad = [f"{c.get('name')}: {c.get('value')}" for c in checks if c.get("status") not in ("ok", "skip")]
+if sys.argv[4] == "cuda":
+    bad += [f"{c.get('name')}: {c.get('value')}" for c in checks if c.get("name") == "cuda" and c.get("status") != "ok"
+            and f"{c.get('name')}: {c.get('value')}" not in bad]
+print(", ".join(f"{n} {s}" for s, n in counts.items()) or "no checks listed", "; ".join(bad), sep="\t")
+EOF
+    ) || {
       rm -f "$work/$name.json"
-      st="failed: doctor --json printed no JSON object"
+      [ $rc = 0 ] && rc=1 summary=$'\tdoctor --json printed no JSON object'
+    }
+  else
+    summary=$'\t'$(grep -aE '\s(fail|FAIL|failed|error)\s' "$work/doctor.out" | head -n 3 | one_line)
+  fi
+  local counts=${summary%%$'\t'*} bad=${summary#*$'\t'}
+  det=$counts
+  if [ $rc != 0 ] || [ -n "$bad" ]; then
+    if [ -n "$bad" ] && [ "$rc" != 124 ] && [ "$rc" != 137 ]; then
+      st="failed: $bad"
     else
-      det="$det; --json kept in results.jsonl"
+      st="failed: $(reason $rc "$work/$name.log")"
     fi
   fi
 }
