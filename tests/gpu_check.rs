@@ -38,7 +38,10 @@ fn check(out: &Path, env: &[(&str, &std::ffi::OsStr)]) -> (String, Vec<Value>) {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    let stages: Vec<&str> = results.iter().map(|r| r["stage"].as_str().unwrap()).collect();
+    let stages: Vec<&str> = results
+        .iter()
+        .map(|r| r["stage"].as_str().unwrap())
+        .collect();
     assert_eq!(
         stages,
         [
@@ -61,7 +64,10 @@ fn check(out: &Path, env: &[(&str, &std::ffi::OsStr)]) -> (String, Vec<Value>) {
         let row = format!("| {} | {status} |", r["stage"].as_str().unwrap());
         assert!(table.contains(&row), "no {row:?} in:\n{table}");
     }
-    assert!(!table.contains("not reached") && !table.contains("running"), "{table}");
+    assert!(
+        !table.contains("not reached") && !table.contains("running"),
+        "{table}"
+    );
     // What comes back stays within a device call's limits (8 files).
     let files = std::fs::read_dir(out).unwrap().count();
     assert!(files <= 8, "{files} files in $OUT");
@@ -93,7 +99,12 @@ fn the_gpu_check_runs_end_to_end_on_the_cpu() {
     assert!(out.path().join("doctor.txt").is_file());
 
     assert_eq!(stage(&results, "ceiling")["status"], "passed");
-    assert!(stage(&results, "ceiling")["result"]["ceiling_tflops"].as_f64().unwrap() > 0.0);
+    assert!(
+        stage(&results, "ceiling")["result"]["ceiling_tflops"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 
     // Parity: CPU bf16 against CPU fp32, or the refusal of a build without CPU bf16.
     let parity = stage(&results, "parity");
@@ -104,7 +115,11 @@ fn the_gpu_check_runs_end_to_end_on_the_cpu() {
             r["max_abs_diff"].as_f64().unwrap() <= r["tolerance_abs"].as_f64().unwrap(),
             "{r}"
         );
-        assert_eq!(r["loss_fp32_cpu_vs_bf16"].as_array().unwrap().len(), 5, "{r}");
+        assert_eq!(
+            r["loss_fp32_cpu_vs_bf16"].as_array().unwrap().len(),
+            5,
+            "{r}"
+        );
         assert_eq!(r["run"]["bf16"], true, "{r}");
     } else {
         assert!(
@@ -149,7 +164,11 @@ fn the_gpu_check_runs_end_to_end_on_the_cpu() {
         .count();
     assert_eq!(steps, 6);
     let log = std::fs::read_to_string(out.path().join("log.txt")).unwrap();
-    for header in ["==== setup ====", "==== kiln-tiny: passed", "==== torch-eager-tiny: passed"] {
+    for header in [
+        "==== setup ====",
+        "==== kiln-tiny: passed",
+        "==== torch-eager-tiny: passed",
+    ] {
         assert!(log.contains(header), "no {header:?} in:\n{log}");
     }
 }
@@ -177,7 +196,9 @@ fn a_short_deadline_skips_the_remaining_stages_and_still_writes_the_table() {
         assert!(table.contains(&row), "no {row:?} in:\n{table}");
     }
     // The compiled peer: skipped for the deadline, or for want of a C compiler here.
-    let compiled = stage(&results, "torch-compile-tiny")["status"].as_str().unwrap();
+    let compiled = stage(&results, "torch-compile-tiny")["status"]
+        .as_str()
+        .unwrap();
     assert!(
         compiled == "skipped (deadline)" || compiled == "skipped (no C compiler)",
         "{table}"
