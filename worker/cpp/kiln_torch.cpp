@@ -9,6 +9,10 @@
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#endif
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -71,5 +75,15 @@ char* kiln_torch_config() {
 }
 
 void kiln_free(char* p) { std::free(p); }
+
+// The libtorch version of the headers this file was compiled against, as
+// major * 10000 + minor * 100 + patch; 0 when the headers do not say.
+int kiln_torch_header_version() {
+#ifdef TORCH_VERSION_MAJOR
+  return TORCH_VERSION_MAJOR * 10000 + TORCH_VERSION_MINOR * 100 + TORCH_VERSION_PATCH;
+#else
+  return 0;
+#endif
+}
 
 }  // extern "C"

@@ -50,7 +50,8 @@ pub fn evaluate(
             let targets = Tensor::from_slice(&batch.targets)
                 .view(shape)
                 .to_device(device);
-            let loss = tch::autocast(bf16, || model.loss_value(&inputs, &targets))?;
+            let loss =
+                crate::precision::autocast(bf16, device, || model.loss_value(&inputs, &targets))?;
             let count = (b * batch.seq_len) as u64;
             total += loss * count as f64;
             tokens += count;

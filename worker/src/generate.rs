@@ -14,6 +14,9 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Stop after this token (it is included).
     pub stop_token: Option<u32>,
+    /// Run the forward passes under bf16 autocast ([`crate::precision::autocast`]); the
+    /// sampling itself is fp32.
+    pub bf16: bool,
 }
 
 /// Continues `prompt` (non-empty) and returns the new tokens. The context is the last
@@ -30,8 +33,7 @@ pub fn generate(model: &Llama, prompt: &[u32], options: &SampleOptions) -> Vec<u
             let ctx = Tensor::from_slice(&tokens[start..])
                 .unsqueeze(0)
                 .to_device(device);
-            let logits = model
-                .forward(&ctx)
+            let logits = crate::precision::autocast(options.bf16, device, || model.forward(&ctx))
                 .select(1, -1)
                 .squeeze_dim(0)
                 .to_kind(Kind::Float);

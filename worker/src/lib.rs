@@ -1,9 +1,11 @@
 //! Kiln's training engine on libtorch (through tch).
 //!
 //! - [`collective`]: all-reduce and friends over a TCP ring or NCCL; the `dp x tp` mesh.
+//! - [`doctor`]: `kiln doctor`, what this machine gives Kiln, read back and measured.
 //! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
 //! - [`parallel`]: data parallelism (bucketed, overlapped all-reduce; ZeRO-1) and one step.
 //! - [`params`]: parameters and gradients as views into flat buffers.
+//! - [`precision`]: bf16 autocast with its dtype set explicitly, on CUDA and the CPU.
 //! - [`model`]: the Llama 3 transformer.
 //! - [`optim`]: AdamW, gradient clipping, learning-rate schedules.
 //! - [`hf`]: Hugging Face checkpoint directories in and out.
@@ -19,6 +21,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod device;
+pub mod doctor;
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -28,5 +31,6 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod precision;
 pub mod supervised;
 pub mod train;

@@ -306,8 +306,11 @@ pub fn train_step(
     let scale = 1.0 / batches.len().max(1) as f64;
     for (i, (inputs, targets)) in batches.iter().enumerate() {
         let start = Instant::now();
-        let tape = tracing::info_span!("forward", kiln.micro_batch = i as u64)
-            .in_scope(|| tch::autocast(bf16, || model.forward_tape(inputs, targets, scale)))?;
+        let tape = tracing::info_span!("forward", kiln.micro_batch = i as u64).in_scope(|| {
+            crate::precision::autocast(bf16, model.device(), || {
+                model.forward_tape(inputs, targets, scale)
+            })
+        })?;
         loss_sum += tape.loss * scale;
         let forward_done = Instant::now();
         forward_s += (forward_done - start).as_secs_f64();

@@ -28,6 +28,7 @@ extern "C" {
     fn kiln_autocast_set_dtype(device_type: c_int, scalar_type: c_int) -> c_int;
     fn kiln_torch_config() -> *mut c_char;
     fn kiln_free(p: *mut c_char);
+    fn kiln_torch_header_version() -> c_int;
 }
 
 /// c10's `DeviceType` values.
@@ -173,6 +174,14 @@ pub fn torch_config() -> String {
     }
 }
 
+/// The libtorch version Kiln was compiled against (its headers), e.g. `2.11.0`; `None` when
+/// the headers do not say.
+pub fn torch_build_version() -> Option<String> {
+    // SAFETY: returns an integer computed from compile-time constants.
+    let v = unsafe { kiln_torch_header_version() };
+    (v > 0).then(|| format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100))
+}
+
 /// One `KEY=value` of [`torch_config`]'s build settings (`TORCH_VERSION`, `CUDA_VERSION`,
 /// `CUDNN_VERSION`), as the loaded libtorch reports it.
 pub fn torch_build_setting(config: &str, key: &str) -> Option<String> {
@@ -217,6 +226,7 @@ mod tests {
         let config = torch_config();
         let version = torch_build_setting(&config, "TORCH_VERSION").expect(&config);
         assert!(version.starts_with("2."), "{version}");
+        assert_eq!(torch_build_version(), Some(version));
         assert_eq!(torch_build_setting("A=1, B=, C=x", "B"), None);
         assert_eq!(
             torch_build_setting("A=1, B=2\n C=x", "C").as_deref(),

@@ -61,6 +61,8 @@ pub enum TrainError {
         "the mixture's datasets {first} and {other} use different tokenizers (vocabulary size or end-of-document id differ)"
     )]
     MixedTokenizers { first: String, other: String },
+    #[error("{0}")]
+    Precision(String),
     #[error("train.seq_len {seq_len} exceeds the model's max_seq_len {max}")]
     SeqTooLong { seq_len: i64, max: i64 },
     #[error("cannot write {path}: {source}")]
@@ -141,7 +143,11 @@ pub enum Event {
         tp: usize,
         zero1: bool,
         device: String,
+        /// Whether the forward pass ran under bf16 autocast (read back from libtorch).
         bf16: bool,
+        /// The dtype a linear layer computes in for this run, read back from libtorch:
+        /// `bf16` or `fp32`.
+        precision: String,
         flops_per_token: f64,
         peak_flops: f64,
         train_sequences: usize,
@@ -292,7 +298,9 @@ pub fn train(
         _ => groups,
     };
     let dp_rank = groups.dp_rank();
-    let bf16 = device::resolve_bf16(&t.precision, device)?;
+    let bf16 = device::resolve_bf16(&t.precision, device);
+    // What the run reports is what libtorch computes in, read back, not the setting.
+    let compute = crate::precision::checked(bf16, device).map_err(TrainError::Precision)?;
     let sources = job.data.sources();
     let datasets = sources
         .iter()
@@ -506,7 +514,7 @@ pub fn train(
 
     let peak_flops = match t.peak_tflops {
         Some(tflops) => tflops * 1e12,
-        None => device::measure_matmul_flops(device),
+        None => device::measure_matmul_flops(device, compute),
     };
     let flops_per_token = config.flops_per_token(t.seq_len);
     emit(Event::Start {
@@ -517,7 +525,8 @@ pub fn train(
         tp: dims.tp,
         zero1: job.parallel.zero1,
         device: format!("{device:?}"),
-        bf16,
+        bf16: compute == crate::precision::AUTOCAST_KIND,
+        precision: crate::precision::kind_name(compute).to_owned(),
         flops_per_token,
         peak_flops,
         train_sequences: train_data.len(),

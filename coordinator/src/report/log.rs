@@ -23,6 +23,8 @@ pub struct Start {
     pub zero1: Option<bool>,
     pub device: Option<String>,
     pub bf16: Option<bool>,
+    /// The compute dtype read back from libtorch (`bf16`, `fp32`); older logs lack it.
+    pub precision: Option<String>,
     pub flops_per_token: Option<f64>,
     pub peak_flops: Option<f64>,
     pub train_sequences: Option<u64>,

@@ -187,10 +187,10 @@ fn summary(log: &RunLog) -> String {
     s.push_str(&stat(
         "Device",
         start.device.as_deref().unwrap_or(NONE),
-        match start.bf16 {
-            Some(true) => "bf16 autocast",
-            Some(false) => "fp32",
-            None => "",
+        &match (start.bf16, start.precision.as_deref()) {
+            (Some(true), p) => format!("{} autocast", p.unwrap_or("bf16")),
+            (Some(false), p) => p.unwrap_or("fp32").to_owned(),
+            (None, p) => p.unwrap_or("").to_owned(),
         },
     ));
     let last = log.last_step().map(|s| s.step);
