@@ -252,6 +252,15 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Check this machine for Kiln: libtorch, CUDA and NCCL versions read from the loaded
+    /// libraries, the devices, whether bf16 autocast computes in bf16, the matmul ceiling, and
+    /// a few bf16 training steps against fp32 (on a GPU also NCCL's collectives). Exits
+    /// non-zero when a check fails; each failure says what to fix.
+    Doctor {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate text from trained weights.
     Sample {
         /// A model directory (Kiln's output or a Hugging Face Llama directory).
@@ -272,6 +281,9 @@ enum Command {
         tokenizer: Option<String>,
         #[arg(long, default_value = "auto")]
         device: String,
+        /// auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
+        precision: String,
     },
     /// Print the mean next-token cross-entropy of a model on a dataset split, as JSON.
     Eval {
@@ -291,6 +303,9 @@ enum Command {
         max_sequences: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
+        /// auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
+        precision: String,
     },
     /// Inspect or check a prepared dataset.
     Data {
@@ -740,6 +755,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", written.display());
             Ok(())
         }
+        Command::Doctor { json } => {
+            let report = kiln_worker::doctor::run(env!("CARGO_PKG_VERSION"));
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.healthy() {
+                bail!("some checks failed (see above)");
+            }
+            Ok(())
+        }
         Command::Sample {
             model,
             prompt,
@@ -749,8 +776,10 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             tokenizer,
             device,
+            precision,
         } => {
             let device = resolve_device(&device)?;
+            let bf16 = resolve_bf16(&precision, device);
             let tokenizer = load_tokenizer(&model, tokenizer)?;
             let llama = hf::load(&model, DecayPolicy::default(), device)?;
             let mut ids = tokenizer.encode(&prompt)?;
@@ -763,6 +792,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_k,
                 seed,
                 stop_token: None,
+                bf16,
             };
             let out = generate(&llama, &ids, &options);
             println!("{}{}", prompt, tokenizer.decode(&out)?);
@@ -776,6 +806,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             max_sequences,
             device,
+            precision,
         } => {
             let split = match split.as_str() {
                 "train" => SplitName::Train,
@@ -783,7 +814,7 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("unknown split {other:?}: expected train or validation"),
             };
             let device = resolve_device(&device)?;
-            let bf16 = resolve_bf16("auto", device)?;
+            let bf16 = resolve_bf16(&precision, device);
             let llama = hf::load(&model, DecayPolicy::default(), device)?;
             let dataset = TokenDataset::open(&data)?;
             let vocab = dataset.manifest().vocab_size;
@@ -1077,14 +1108,15 @@ fn print_event(e: &Event) {
             tp,
             device,
             bf16,
+            precision,
             peak_flops,
             train_sequences,
             validation_sequences,
             ..
         } => println!(
-            "model {:.2}M parameters on {world} x {device}{} (dp {dp} x tp {tp}) | measured matmul peak {:.1} TFLOP/s | {train_sequences} train and {validation_sequences} validation sequences",
+            "model {:.2}M parameters on {world} x {device} ({}) (dp {dp} x tp {tp}) | measured matmul peak {:.1} TFLOP/s | {train_sequences} train and {validation_sequences} validation sequences",
             *params as f64 / 1e6,
-            if *bf16 { " (bf16 autocast)" } else { " (fp32)" },
+            if *bf16 { format!("{precision} autocast") } else { precision.clone() },
             peak_flops / 1e12
         ),
         Event::Step {
