@@ -1,7 +1,10 @@
 //! One training step of a preset (default `125m`) on the CPU: forward, backward, gradient
 //! clipping and AdamW, exactly as `kiln train` runs them. Prints one JSON line.
 //!
-//!   cargo bench --bench train_step -- [PRESET] [BATCH] [SEQ] [STEPS] [THREADS]
+//!   cargo bench --bench train_step -- [PRESET] [BATCH] [SEQ] [STEPS] [THREADS] [PRECISION]
+//!
+//! PRESET is a model preset or `demo` (the shape of jobs/shakespeare-demo.toml); PRECISION
+//! is `fp32` or `bf16` (autocast; what ran is read back from libtorch and printed).
 //!
 //! benches/train_step.sh runs it side by side with the same step in plain PyTorch.
 
@@ -25,9 +28,28 @@ fn main() {
     let seq: i64 = arg(2, "256").parse().expect("SEQ is an integer");
     let steps: usize = arg(3, "5").parse().expect("STEPS is an integer");
     let threads: i32 = arg(4, "2").parse().expect("THREADS is an integer");
+    let bf16 = match arg(5, "fp32").as_str() {
+        "fp32" => false,
+        "bf16" => true,
+        other => panic!("PRECISION is fp32 or bf16, not {other}"),
+    };
     tch::set_num_threads(threads);
 
-    let config = LlamaConfig::preset(&preset).expect("a known preset");
+    let config = if preset == "demo" {
+        LlamaConfig {
+            vocab_size: 50_257,
+            dim: 128,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 32,
+            ffn_dim: 384,
+            max_seq_len: 256,
+            ..LlamaConfig::preset("tiny").expect("the tiny preset")
+        }
+    } else {
+        LlamaConfig::preset(&preset).expect("a known preset")
+    };
     let model = Llama::new(&config, DecayPolicy::default(), Device::Cpu);
     model.init(0);
     let mut optimizer = AdamW::new(
@@ -58,7 +80,7 @@ fn main() {
             &batches,
             1e-4,
             1.0,
-            false,
+            bf16,
             &mut || {},
         )
         .expect("a step without collectives");
@@ -75,8 +97,19 @@ fn main() {
     }
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (median, fwd_bwd, optim) = times[times.len() / 2];
+    let precision =
+        kiln_worker::precision::kind_name(kiln_worker::precision::probe(bf16, Device::Cpu));
+    // Peak resident memory of the process, from the kernel.
+    let peak_rss_mib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024);
     println!(
-        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"seq\": {seq}, \"threads\": {threads}, \"median_step_s\": {median:.4}, \"forward_backward_s\": {fwd_bwd:.4}, \"optimizer_s\": {optim:.4}, \"tokens_per_s\": {:.1}}}",
+        "{{\"system\": \"kiln\", \"preset\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"seq\": {seq}, \"threads\": {threads}, \"median_step_s\": {median:.4}, \"forward_backward_s\": {fwd_bwd:.4}, \"optimizer_s\": {optim:.4}, \"tokens_per_s\": {:.1}, \"precision\": \"{precision}\", \"peak_rss_mib\": {peak_rss_mib}}}",
         config.num_params(),
         (batch * seq) as f64 / median
     );

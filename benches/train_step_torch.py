@@ -5,6 +5,7 @@ implementation, clip_grad_norm_), same batch, same thread count. Prints one JSON
   train_step_torch.py [PRESET] [BATCH] [SEQ] [STEPS] [THREADS]
 """
 import json
+import resource
 import sys
 import time
 
@@ -15,6 +16,7 @@ from torch import nn
 PRESETS = {
     # vocab, dim, layers, heads, kv_heads, ffn, tied
     "tiny": (50257, 64, 2, 4, 2, 192, True),
+    "demo": (50257, 128, 4, 4, 2, 384, True),  # jobs/shakespeare-demo.toml
     "125m": (50257, 768, 12, 12, 12, 2048, True),
     "1b": (128256, 2048, 16, 32, 8, 8192, True),  # Llama 3.2 1B's shape
 }
@@ -86,6 +88,8 @@ def main():
     seq = int(args[2]) if len(args) > 2 else 256
     steps = int(args[3]) if len(args) > 3 else 5
     threads = int(args[4]) if len(args) > 4 else 2
+    precision = args[5] if len(args) > 5 else "fp32"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Llama(*PRESETS[preset])
@@ -104,7 +108,8 @@ def main():
     for i in range(steps + 2):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(inputs)
+        with autocast:
+            logits = model(inputs)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         loss.item()
@@ -121,6 +126,8 @@ def main():
         "threads": threads, "median_step_s": round(median, 4),
         "forward_backward_s": round(fwd_bwd, 4), "optimizer_s": round(optim, 4),
         "tokens_per_s": round(batch * seq / median, 1), "torch": torch.__version__,
+        "precision": {torch.bfloat16: "bf16", torch.float32: "fp32"}[logits.dtype],
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }))
 
 
