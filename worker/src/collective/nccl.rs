@@ -1,10 +1,13 @@
 //! Collectives on CUDA tensors through NCCL.
 //!
-//! NCCL and the CUDA driver are reached through `cudarc`, which loads `libcuda` and `libnccl`
-//! at run time: the binary builds and runs without CUDA, and nothing here touches either
-//! library until [`NcclComm::available`], [`NcclComm::unique_id`] or a constructor is called.
-//! `cudarc` panics when a library is missing, so those entry points check that both load
-//! before any other call and turn a missing library into an error.
+//! NCCL and the CUDA driver are loaded at run time: the binary builds and runs without CUDA,
+//! and nothing here touches either library until [`NcclComm::available`],
+//! [`NcclComm::unique_id`], [`nccl_version`], [`nccl_library`] or a constructor is called.
+//! Kiln loads NCCL itself ([`library`]: `KILN_NCCL_LIBRARY`, then `libnccl.so.2` and
+//! `libnccl.so` by name, then the torch wheel's NCCL beside the loaded libtorch) and reaches
+//! the CUDA driver through `cudarc`, which panics when `libcuda` is missing, so every entry
+//! point checks that both load before any other call and turns a missing library into an
+//! error.
 //!
 //! # Bootstrap
 //!
@@ -55,41 +58,38 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::result as cu;
 use cudarc::driver::sys as cusys;
-use cudarc::nccl::result as nc;
 use cudarc::nccl::sys as ncsys;
+use ncsys::ncclResult_t;
 use tch::{Device, Kind, Tensor};
 
 use super::tcp::collective_timeout;
 use super::{chunk_range, Collective, CollectiveError, Elem, ReduceOp, Result};
 
-/// Why NCCL may fail to load although the torch wheel ships it.
-const NCCL_MISSING: &str = "cannot load the NCCL library: Kiln looks for libnccl.so (not \
-     libnccl.so.2); scripts/setup.sh links it next to the libnccl.so.2 of the torch wheel \
-     (site-packages/nvidia/nccl/lib), which the build puts on the binary's rpath; elsewhere, \
-     put a libnccl.so link in a directory on LD_LIBRARY_PATH";
+pub mod library;
 
-/// The version of the NCCL library this process would use (e.g. 22809 for 2.28.9), loading
-/// NCCL alone: no CUDA driver or device is needed.
+use library::Api;
+
+/// The version of the NCCL library this process uses (e.g. 22809 for 2.28.9), loading NCCL
+/// alone: no CUDA driver or device is needed.
 pub fn nccl_version() -> Result<i32> {
-    std::panic::catch_unwind(|| {
-        // SAFETY: `is_culib_present` only tries to open the library under its candidate names
-        // and closes what it opened.
-        if !unsafe { ncsys::is_culib_present() } {
-            return Err(NCCL_MISSING.to_string());
-        }
-        nc::get_nccl_version().map_err(|e| format!("ncclGetVersion: {}", nccl_text(&e)))
-    })
-    .unwrap_or_else(|_| Err("loading NCCL failed".to_string()))
-    .map_err(CollectiveError::Nccl)
+    nccl_library().map(|(_, version)| version)
+}
+
+/// The NCCL library file this process loaded (as the dynamic loader opened it) and its
+/// version, loading it if need be (see [`library`] for where Kiln looks). No CUDA driver or
+/// device is needed.
+pub fn nccl_library() -> Result<(std::path::PathBuf, i32), CollectiveError> {
+    library::api()
+        .map(|api| (api.path.clone(), api.version))
+        .map_err(CollectiveError::Nccl)
 }
 
 /// An NCCL communicator for CUDA tensors on one device.
 pub struct NcclComm {
+    api: &'static Api,
     rank: usize,
     size: usize,
     ordinal: usize,
-    /// `ncclGetVersion`, e.g. 22809 for 2.28.9.
-    version: i32,
     timeout: Duration,
     inner: Mutex<Inner>,
 }
@@ -97,6 +97,7 @@ pub struct NcclComm {
 /// The CUDA and NCCL handles of a communicator. Every use goes through the mutex of
 /// [`NcclComm`].
 struct Inner {
+    api: &'static Api,
     device: cusys::CUdevice,
     /// The device's primary context (the one the CUDA runtime and libtorch use); retained.
     ctx: cusys::CUcontext,
@@ -137,11 +138,11 @@ impl Buf {
     }
 }
 
-/// The probe of the CUDA driver and NCCL, done once per process: NCCL's version, or why the
-/// libraries cannot be used.
-fn libraries() -> Result<i32> {
-    static PROBE: OnceLock<Result<i32, String>> = OnceLock::new();
-    PROBE
+/// The probe of the CUDA driver and NCCL, done once per process: NCCL's entry points, or why
+/// the libraries cannot be used.
+fn libraries() -> Result<&'static Api> {
+    static DRIVER: OnceLock<Result<(), String>> = OnceLock::new();
+    DRIVER
         .get_or_init(|| {
             std::panic::catch_unwind(|| {
                 // SAFETY: `is_culib_present` only tries to open the driver library under its
@@ -151,22 +152,19 @@ fn libraries() -> Result<i32> {
                          NVIDIA driver installed?"
                         .to_string());
                 }
-                // SAFETY: as above, for NCCL.
-                if !unsafe { ncsys::is_culib_present() } {
-                    return Err(NCCL_MISSING.to_string());
-                }
-                cu::init().map_err(|e| format!("cuInit: {}", driver_text(e)))?;
-                nc::get_nccl_version().map_err(|e| format!("ncclGetVersion: {}", nccl_text(&e)))
+                cu::init().map_err(|e| format!("cuInit: {}", driver_text(e)))
             })
-            .unwrap_or_else(|_| Err("loading the CUDA driver or NCCL failed".to_string()))
+            .unwrap_or_else(|_| Err("loading the CUDA driver failed".to_string()))
         })
         .clone()
-        .map_err(CollectiveError::Nccl)
+        .map_err(CollectiveError::Nccl)?;
+    library::api().map_err(CollectiveError::Nccl)
 }
 
-/// Checks that the libraries load and that device `ordinal` exists; returns NCCL's version.
-fn prepare(ordinal: usize) -> Result<i32> {
-    let version = libraries()?;
+/// Checks that the libraries load and that device `ordinal` exists; returns NCCL's entry
+/// points.
+fn prepare(ordinal: usize) -> Result<&'static Api> {
+    let api = libraries()?;
     let count = cu::device::get_count()
         .map_err(|e| CollectiveError::Nccl(format!("cuDeviceGetCount: {}", driver_text(e))))?;
     if ordinal >= count.max(0) as usize {
@@ -174,7 +172,7 @@ fn prepare(ordinal: usize) -> Result<i32> {
             "CUDA device {ordinal} does not exist: this machine has {count}"
         )));
     }
-    Ok(version)
+    Ok(api)
 }
 
 impl NcclComm {
@@ -186,9 +184,13 @@ impl NcclComm {
 
     /// A fresh NCCL unique id, to be shared with every rank of a new communicator.
     pub fn unique_id() -> Result<[u8; 128]> {
-        libraries()?;
-        let id = nc::get_uniqueid()
-            .map_err(|e| CollectiveError::Nccl(format!("ncclGetUniqueId: {}", nccl_text(&e))))?;
+        let api = libraries()?;
+        let mut id = ncsys::ncclUniqueId { internal: [0; 128] };
+        // SAFETY: `id` is a valid out pointer.
+        check(api, "ncclGetUniqueId", unsafe {
+            (api.get_unique_id)(&mut id)
+        })
+        .map_err(CollectiveError::Nccl)?;
         Ok(id.internal.map(|c| c as u8))
     }
 
@@ -214,7 +216,7 @@ impl NcclComm {
             to_int(size, "group size")?,
             to_int(device_ordinal, "device")?,
         );
-        let version = prepare(device_ordinal)?;
+        let api = prepare(device_ordinal)?;
         let fail = |what: &str, e: cu::DriverError| {
             CollectiveError::Nccl(format!("{what}: {}", driver_text(e)))
         };
@@ -224,6 +226,7 @@ impl NcclComm {
             unsafe { cu::primary_ctx::retain(device) }.map_err(|e| fail("retain context", e))?;
         // From here on, dropping `inner` frees whatever has been created.
         let mut inner = Inner {
+            api,
             device,
             ctx,
             comm: ptr::null_mut(),
@@ -245,19 +248,16 @@ impl NcclComm {
             let mut comm = ptr::null_mut();
             // SAFETY: `comm` is a valid out pointer; the context of `device_ordinal` is current,
             // which is how NCCL picks the communicator's device.
-            unsafe { nc::comm_init_rank(&mut comm, c_size, id, c_rank) }.map_err(|e| {
-                CollectiveError::Nccl(format!(
-                    "ncclCommInitRank (rank {rank} of {size}): {}",
-                    nccl_text(&e)
-                ))
-            })?;
+            let status = unsafe { (api.comm_init_rank)(&mut comm, c_size, id, c_rank) };
+            check(api, "ncclCommInitRank", status)
+                .map_err(|e| CollectiveError::Nccl(format!("rank {rank} of {size}: {e}")))?;
             inner.comm = comm;
         }
         Ok(NcclComm {
+            api,
             rank,
             size,
             ordinal: device_ordinal,
-            version,
             timeout: collective_timeout(),
             inner: Mutex::new(inner),
         })
@@ -407,17 +407,16 @@ impl Inner {
 
     /// An error NCCL found in the background (a lost peer, a failed kernel).
     fn check_async(&self) -> Result<(), String> {
-        let mut state = ncsys::ncclResult_t::ncclSuccess;
+        let mut state = ncclResult_t::ncclSuccess;
         // SAFETY: `comm` is a live communicator (callers check `failed`, and only `fail` and
         // `drop` clear it) and `state` a valid out pointer.
-        unsafe { ncsys::ncclCommGetAsyncError(self.comm, &mut state) }
-            .result()
-            .map_err(|e| format!("ncclCommGetAsyncError: {}", nccl_text(&e)))?;
+        let status = unsafe { (self.api.comm_get_async_error)(self.comm, &mut state) };
+        check(self.api, "ncclCommGetAsyncError", status)?;
         match state {
-            ncsys::ncclResult_t::ncclSuccess | ncsys::ncclResult_t::ncclInProgress => Ok(()),
+            ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
             other => Err(format!(
                 "asynchronous NCCL error: {}",
-                nccl_text(&nc::NcclError(other))
+                nccl_text(self.api, other)
             )),
         }
     }
@@ -452,7 +451,7 @@ impl Inner {
         if !self.comm.is_null() {
             let _current = Current::push(self.ctx);
             // SAFETY: `comm` is live and never used after this: it is cleared below.
-            let _ = unsafe { nc::comm_abort(self.comm) };
+            let _ = unsafe { (self.api.comm_abort)(self.comm) };
             self.comm = ptr::null_mut();
         }
         self.failed = Some(why.to_owned());
@@ -469,9 +468,9 @@ impl Drop for Inner {
             // SAFETY: `comm` is live and not used after this.
             let _ = unsafe {
                 if finished {
-                    nc::comm_destroy(self.comm)
+                    (self.api.comm_destroy)(self.comm)
                 } else {
-                    nc::comm_abort(self.comm)
+                    (self.api.comm_abort)(self.comm)
                 }
             };
             self.comm = ptr::null_mut();
@@ -544,15 +543,20 @@ fn nccl_op(op: ReduceOp) -> ncsys::ncclRedOp_t {
 }
 
 /// NCCL's text for an error, with the detail of the last failure when NCCL has one.
-fn nccl_text(e: &nc::NcclError) -> String {
+fn nccl_text(api: &Api, e: ncclResult_t) -> String {
     // SAFETY: `ncclGetErrorString` returns a static NUL-terminated string for every code.
-    let base = unsafe { CStr::from_ptr(ncsys::ncclGetErrorString(e.0)) }
-        .to_string_lossy()
-        .into_owned();
+    let base = unsafe {
+        let p = (api.get_error_string)(e);
+        if p.is_null() {
+            format!("{e:?}")
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
     // SAFETY: `ncclGetLastError` ignores its argument and returns NUL-terminated text (or
     // null), valid until the next NCCL call; it is copied at once.
     let last = unsafe {
-        let p = ncsys::ncclGetLastError(ptr::null_mut());
+        let p = (api.get_last_error)(ptr::null_mut());
         if p.is_null() {
             String::new()
         } else {
@@ -573,22 +577,28 @@ fn driver_text(e: cu::DriverError) -> String {
     }
 }
 
-fn nccl_result(what: &str, r: Result<nc::NcclStatus, nc::NcclError>) -> Result<(), String> {
-    r.map(drop)
-        .map_err(|e| format!("{what}: {}", nccl_text(&e)))
+/// `Ok` for a call that succeeded (or is in progress, for non-blocking communicators),
+/// else NCCL's text for the failure of `what`.
+fn check(api: &Api, what: &str, status: ncclResult_t) -> Result<(), String> {
+    match status {
+        ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
+        e => Err(format!("{what}: {}", nccl_text(api, e))),
+    }
 }
 
 /// Runs `body` between `ncclGroupStart` and `ncclGroupEnd` (ended even when `body` fails).
-fn grouped(body: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
-    nccl_result("ncclGroupStart", nc::group_start())?;
+fn grouped(api: &Api, body: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    // SAFETY: group calls take no arguments; they only mark a group on this thread.
+    check(api, "ncclGroupStart", unsafe { (api.group_start)() })?;
     let enqueued = body();
-    let ended = nccl_result("ncclGroupEnd", nc::group_end());
+    // SAFETY: as above; closes the group opened here.
+    let ended = check(api, "ncclGroupEnd", unsafe { (api.group_end)() });
     enqueued.and(ended)
 }
 
 impl fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = self.version;
+        let v = self.api.version;
         f.debug_struct("NcclComm")
             .field("rank", &self.rank)
             .field("size", &self.size)
@@ -615,7 +625,7 @@ impl Collective for NcclComm {
             // SAFETY: `b` is the live contiguous device memory of `count` elements of `dtype`
             // (in place is allowed); `comm` and the stream are live and the context current.
             let r = unsafe {
-                nc::all_reduce(
+                (inner.api.all_reduce)(
                     b.ptr,
                     b.ptr,
                     b.count,
@@ -625,7 +635,7 @@ impl Collective for NcclComm {
                     inner.nccl_stream(),
                 )
             };
-            nccl_result("ncclAllReduce", r)
+            check(inner.api, "ncclAllReduce", r)
         })
     }
 
@@ -639,7 +649,7 @@ impl Collective for NcclComm {
         self.on_device("broadcast", t, false, |inner, b| {
             // SAFETY: as in `all_reduce`; `root` is a rank of the group.
             let r = unsafe {
-                nc::broadcast(
+                (inner.api.broadcast)(
                     b.ptr,
                     b.ptr,
                     b.count,
@@ -649,7 +659,7 @@ impl Collective for NcclComm {
                     inner.nccl_stream(),
                 )
             };
-            nccl_result("ncclBroadcast", r)
+            check(inner.api, "ncclBroadcast", r)
         })
     }
 
@@ -661,7 +671,7 @@ impl Collective for NcclComm {
                 // SAFETY: in place as NCCL defines it (`recvbuff == sendbuff + rank *
                 // recvcount`), inside the `n * count` live elements of `b`.
                 let r = unsafe {
-                    nc::reduce_scatter(
+                    (inner.api.reduce_scatter)(
                         b.ptr,
                         b.at(rank * count),
                         count,
@@ -671,9 +681,9 @@ impl Collective for NcclComm {
                         inner.nccl_stream(),
                     )
                 };
-                return nccl_result("ncclReduceScatter", r);
+                return check(inner.api, "ncclReduceScatter", r);
             }
-            grouped(|| {
+            grouped(inner.api, || {
                 for owner in 0..n {
                     let chunk = chunk_range(b.count, n, owner);
                     if chunk.is_empty() {
@@ -683,7 +693,7 @@ impl Collective for NcclComm {
                     // SAFETY: the chunk lies inside the live elements of `b`; reduced in
                     // place onto its owner.
                     let r = unsafe {
-                        nc::reduce(
+                        (inner.api.reduce)(
                             p,
                             p,
                             chunk.len(),
@@ -694,7 +704,7 @@ impl Collective for NcclComm {
                             inner.nccl_stream(),
                         )
                     };
-                    nccl_result("ncclReduce", r)?;
+                    check(inner.api, "ncclReduce", r)?;
                 }
                 Ok(())
             })
@@ -709,7 +719,7 @@ impl Collective for NcclComm {
                 // SAFETY: in place as NCCL defines it (`sendbuff == recvbuff + rank *
                 // sendcount`), inside the `n * count` live elements of `b`.
                 let r = unsafe {
-                    nc::all_gather(
+                    (inner.api.all_gather)(
                         b.at(rank * count),
                         b.ptr,
                         count,
@@ -718,9 +728,9 @@ impl Collective for NcclComm {
                         inner.nccl_stream(),
                     )
                 };
-                return nccl_result("ncclAllGather", r);
+                return check(inner.api, "ncclAllGather", r);
             }
-            grouped(|| {
+            grouped(inner.api, || {
                 for owner in 0..n {
                     let chunk = chunk_range(b.count, n, owner);
                     if chunk.is_empty() {
@@ -730,7 +740,7 @@ impl Collective for NcclComm {
                     // SAFETY: the chunk lies inside the live elements of `b`; broadcast in
                     // place from its owner.
                     let r = unsafe {
-                        nc::broadcast(
+                        (inner.api.broadcast)(
                             p,
                             p,
                             chunk.len(),
@@ -740,7 +750,7 @@ impl Collective for NcclComm {
                             inner.nccl_stream(),
                         )
                     };
-                    nccl_result("ncclBroadcast", r)?;
+                    check(inner.api, "ncclBroadcast", r)?;
                 }
                 Ok(())
             })
@@ -752,7 +762,7 @@ impl Collective for NcclComm {
         self.on_device("barrier", &token, true, |inner, b| {
             // SAFETY: as in `all_reduce`, on the one-element `token`.
             let r = unsafe {
-                nc::all_reduce(
+                (inner.api.all_reduce)(
                     b.ptr,
                     b.ptr,
                     b.count,
@@ -762,7 +772,7 @@ impl Collective for NcclComm {
                     inner.nccl_stream(),
                 )
             };
-            nccl_result("ncclAllReduce", r)
+            check(inner.api, "ncclAllReduce", r)
         })
     }
 }
