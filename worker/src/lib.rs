@@ -2,6 +2,7 @@
 //!
 //! - [`collective`]: all-reduce and friends over a TCP ring or NCCL; the `dp x tp` mesh.
 //! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
+//! - [`cuda`]: the CUDA driver's contexts, streams and events, for NCCL and checkpoint copies.
 //! - [`parallel`]: data parallelism (bucketed, overlapped all-reduce; ZeRO-1) and one step.
 //! - [`params`]: parameters and gradients as views into flat buffers.
 //! - [`model`]: the Llama 3 transformer.
@@ -18,6 +19,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod eval;
 pub mod export;
