@@ -1,6 +1,6 @@
-//! CUDA driver helpers of the NCCL backend ([`crate::collective::nccl`]) and the step's
-//! timing: a device's primary context made current for a scope, non-blocking streams and
-//! events as owned handles, and waits of the compute stream.
+//! CUDA driver helpers shared by the NCCL backend ([`crate::collective::nccl`]) and the
+//! checkpoint copy ([`crate::checkpoint`]): a device's primary context made current for a
+//! scope, non-blocking streams and events as owned handles, and waits of the compute stream.
 //!
 //! libtorch, as tch uses it, runs every kernel on the legacy default stream of its device:
 //! that stream is "the compute stream" here. Work Kiln puts on streams of its own (NCCL's,
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::driver::result as cu;
 use cudarc::driver::sys as cusys;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Loads the CUDA driver and initializes it, once per process; the error says why it cannot
 /// be used.
@@ -62,6 +62,7 @@ pub(crate) fn device_count() -> Result<usize, String> {
 /// The primary context of one device (the one the CUDA runtime, hence libtorch, uses),
 /// retained while this lives.
 pub(crate) struct Context {
+    ordinal: usize,
     device: cusys::CUdevice,
     raw: cusys::CUcontext,
 }
@@ -87,7 +88,11 @@ impl Context {
         // SAFETY: `device` comes from `cuDeviceGet`; `drop` releases the reference.
         let raw = unsafe { cu::primary_ctx::retain(device) }
             .map_err(|e| format!("retaining the primary context: {}", driver_text(e)))?;
-        Ok(Arc::new(Context { device, raw }))
+        Ok(Arc::new(Context {
+            ordinal,
+            device,
+            raw,
+        }))
     }
 
     /// The primary context of `ordinal`, retained once for the life of the process.
@@ -242,6 +247,14 @@ impl Event {
         }
     }
 
+    /// Blocks the host until the recorded work has finished.
+    pub(crate) fn synchronize(&self) -> Result<(), String> {
+        let _current = self.ctx.current()?;
+        // SAFETY: a live event of the current context.
+        unsafe { cu::event::synchronize(self.raw) }
+            .map_err(|e| format!("cuEventSynchronize: {}", driver_text(e)))
+    }
+
     /// Makes the compute stream wait, on the device, for the recorded work.
     pub(crate) fn block_compute(&self) -> Result<(), String> {
         let _current = self.ctx.current()?;
@@ -255,6 +268,109 @@ impl Drop for Event {
         // SAFETY: created in this context and not used after this; CUDA frees it once any
         // stream waiting on it has passed the wait.
         let _ = unsafe { cu::event::destroy(self.raw) };
+    }
+}
+
+/// One device-to-host copy: elements `src_at..src_at + len` of a device tensor into elements
+/// `dst_at..` of a page-locked host tensor of the same kind.
+pub(crate) struct ToHost<'a> {
+    pub src: &'a Tensor,
+    pub src_at: i64,
+    pub dst: &'a Tensor,
+    pub dst_at: i64,
+    pub len: i64,
+}
+
+/// Device-to-host copies in flight on a stream. It owns (shallow clones of) every tensor
+/// involved, so none is freed before the copies finish: dropping it waits for them. The
+/// destinations hold the copied values once [`HostCopy::wait`] has returned.
+pub(crate) struct HostCopy {
+    done: Event,
+    /// Held, never used (a `Mutex` makes the copy shareable between threads).
+    _tensors: Mutex<Vec<Tensor>>,
+}
+
+impl HostCopy {
+    /// Enqueues `copies` on `stream` after the point `after` recorded, and an event after
+    /// them. Every source must be a contiguous tensor on the stream's device, every
+    /// destination a contiguous page-locked CPU tensor of the same kind, every range inside
+    /// its tensor.
+    pub(crate) fn start(
+        stream: &Stream,
+        after: &Event,
+        copies: &[ToHost<'_>],
+    ) -> Result<HostCopy, String> {
+        let ctx = &stream.ctx;
+        let device = Device::Cuda(ctx.ordinal);
+        for (i, c) in copies.iter().enumerate() {
+            let inside =
+                |t: &Tensor, at: i64| at >= 0 && c.len >= 0 && at + c.len <= t.numel() as i64;
+            if c.src.device() != device
+                || c.dst.device() != Device::Cpu
+                || c.src.kind() != c.dst.kind()
+                || !c.src.is_contiguous()
+                || !c.dst.is_contiguous()
+                || !c.dst.f_is_pinned(device).unwrap_or(false)
+                || !inside(c.src, c.src_at)
+                || !inside(c.dst, c.dst_at)
+            {
+                return Err(format!(
+                    "copy {i} is not from a contiguous tensor on {device:?} into a page-locked \
+                     host tensor of the same kind, within both"
+                ));
+            }
+        }
+        let copy = HostCopy {
+            done: Event::new(ctx)?,
+            _tensors: Mutex::new(
+                copies
+                    .iter()
+                    .flat_map(|c| [c.src.shallow_clone(), c.dst.shallow_clone()])
+                    .collect(),
+            ),
+        };
+        let _current = ctx.current()?;
+        let mut enqueued = wait_event(stream.raw, after);
+        for c in copies {
+            if enqueued.is_err() {
+                break;
+            }
+            let size = c.src.kind().elt_size_in_bytes();
+            let src = (c.src.data_ptr() as usize + c.src_at as usize * size) as cusys::CUdeviceptr;
+            let dst = c
+                .dst
+                .data_ptr()
+                .cast::<u8>()
+                .wrapping_add(c.dst_at as usize * size);
+            // SAFETY: both ranges lie inside their tensors (checked above): live device memory
+            // of this context and page-locked host memory, which `copy` keeps alive until the
+            // copy has finished (its drop waits for `done`); the stream is live.
+            enqueued = unsafe {
+                cusys::cuMemcpyDtoHAsync_v2(dst.cast(), src, c.len as usize * size, stream.raw)
+            }
+            .result()
+            .map_err(|e| format!("cuMemcpyDtoHAsync: {}", driver_text(e)));
+        }
+        // Recorded even after a failure, so that the drop waits for what was enqueued.
+        copy.done.record(Some(stream))?;
+        enqueued.map(|()| copy)
+    }
+
+    /// The event after the copies.
+    pub(crate) fn done(&self) -> &Event {
+        &self.done
+    }
+
+    /// Blocks the host until the copies have finished.
+    pub(crate) fn wait(&self) -> Result<(), String> {
+        self.done.synchronize()
+    }
+}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        // The tensors are released after this: not before the copies are done with them.
+        let _ = self.done.synchronize();
     }
 }
 
