@@ -6,7 +6,8 @@
 // - `libtorch_cuda` is linked with `--no-as-needed`: nothing in Kiln references one of its
 //   symbols directly, so the linker would otherwise drop it and CUDA would stay invisible.
 // - an rpath to that directory lets the binaries and tests find libtorch at run time without
-//   LD_LIBRARY_PATH; a second one does the same for the wheel's NCCL.
+//   LD_LIBRARY_PATH. NCCL needs none: Kiln finds the wheel's libnccl.so.2 itself (see
+//   worker/src/collective/nccl/library.rs).
 fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -20,10 +21,4 @@ fn link_libtorch() {
         );
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
-    // NCCL of the same wheel (site-packages/nvidia/nccl/lib), where scripts/setup.sh links
-    // libnccl.so to libnccl.so.2: the NCCL backend loads it at run time by that name.
-    let nccl = dir.join("../../nvidia/nccl/lib");
-    if let Ok(nccl) = nccl.canonicalize() {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
-    }
 }

@@ -33,12 +33,6 @@ if ! cmp -s requirements.txt "$stamp"; then
   .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
   cp requirements.txt "$stamp"
 fi
-# The torch wheel ships NCCL as libnccl.so.2 only; Kiln's NCCL backend loads libnccl.so (from
-# this directory, which the build puts on the binary's rpath).
-nccl_lib=$(echo .venv/lib/python3*/site-packages/nvidia/nccl/lib)
-if [ -e "$nccl_lib/libnccl.so.2" ] && [ ! -e "$nccl_lib/libnccl.so" ]; then
-  ln -s libnccl.so.2 "$nccl_lib/libnccl.so"
-fi
 
 if [ "$build" = 1 ]; then
   echo "==> building kiln (release)"

@@ -12,6 +12,26 @@
 //! while the next step's forward and backward passes run; the optimizer update waits for
 //! the copy ([`Saver::fence`]), then the upload, the confirmation and (on rank 0) the
 //! commit continue in the background. At most one save is in flight.
+//!
+//! # Copying out of GPU memory
+//!
+//! Which elements of which flat tensor (parameters, `exp_avg`, `exp_avg_sq`) a save reads is
+//! one plan ([`CopyPlan`]): the sources merged into contiguous runs per tensor, each with its
+//! place in a packed copy. On the CPU the parts are filled straight from the tensors (a
+//! memory copy, on the background thread). For CUDA tensors [`Saver::save`] instead
+//!
+//! 1. records an event on the compute stream (the point the state was saved at) and makes a
+//!    non-blocking copy stream of the saver's wait on it;
+//! 2. enqueues one device-to-host copy per run (a handful per tensor: one without ZeRO-1, one
+//!    per bucket with it) into page-locked host buffers kept from one save to the next;
+//! 3. records a second event on the copy stream after the copies.
+//!
+//! [`Saver::fence`] makes the compute stream wait on that second event, on the device: the
+//! host does not block, and the optimizer's update, enqueued after the fence, cannot change
+//! the state before it is copied. The background thread waits for the same event, then fills
+//! the parts from the page-locked buffers. The page-locked copy holds this rank's share of
+//! the state in host memory; when a host budget ([`Saver::with_host_budget`]) is smaller
+//! than that, the save copies part by part as on the CPU.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -25,6 +45,7 @@ use kiln_checkpoint::{
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{chunk_range, host};
+use crate::cuda::{Context, Event, HostCopy, Stream, ToHost};
 use crate::model::Llama;
 use crate::optim::AdamW;
 
@@ -168,23 +189,173 @@ fn owned_sources(
     }
 }
 
-/// Copies bytes `range` of source `s` (f32 elements) into `dst`.
-fn copy_out(s: &Source, tensors: &[Tensor; 3], range: Range<u64>, dst: &mut [u8]) {
-    let (first, n) = (
-        (range.start / 4) as i64,
-        ((range.end - range.start) / 4) as i64,
-    );
-    let mut part = tensors[s.which].narrow(0, s.at + first, n);
+/// A contiguous range of elements of one flat tensor that a save reads, and where it starts
+/// in the packed copy of that tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    src: Range<i64>,
+    packed_at: i64,
+}
+
+/// Where a save's bytes come from: per flat tensor (parameters, `exp_avg`, `exp_avg_sq`), the
+/// element ranges the sources cover merged into runs, and each source's place in the packed
+/// copy. Shared by the copy from the tensors themselves and the copy through page-locked
+/// buffers (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+struct CopyPlan {
+    runs: [Vec<Run>; 3],
+    /// Per source: its first element in the packed copy of its tensor.
+    packed_at: Vec<i64>,
+}
+
+impl CopyPlan {
+    fn new(sources: &[Source]) -> CopyPlan {
+        let mut runs: [Vec<Run>; 3] = Default::default();
+        let mut order: Vec<usize> = (0..sources.len()).collect();
+        order.sort_by_key(|&i| (sources[i].which, sources[i].at));
+        let mut packed_at = vec![0i64; sources.len()];
+        for i in order {
+            let s = &sources[i];
+            let (lo, n) = (s.at, s.region.numel() as i64);
+            let runs = &mut runs[s.which];
+            match runs.last_mut() {
+                Some(r) if r.src.end == lo => r.src.end += n,
+                last => {
+                    let packed = last.map_or(0, |r| r.packed_at + (r.src.end - r.src.start));
+                    runs.push(Run {
+                        src: lo..lo + n,
+                        packed_at: packed,
+                    });
+                }
+            }
+            let r = runs.last().unwrap_or_else(|| unreachable!());
+            packed_at[i] = r.packed_at + (lo - r.src.start);
+        }
+        CopyPlan { runs, packed_at }
+    }
+
+    /// Elements in the packed copy of tensor `which`.
+    fn packed_len(&self, which: usize) -> i64 {
+        self.runs[which]
+            .last()
+            .map_or(0, |r| r.packed_at + (r.src.end - r.src.start))
+    }
+
+    /// Bytes `range` of source `i` (f32 elements): its tensor, and the first element and the
+    /// number of elements, in the tensor itself or (`packed`) in its packed copy.
+    fn locate(&self, sources: &[Source], i: usize, range: Range<u64>, packed: bool) -> Locus {
+        let s = &sources[i];
+        let first = (range.start / 4) as i64;
+        Locus {
+            which: s.which,
+            start: first + if packed { self.packed_at[i] } else { s.at },
+            len: ((range.end - range.start) / 4) as i64,
+        }
+    }
+}
+
+/// Elements `start..start + len` of flat tensor `which`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Locus {
+    which: usize,
+    start: i64,
+    len: i64,
+}
+
+/// Copies the elements `at` of `tensors` into `dst`.
+fn copy_out(at: Locus, tensors: &[Tensor; 3], dst: &mut [u8]) {
+    let mut part = tensors[at.which].narrow(0, at.start, at.len);
     if part.device() != Device::Cpu {
         part = part.to_device(Device::Cpu);
     }
-    part.copy_data_u8(dst, n as usize);
+    part.copy_data_u8(dst, at.len as usize);
+}
+
+/// The copy of a save's state out of GPU memory: the page-locked packed copies and the event
+/// after which they hold the state.
+struct Staged {
+    packed: [Tensor; 3],
+    copy: Arc<HostCopy>,
+}
+
+/// The saver's resources for GPU saves, kept from one save to the next.
+struct GpuCopy {
+    ordinal: usize,
+    stream: Stream,
+    ctx: std::sync::Arc<Context>,
+    /// Page-locked packed copies of the last save's size.
+    packed: Option<[Tensor; 3]>,
+}
+
+impl GpuCopy {
+    fn new(ordinal: usize) -> Result<GpuCopy, String> {
+        let ctx = Context::primary(ordinal)?;
+        let stream = Stream::new(&ctx)?;
+        Ok(GpuCopy {
+            ordinal,
+            stream,
+            ctx,
+            packed: None,
+        })
+    }
+
+    /// Enqueues the copy of `plan`'s runs of `tensors` into the page-locked buffers, ordered
+    /// after the compute stream's work so far (see the module docs).
+    fn stage(&mut self, tensors: &[Tensor; 3], plan: &CopyPlan) -> Result<Staged, String> {
+        let lens: Vec<i64> = (0..3).map(|w| plan.packed_len(w)).collect();
+        let reuse = self
+            .packed
+            .as_ref()
+            .is_some_and(|p| p.iter().zip(&lens).all(|(t, &n)| t.numel() as i64 == n));
+        if !reuse {
+            self.packed = None;
+            let device = Device::Cuda(self.ordinal);
+            let mut bufs = Vec::with_capacity(3);
+            for &n in &lens {
+                let t = Tensor::empty([n], (Kind::Float, Device::Cpu))
+                    .f_pin_memory(device)
+                    .map_err(|e| format!("allocating page-locked memory: {e}"))?;
+                bufs.push(t);
+            }
+            let [a, b, c]: [Tensor; 3] = bufs
+                .try_into()
+                .map_err(|_| "three page-locked buffers".to_string())?;
+            self.packed = Some([a, b, c]);
+        }
+        let packed = self
+            .packed
+            .as_ref()
+            .ok_or_else(|| "no page-locked buffers".to_string())?;
+        let taken = Event::on_compute(&self.ctx)?;
+        let copies: Vec<ToHost<'_>> = plan
+            .runs
+            .iter()
+            .enumerate()
+            .flat_map(|(w, runs)| {
+                runs.iter().map(move |r| ToHost {
+                    src: &tensors[w],
+                    src_at: r.src.start,
+                    dst: &packed[w],
+                    dst_at: r.packed_at,
+                    len: r.src.end - r.src.start,
+                })
+            })
+            .collect();
+        let copy = HostCopy::start(&self.stream, &taken, &copies)?;
+        Ok(Staged {
+            packed: packed.each_ref().map(Tensor::shallow_clone),
+            copy: Arc::new(copy),
+        })
+    }
 }
 
 /// A save in the background: first the copy to host memory, then the upload.
 struct InFlight {
     step: u64,
     copied: mpsc::Receiver<()>,
+    /// For a GPU save: the end of the copy on the device, which the fence makes the compute
+    /// stream wait for.
+    device_copied: Option<Arc<HostCopy>>,
     done: JoinHandle<Result<Saved, CheckpointError>>,
 }
 
@@ -225,6 +396,8 @@ pub struct Saver {
     host_budget: Option<u64>,
     /// Part buffers kept from one save to the next.
     spare: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The copy stream and page-locked buffers of GPU saves, made at the first one.
+    gpu: Option<GpuCopy>,
     in_flight: Option<InFlight>,
     gate: Option<Arc<dyn CommitGate>>,
 }
@@ -252,6 +425,7 @@ impl Saver {
             keep_every,
             host_budget: None,
             spare: Arc::default(),
+            gpu: None,
             in_flight: None,
             gate: None,
         }
@@ -297,6 +471,9 @@ impl Saver {
             optimizer.exp_avg.shallow_clone(),
             optimizer.exp_avg_sq.shallow_clone(),
         ];
+        let plan = CopyPlan::new(&sources);
+        let staged = self.stage(step, &tensors, &plan)?;
+        let device_copied = staged.as_ref().map(|s| s.copy.clone());
         let (store, rank, mesh) = (self.store.clone(), self.rank, self.mesh);
         let infos = tensor_infos(model);
         let (keep_last, keep_every, host_budget) =
@@ -313,6 +490,17 @@ impl Saver {
         let work = move || -> Result<Saved, CheckpointError> {
             let _entered = span.enter();
             let t0 = Instant::now();
+            // From the page-locked copy once the device has made it; else from the tensors.
+            let (from, packed) = match &staged {
+                Some(s) => {
+                    s.copy.wait().map_err(|message| CheckpointError::Io {
+                        object: store.display(step, ""),
+                        message: format!("copying the state to host memory: {message}"),
+                    })?;
+                    (s.packed.each_ref().map(Tensor::shallow_clone), true)
+                }
+                None => (tensors.each_ref().map(Tensor::shallow_clone), false),
+            };
             let mut spare = spare.lock().unwrap_or_else(|p| p.into_inner());
             let info = tch::no_grad(|| {
                 store.write_shard(
@@ -320,7 +508,9 @@ impl Saver {
                     rank,
                     ShardWriter {
                         pieces,
-                        fill: &mut |i, range, dst| copy_out(&sources[i], &tensors, range, dst),
+                        fill: &mut |i, range, dst| {
+                            copy_out(plan.locate(&sources, i, range, packed), &from, dst)
+                        },
                         // From here on training may change the state.
                         copied: &mut || {
                             let _ = copied_tx.send(());
@@ -367,7 +557,12 @@ impl Saver {
                     object: self.store.display(step, ""),
                     message: format!("cannot start the save thread: {e}"),
                 })?;
-            self.in_flight = Some(InFlight { step, copied, done });
+            self.in_flight = Some(InFlight {
+                step,
+                copied,
+                device_copied,
+                done,
+            });
             Ok((previous, start.elapsed().as_secs_f64()))
         } else {
             let saved = work()?;
@@ -376,15 +571,55 @@ impl Saver {
         }
     }
 
-    /// Blocks until the state being saved has been copied to host memory: call before the
-    /// parameters or the optimizer state change. Returns the seconds it waited.
+    /// Call before the parameters or the optimizer state change: blocks until the state
+    /// being saved has been copied to host memory, or for a GPU save makes the compute stream
+    /// wait for the copy (on the device; the host goes on). Returns the seconds it waited.
     pub fn fence(&mut self) -> f64 {
         let start = Instant::now();
         if let Some(f) = &self.in_flight {
-            // An error in the copy closes the channel; `wait` reports it.
-            let _ = f.copied.recv();
+            match &f.device_copied {
+                Some(e) => {
+                    if e.done().block_compute().is_err() {
+                        // The device wait failed: wait on the host instead (an error there is
+                        // the copy's, which the save thread reports).
+                        let _ = e.wait();
+                    }
+                }
+                // An error in the copy closes the channel; `wait` reports it.
+                None => {
+                    let _ = f.copied.recv();
+                }
+            }
         }
         start.elapsed().as_secs_f64()
+    }
+
+    /// For CUDA state within the host budget: the copy into page-locked memory, enqueued
+    /// now (see the module docs). `None`: the parts are filled from the tensors.
+    fn stage(
+        &mut self,
+        step: u64,
+        tensors: &[Tensor; 3],
+        plan: &CopyPlan,
+    ) -> Result<Option<Staged>, CheckpointError> {
+        let Device::Cuda(ordinal) = tensors[0].device() else {
+            return Ok(None);
+        };
+        let bytes: i64 = (0..3).map(|w| plan.packed_len(w) * 4).sum();
+        if self.host_budget.is_some_and(|b| (bytes as u64) > b) {
+            return Ok(None);
+        }
+        let io = |message: String| CheckpointError::Io {
+            object: self.store.display(step, ""),
+            message: format!("copying the state to host memory: {message}"),
+        };
+        if self.gpu.as_ref().is_none_or(|g| g.ordinal != ordinal) {
+            self.gpu = Some(GpuCopy::new(ordinal).map_err(io)?);
+        }
+        match self.gpu.as_mut() {
+            Some(g) => g.stage(tensors, plan).map(Some).map_err(io),
+            None => Ok(None),
+        }
     }
 
     /// The save in flight if it has finished (without waiting).
@@ -489,4 +724,100 @@ pub fn load(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(which: usize, at: i64, n: u64) -> Source {
+        Source {
+            region: Region {
+                tensor: format!("t{which}@{at}"),
+                offsets: vec![0],
+                shape: vec![n],
+                flat: 0..n,
+            },
+            which,
+            at,
+        }
+    }
+
+    #[test]
+    fn the_copy_plan_merges_touching_sources_into_runs() {
+        // Parameters: two touching pieces, a gap (a piece another rank writes), one more;
+        // the state: back-to-back pieces, listed out of order.
+        let sources = [
+            source(0, 0, 10),
+            source(1, 10, 5),
+            source(0, 10, 5),
+            source(1, 0, 10),
+            source(0, 40, 3),
+            source(2, 0, 15),
+        ];
+        let plan = CopyPlan::new(&sources);
+        let run = |src: Range<i64>, packed_at| Run { src, packed_at };
+        assert_eq!(plan.runs[0], [run(0..15, 0), run(40..43, 15)]);
+        assert_eq!(plan.runs[1], [run(0..15, 0)]);
+        assert_eq!(plan.runs[2], [run(0..15, 0)]);
+        assert_eq!(plan.packed_at, [0, 10, 10, 0, 15, 0]);
+        assert_eq!(
+            (0..3).map(|w| plan.packed_len(w)).collect::<Vec<_>>(),
+            [18, 15, 15]
+        );
+        assert_eq!(
+            plan.locate(&sources, 4, 4..12, false),
+            Locus {
+                which: 0,
+                start: 41,
+                len: 2
+            }
+        );
+        assert_eq!(plan.locate(&sources, 4, 4..12, true).start, 16);
+    }
+
+    #[test]
+    fn parts_filled_from_the_packed_copy_equal_parts_filled_from_the_tensors() {
+        let sources = [
+            source(0, 3, 7),
+            source(0, 10, 2),
+            source(0, 50, 9),
+            source(1, 0, 7),
+            source(1, 7, 11),
+            source(2, 0, 18),
+        ];
+        let plan = CopyPlan::new(&sources);
+        let tensors: [Tensor; 3] =
+            [0, 1, 2].map(|w| Tensor::arange(64, (Kind::Float, Device::Cpu)) + 100.0 * w as f64);
+        // The device copies, done on the CPU: one per run.
+        let packed: [Tensor; 3] = [0, 1, 2].map(|w| {
+            let p = Tensor::zeros([plan.packed_len(w)], (Kind::Float, Device::Cpu));
+            for r in &plan.runs[w] {
+                let n = r.src.end - r.src.start;
+                p.narrow(0, r.packed_at, n)
+                    .copy_(&tensors[w].narrow(0, r.src.start, n));
+            }
+            p
+        });
+        assert_eq!(plan.runs[0].len(), 2);
+        for (i, s) in sources.iter().enumerate() {
+            let bytes = s.region.numel() * 4;
+            // The whole piece, and a part boundary inside it.
+            for range in [0..bytes, 4..bytes - 4, 0..4] {
+                let len = (range.end - range.start) as usize;
+                let (mut direct, mut staged) = (vec![0u8; len], vec![1u8; len]);
+                copy_out(
+                    plan.locate(&sources, i, range.clone(), false),
+                    &tensors,
+                    &mut direct,
+                );
+                copy_out(
+                    plan.locate(&sources, i, range.clone(), true),
+                    &packed,
+                    &mut staged,
+                );
+                assert_eq!(direct, staged, "source {i}, bytes {range:?}");
+            }
+        }
+    }
 }

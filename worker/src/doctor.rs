@@ -5,7 +5,6 @@
 //! under it; the matmul ceiling is measured; a few training steps of a tiny model run in bf16
 //! and in fp32 on each device and are compared. On a GPU the collective conformance suite
 //! also runs on NCCL at world size 1. Each check that fails says what to fix.
-#![allow(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -13,7 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{Device, Kind};
 
-use crate::collective::nccl::{nccl_version, NcclComm};
+use crate::collective::nccl::{nccl_library, NcclComm};
 use crate::collective::{conformance, ProcessGroups};
 use crate::config::LlamaConfig;
 use crate::model::{DecayPolicy, Llama};
@@ -141,6 +140,7 @@ pub fn run(kiln_version: &str) -> Report {
             } else {
                 Status::Fail
             };
+            let path = path.canonicalize().unwrap_or(path);
             let value = format!("{} from {}", version_text(v), path.display());
             if status == Status::Ok {
                 r.push("nccl", Status::Ok, value);
@@ -215,7 +215,7 @@ fn cuda_devices(r: &mut Report, built_with_cuda: bool) -> Vec<usize> {
         return Vec::new();
     }
     let count = tch::Cuda::device_count().max(0) as usize;
-    match cuda_driver() {
+    match crate::cuda::driver_info() {
         Ok(driver) => {
             r.push(
                 "cuda",
@@ -354,50 +354,6 @@ fn flops_text(f: f64) -> String {
     } else {
         format!("{:.1} GFLOP/s", f / 1e9)
     }
-}
-
-/// The NCCL library this process loads and its version.
-fn nccl_library() -> Result<(std::path::PathBuf, i32), String> {
-    nccl_version()
-        .map(|v| (std::path::PathBuf::from("libnccl"), v))
-        .map_err(|e| e.to_string())
-}
-
-/// The CUDA driver's version and its devices (name, bytes of memory).
-struct Driver {
-    version: String,
-    devices: Vec<(String, u64)>,
-}
-
-/// Reads the driver; only called once libtorch has seen a GPU, so libcuda is loaded.
-fn cuda_driver() -> Result<Driver, String> {
-    use cudarc::driver::{result as cu, sys};
-    std::panic::catch_unwind(|| {
-        // SAFETY: only tries to open the driver library under its candidate names.
-        if !unsafe { sys::is_culib_present() } {
-            return Err("cannot load libcuda.so.1".to_string());
-        }
-        cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
-        let mut v = 0;
-        // SAFETY: `v` is a valid out pointer.
-        unsafe { sys::cuDriverGetVersion(&mut v) }
-            .result()
-            .map_err(|e| format!("cuDriverGetVersion: {e:?}"))?;
-        let count = cu::device::get_count().map_err(|e| format!("{e:?}"))?;
-        let mut devices = Vec::new();
-        for i in 0..count {
-            let d = cu::device::get(i).map_err(|e| format!("{e:?}"))?;
-            let name = cu::device::get_name(d).map_err(|e| format!("{e:?}"))?;
-            // SAFETY: `d` is a device handle from `cuDeviceGet`.
-            let mem = unsafe { cu::device::total_mem(d) }.map_err(|e| format!("{e:?}"))?;
-            devices.push((name, mem as u64));
-        }
-        Ok(Driver {
-            version: format!("{}.{}", v / 1000, v % 1000 / 10),
-            devices,
-        })
-    })
-    .unwrap_or_else(|_| Err("loading the CUDA driver failed".into()))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! - [`collective`]: all-reduce and friends over a TCP ring or NCCL; the `dp x tp` mesh.
 //! - [`doctor`]: `kiln doctor`, what this machine gives Kiln, read back and measured.
 //! - [`config`]: model shapes, presets, parameter and FLOP counts, Hugging Face configs.
+//! - [`cuda`]: the CUDA driver's contexts, streams and events, for NCCL and checkpoint copies.
 //! - [`parallel`]: data parallelism (bucketed, overlapped all-reduce; ZeRO-1) and one step.
 //! - [`params`]: parameters and gradients as views into flat buffers.
 //! - [`precision`]: bf16 autocast with its dtype set explicitly, on CUDA and the CPU.
@@ -20,6 +21,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod doctor;
 pub mod eval;

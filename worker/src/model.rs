@@ -72,8 +72,10 @@ pub struct DecayPolicy {
 /// the blocks before it still run their backward.
 #[derive(Debug)]
 pub struct Tape {
-    /// The mean cross-entropy of the micro-batch (unscaled), the same on every rank.
-    pub loss: f64,
+    /// The mean cross-entropy of the micro-batch (unscaled), the same on every rank: a
+    /// one-element f64 tensor on the model's device, so reading it is the caller's choice
+    /// (a read waits for the device).
+    pub loss: Tensor,
     embed: Tensor,
     blocks: Vec<BlockTape>,
     head: HeadTape,
@@ -435,7 +437,8 @@ impl Llama {
 
     /// The mean cross-entropy without gradients, with or without tensor parallelism.
     pub fn loss_value(&self, inputs: &Tensor, targets: &Tensor) -> Result<f64, CollectiveError> {
-        tch::no_grad(|| self.forward_pieces(inputs, targets, 1.0, false)).map(|tape| tape.loss)
+        tch::no_grad(|| self.forward_pieces(inputs, targets, 1.0, false))
+            .map(|tape| tape.loss.double_value(&[]))
     }
 
     /// The sum over tensor-parallel ranks of `t`, as a constant (no gradient flows through
@@ -565,7 +568,7 @@ impl Llama {
         scale: f64,
         with_grads: bool,
         chunk_bytes: i64,
-    ) -> (f64, Tensor, Tensor) {
+    ) -> (Tensor, Tensor, Tensor) {
         let w = self.p(self.head).detach();
         let vocab = w.size()[0];
         let h = h.detach().reshape([-1, w.size()[1]]);
@@ -635,7 +638,7 @@ impl Llama {
                 start += len;
             }
         });
-        let value = sum.double_value(&[]) / count as f64;
+        let value = sum / count as f64;
         let empty = || Tensor::zeros([0], (Kind::Float, h.device()));
         (
             value,
@@ -660,7 +663,7 @@ impl Llama {
         &self,
         logits: &Tensor,
         targets: &Tensor,
-    ) -> Result<(Tensor, f64), CollectiveError> {
+    ) -> Result<(Tensor, Tensor), CollectiveError> {
         let max = logits.detach().amax([-1], false).contiguous();
         self.tp.all_reduce(&max, ReduceOp::Max)?;
         let exp = (logits - max.unsqueeze(1)).exp();
@@ -674,10 +677,7 @@ impl Llama {
         let target = target_local.detach().copy();
         self.tp.all_reduce(&target, ReduceOp::Sum)?;
         let per_token = sum.log() + &max - &target;
-        let value = per_token
-            .to_kind(Kind::Double)
-            .mean(Kind::Double)
-            .double_value(&[]);
+        let value = per_token.to_kind(Kind::Double).mean(Kind::Double);
         let surrogate = (sum_local / &sum - target_local).mean(Kind::Float);
         Ok((surrogate, value))
     }
@@ -842,6 +842,7 @@ mod tests {
         // 3 rows per chunk (4 chunks, the last one short), then all rows at once.
         for bytes in [3 * 4 * 97, 1 << 20] {
             let (value, gw, gh) = model.chunked_loss(&h, &targets, 0.5, true, bytes);
+            let value = value.double_value(&[]);
             assert!((value - loss.double_value(&[])).abs() < 1e-6, "{value}");
             assert!(
                 max_diff(&gw, &want[0]) < 1e-6,
@@ -856,6 +857,7 @@ mod tests {
             assert!(gw.abs().sum(Kind::Float).double_value(&[]) > 1e-3);
         }
         let (value, gw, _) = model.chunked_loss(&h, &targets, 0.5, false, 1 << 20);
+        let value = value.double_value(&[]);
         assert!((value - loss.double_value(&[])).abs() < 1e-6);
         assert_eq!(gw.numel(), 0);
     }
@@ -895,6 +897,7 @@ mod tests {
             let (value, gw, gh) = autocast(true, Device::Cpu, || {
                 model.chunked_loss(&h, &targets, 0.5, true, bytes)
             });
+            let value = value.double_value(&[]);
             assert!((value - loss.double_value(&[])).abs() < 1e-5, "{value}");
             assert_eq!((gw.kind(), gh.kind()), (Kind::Float, Kind::Float));
             let (dw, dh) = (rel(&gw, &want[0]), rel(&gh, &want[1]));
@@ -960,7 +963,7 @@ mod tests {
             let (inputs, targets) = (ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
             let tape = model.forward_tape(&inputs, &targets, 1.0).unwrap();
             let loss = model.loss(&inputs, &targets);
-            assert!((tape.loss - loss.double_value(&[])).abs() < 1e-5);
+            assert!((tape.loss.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
             model.backward(tape, true, &mut |_| {}).unwrap();
             let ours = model.params.grad.copy();
             let _ = model.params.grad.shallow_clone().zero_();

@@ -13,6 +13,28 @@
 //! a bucket is all-reduced, which is the same reduce-scatter followed by an all-gather, so
 //! both modes see bitwise the same averaged gradients; the gradient norm is computed from the
 //! same chunks in both, so the runs stay identical.
+//!
+//! # Streams
+//!
+//! On a GPU every libtorch kernel runs on the compute stream (the legacy default stream) and
+//! NCCL on a stream of its own. When a bucket's last segment is complete, the training thread
+//! records a marker on the compute stream ([`crate::collective::Collective::ready_marker`])
+//! and hands it to the communication thread with the bucket; the NCCL stream waits on that
+//! marker, so the bucket's all-reduce (or reduce-scatter) starts as soon as its gradients are
+//! written, while the compute stream goes on with backward. The compute stream waits for the
+//! collectives only in [`DataParallel::finish`], before the gradient norm and the optimizer
+//! read the averaged gradients. On the CPU (the TCP backend) the collectives are synchronous
+//! and the markers are absent.
+//!
+//! # Step accounting
+//!
+//! Kernels run asynchronously: a host clock around enqueued work measures the enqueueing, not
+//! the work (backward would be paid for in the optimizer's first read). [`train_step`]
+//! therefore waits for the compute stream at each phase boundary ([`crate::cuda::sync_compute`],
+//! nothing on the CPU), so each phase's seconds are its own: forward, backward, the wait for
+//! the collectives, the checkpoint fence, the optimizer. The loss is summed on the device and
+//! the gradient norm's squares are summed there too, in the order the host used to (so runs
+//! stay bitwise the same); each is read on the host once per step.
 
 use std::ops::Range;
 use std::sync::mpsc;
@@ -21,7 +43,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::collective::{chunk_range, CollectiveError, ProcessGroups, ReduceOp};
+use crate::collective::{chunk_range, CollectiveError, ProcessGroups, ReadyMarker, ReduceOp};
 use crate::model::Llama;
 use crate::optim::AdamW;
 
@@ -56,9 +78,11 @@ pub fn plan_buckets(segments: &[Range<i64>], bucket_bytes: u64) -> Vec<Bucket> {
     buckets
 }
 
+/// A bucket for the communication thread, with the compute-stream point after which its
+/// gradients are complete (none on the CPU).
 enum Job {
-    AllReduce(Tensor),
-    ReduceScatter(Tensor),
+    AllReduce(Tensor, Option<ReadyMarker>),
+    ReduceScatter(Tensor, Option<ReadyMarker>),
 }
 
 /// This rank's data-parallel state.
@@ -74,6 +98,8 @@ pub struct DataParallel {
     /// parameters every tensor-parallel rank holds whole (norms), 1 elsewhere, so the
     /// gradient norm counts them once.
     norm_mask: Option<Tensor>,
+    /// A failure to mark a bucket ready, reported by [`DataParallel::finish`].
+    failed: Option<CollectiveError>,
 }
 
 #[derive(Debug)]
@@ -87,8 +113,8 @@ struct CommThread {
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Job::AllReduce(_) => "AllReduce",
-            Job::ReduceScatter(_) => "ReduceScatter",
+            Job::AllReduce(..) => "AllReduce",
+            Job::ReduceScatter(..) => "ReduceScatter",
         })
     }
 }
@@ -115,9 +141,15 @@ impl DataParallel {
                 .spawn(move || {
                     for job in rx {
                         let start = Instant::now();
+                        // Enqueued after the bucket's marker; the compute stream waits for it
+                        // only in `finish`.
                         let r = match job {
-                            Job::AllReduce(t) => dp.all_reduce(&t, ReduceOp::Avg),
-                            Job::ReduceScatter(t) => dp.reduce_scatter_flat(&t, ReduceOp::Avg),
+                            Job::AllReduce(t, ready) => {
+                                dp.all_reduce_after(&t, ReduceOp::Avg, ready)
+                            }
+                            Job::ReduceScatter(t, ready) => {
+                                dp.reduce_scatter_flat_after(&t, ReduceOp::Avg, ready)
+                            }
                         };
                         let failed = r.is_err();
                         let _ = done_tx.send(r.map(|()| start.elapsed().as_secs_f64()));
@@ -150,6 +182,7 @@ impl DataParallel {
             trigger,
             comm,
             norm_mask,
+            failed: None,
         }
     }
 
@@ -176,17 +209,26 @@ impl DataParallel {
     }
 
     /// Segment `s` of `grad` is final: start reducing its bucket if that was the bucket's
-    /// last segment.
+    /// last segment. The bucket's readiness is marked here, on the compute stream, at the
+    /// point backward has reached.
     pub fn segment_done(&mut self, s: usize, grad: &Tensor) {
         let (Some(comm), Some(Some(b))) = (self.comm.as_mut(), self.trigger.get(s)) else {
             return;
         };
+        let ready = match self.groups.dp.ready_marker() {
+            Ok(ready) => ready,
+            Err(e) => {
+                // The bucket is not sent: `finish` reports the failure.
+                self.failed.get_or_insert(e);
+                return;
+            }
+        };
         let range = &self.buckets[*b].range;
         let bucket = grad.narrow(0, range.start, range.end - range.start);
         let job = if self.zero1 {
-            Job::ReduceScatter(bucket)
+            Job::ReduceScatter(bucket, ready)
         } else {
-            Job::AllReduce(bucket)
+            Job::AllReduce(bucket, ready)
         };
         if let Some(jobs) = &comm.jobs {
             if jobs.send(job).is_ok() {
@@ -195,14 +237,16 @@ impl DataParallel {
         }
     }
 
-    /// Waits for every bucket handed out; returns the seconds the communication thread spent
-    /// in collectives.
+    /// Waits for the communication thread to have handed every bucket to the backend, and
+    /// makes the compute stream wait for their collectives (on the device; the host does not
+    /// block for them here). Returns the seconds the communication thread spent in
+    /// collective calls (on a GPU: enqueueing them).
     pub fn finish(&mut self) -> Result<f64, CollectiveError> {
         let Some(comm) = self.comm.as_mut() else {
             return Ok(0.0);
         };
         let mut busy = 0.0;
-        let mut first_error = None;
+        let mut first_error = self.failed.take();
         while comm.in_flight > 0 {
             comm.in_flight -= 1;
             match comm.done.recv() {
@@ -220,23 +264,28 @@ impl DataParallel {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(busy),
+            None => {
+                self.groups.dp.wait_pending()?;
+                Ok(busy)
+            }
         }
     }
 
     /// The global gradient norm over every rank's gradients (each parameter counted once).
+    /// The squares of the chunks' norms are added on the gradients' device, in f64 and in
+    /// chunk order, then reduced over the groups; the host reads the one result.
     pub fn grad_norm(&self, grad: &Tensor) -> Result<f64, CollectiveError> {
-        let mut local = 0.0f64;
+        // On the gradients' device: NCCL reduces device memory only.
+        let mut total = Tensor::zeros([1], (Kind::Double, grad.device()));
         for r in self.owned_chunks() {
             let g = grad.narrow(0, r.start, r.end - r.start);
             let n = match &self.norm_mask {
                 Some(mask) => (&g * mask.narrow(0, r.start, r.end - r.start)).norm(),
                 None => g.norm(),
-            };
-            local += n.to_kind(Kind::Double).double_value(&[]).powi(2);
+            }
+            .to_kind(Kind::Double);
+            total += &n * &n;
         }
-        // On the gradients' device: NCCL reduces device memory only.
-        let total = Tensor::from_slice(&[local]).to_device(grad.device());
         self.groups.dp.all_reduce(&total, ReduceOp::Sum)?;
         self.groups.tp.all_reduce(&total, ReduceOp::Sum)?;
         Ok(total.double_value(&[0]).sqrt())
@@ -271,25 +320,30 @@ pub struct StepStats {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Seconds in forward passes (the loss included).
+    /// Seconds in forward passes (the loss included), until the device finished them.
     pub forward_s: f64,
-    /// Seconds in backward passes, gradient accumulation included.
+    /// Seconds in backward passes, gradient accumulation included, until the device finished
+    /// them.
     pub backward_s: f64,
     /// Seconds waiting, after backward, for gradient communication still in flight.
     pub collective_wait_s: f64,
-    /// Seconds the communication thread spent in collectives (overlapped with backward).
+    /// Seconds the communication thread spent in collective calls (overlapped with
+    /// backward; on a GPU, enqueueing them).
     pub collective_s: f64,
-    /// Seconds in clipping, the AdamW update and the ZeRO-1 gather.
+    /// Seconds in the gradient norm, clipping, the AdamW update, the ZeRO-1 gather and the
+    /// loss's reduction, until the device finished them.
     pub optimizer_s: f64,
-    /// Seconds `before_update` held the step (a checkpoint still reading the weights).
+    /// Seconds `before_update` held the step (a checkpoint still reading the weights), until
+    /// the device had passed its fence.
     pub held_s: f64,
 }
 
 /// One optimizer step over `batches` (micro-batches of `(inputs, targets)`, `[b, t]` each):
 /// forward and backward each, gradients accumulated and all-reduced in buckets while backward
 /// runs, then clipping and the AdamW update. `before_update` runs just before the parameters
-/// change (a checkpoint still copying them waits there). Each phase is a span (`forward`,
-/// `backward`, `collective`, `optimizer`) under the caller's step span.
+/// change (a checkpoint still copying them waits there, on the host or on the device). Each
+/// phase is a span (`forward`, `backward`, `collective`, `optimizer`) under the caller's step
+/// span, and ends with the compute stream finished (see "Step accounting" above).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Llama,
@@ -301,17 +355,20 @@ pub fn train_step(
     bf16: bool,
     before_update: &mut dyn FnMut(),
 ) -> Result<StepStats, CollectiveError> {
+    let device = model.device();
+    // The end of a phase: the compute stream has finished what the phase enqueued.
+    let sync = || crate::cuda::sync_compute(device);
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
-    let mut loss_sum = 0.0;
+    // Summed on the device, in f64, in micro-batch order: read once, after the step.
+    let mut loss_sum = Tensor::zeros([1], (Kind::Double, device));
     let scale = 1.0 / batches.len().max(1) as f64;
     for (i, (inputs, targets)) in batches.iter().enumerate() {
         let start = Instant::now();
         let tape = tracing::info_span!("forward", kiln.micro_batch = i as u64).in_scope(|| {
-            crate::precision::autocast(bf16, model.device(), || {
-                model.forward_tape(inputs, targets, scale)
-            })
+            crate::precision::autocast(bf16, device, || model.forward_tape(inputs, targets, scale))
         })?;
-        loss_sum += tape.loss * scale;
+        loss_sum += &tape.loss * scale;
+        sync();
         let forward_done = Instant::now();
         forward_s += (forward_done - start).as_secs_f64();
         let last = i + 1 == batches.len();
@@ -323,12 +380,19 @@ pub fn train_step(
                 }
             })
         })?;
+        sync();
         backward_s += forward_done.elapsed().as_secs_f64();
     }
     let backward_done = Instant::now();
-    let collective_s = tracing::info_span!("collective").in_scope(|| dp.finish())?;
+    let collective_s = tracing::info_span!("collective").in_scope(|| {
+        // The compute stream now waits for the buckets' collectives: syncing it waits for them.
+        let busy = dp.finish();
+        sync();
+        busy
+    })?;
     let synced = Instant::now();
     let span = tracing::info_span!("optimizer").entered();
+    // Reads the norm on the host: the compute stream has finished the clipping's input.
     let grad_norm = dp.grad_norm(&model.params.grad)?;
     if grad_clip > 0.0 {
         let coef = (grad_clip / (grad_norm + 1e-6)).min(1.0);
@@ -337,17 +401,20 @@ pub fn train_step(
         }
     }
     // The parameters and the optimizer state change from here on.
+    sync();
     let held = Instant::now();
     before_update();
+    // A fence on the device (a checkpoint copy on its own stream) holds the compute stream.
+    sync();
     let held_s = held.elapsed().as_secs_f64();
     optimizer.step(&model.params, lr);
     dp.gather_params(&model.params.flat)?;
-    let loss = Tensor::from_slice(&[loss_sum]).to_device(model.device());
-    dp.groups.dp.all_reduce(&loss, ReduceOp::Avg)?;
-    crate::device::sync(model.device());
+    dp.groups.dp.all_reduce(&loss_sum, ReduceOp::Avg)?;
+    let loss = loss_sum.double_value(&[0]);
+    sync();
     drop(span);
     Ok(StepStats {
-        loss: loss.double_value(&[0]),
+        loss,
         grad_norm,
         forward_s,
         backward_s,

@@ -2,7 +2,8 @@
 //! rank per GPU, so a one-GPU machine checks world size 1; multi-rank behaviour is checked on
 //! the TCP backend, which passes the same suite), and the availability probe everywhere.
 
-use kiln_worker::collective::nccl::{nccl_version, NcclComm};
+use kiln_worker::collective::nccl::library::{self, Candidate};
+use kiln_worker::collective::nccl::{nccl_library, nccl_version, NcclComm};
 use kiln_worker::collective::tcp::TcpRing;
 use kiln_worker::collective::{conformance, Collective, CollectiveError, ReduceOp};
 use tch::{Device, Kind, Tensor};
@@ -63,8 +64,48 @@ fn without_nccl_forming_a_communicator_is_an_error_not_a_crash() {
 
 #[test]
 fn the_nccl_of_the_torch_wheel_loads_without_a_gpu() {
-    // scripts/setup.sh links libnccl.so in the wheel, the build puts it on the rpath: the
-    // NCCL that torch 2.11 ships (2.28) is the one Kiln calls.
-    let version = nccl_version().expect("NCCL loads");
+    // The torch wheel ships NCCL as libnccl.so.2 only: Kiln finds that name itself (no
+    // libnccl.so link), and the NCCL that torch 2.11 ships (2.28) is the one it calls.
+    let (path, version) = nccl_library().expect("NCCL loads");
+    assert!(
+        path.file_name().is_some_and(|n| n == "libnccl.so.2"),
+        "loaded {}",
+        path.display()
+    );
+    assert!(path.exists(), "{}", path.display());
     assert!((22800..22900).contains(&version), "NCCL version {version}");
+    assert_eq!(nccl_version().expect("NCCL loads"), version);
+}
+
+#[test]
+fn the_wheel_layout_beside_libtorch_is_found_without_the_loader_search() {
+    // Step 3 of the search alone, as on a machine whose loader knows no NCCL: the wheel's
+    // NCCL beside the loaded libtorch.
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    let torch = library::torch_lib_dir(&maps).expect("libtorch is mapped into this process");
+    let beside: Vec<Candidate> = library::candidates(None, Some(&torch))
+        .into_iter()
+        .filter(|c| matches!(c, Candidate::BesideTorch(_)))
+        .collect();
+    let api = library::load(&beside).expect("the wheel's libnccl.so.2 beside libtorch");
+    assert!(
+        api.path.ends_with("nvidia/nccl/lib/libnccl.so.2"),
+        "{:?}",
+        api.path
+    );
+    assert!((22800..22900).contains(&api.version), "{}", api.version);
+}
+
+#[test]
+fn a_missing_explicit_library_is_a_clear_error() {
+    let missing = std::env::temp_dir().join("kiln-no-such-dir/libnccl.so.2");
+    let candidates = library::candidates(Some(missing.clone().into()), None);
+    let err = library::load(&candidates).expect_err("a missing file cannot load");
+    let expected = format!(
+        "cannot load the NCCL library (tried KILN_NCCL_LIBRARY={}: no such file): install \
+         NCCL 2.28 (the nvidia-nccl-cu13 wheel that torch installs, an NGC container, or the \
+         libnccl2 package) or set KILN_NCCL_LIBRARY to the path of libnccl.so.2",
+        missing.display()
+    );
+    assert_eq!(err, expected);
 }

@@ -164,6 +164,57 @@ pub fn run(c: &dyn Collective, device: Device, seed: u64) -> Result<usize, Strin
         check(&outside, &before, Kind::Float, "outside the bucket").or_else(err)?;
         cases += 2;
     }
+    // Deferred collectives, as data parallelism uses them: buckets of one flat buffer marked
+    // ready on this thread, reduced from another, awaited once.
+    for zero1 in [false, true] {
+        let s = next();
+        let numel = 30_011i64;
+        let all: Vec<Tensor> = (0..n).map(|q| input(s, q, &[numel], Kind::Float)).collect();
+        let buf = all[r].to_device(device).copy();
+        let cuts = [0i64, 7, 1000, numel];
+        let mut jobs = Vec::new();
+        for w in cuts.windows(2).rev() {
+            let ready = c.ready_marker().map_err(|e| e.to_string())?;
+            jobs.push((buf.narrow(0, w[0], w[1] - w[0]), ready));
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    for (bucket, ready) in jobs {
+                        if zero1 {
+                            c.reduce_scatter_flat_after(&bucket, ReduceOp::Sum, ready)?;
+                        } else {
+                            c.all_reduce_after(&bucket, ReduceOp::Sum, ready)?;
+                        }
+                    }
+                    Ok::<(), super::CollectiveError>(())
+                })
+                .join()
+                .unwrap_or_else(|_| Err(super::CollectiveError::Invalid("panicked".into())))
+        })
+        .map_err(|e| e.to_string())?;
+        c.wait_pending().map_err(|e| e.to_string())?;
+        let sum = Tensor::stack(&all, 0)
+            .to_kind(Kind::Double)
+            .sum_dim_intlist(0, false, Kind::Double);
+        for w in cuts.windows(2) {
+            let (lo, len) = (w[0], w[1] - w[0]);
+            let (o, l) = if zero1 {
+                let own = chunk_range(len as usize, n, r);
+                (lo + own.start as i64, own.len() as i64)
+            } else {
+                (lo, len)
+            };
+            check(
+                &buf.narrow(0, o, l),
+                &sum.narrow(0, o, l),
+                Kind::Float,
+                &format!("deferred bucket {lo}..{} (zero1: {zero1})", w[1]),
+            )
+            .or_else(err)?;
+        }
+        cases += 1;
+    }
     // A non-contiguous tensor.
     let s = next();
     let all: Vec<Tensor> = (0..n).map(|q| input(s, q, &[7, 5], Kind::Float)).collect();

@@ -12,6 +12,18 @@
 //!
 //! [`mesh::ProcessGroups`] builds the world, data-parallel and tensor-parallel groups of a
 //! `dp x tp` mesh in one place.
+//!
+//! # Deferred collectives
+//!
+//! Data parallelism reduces gradient buckets on a communication thread while backward still
+//! runs. On a GPU the training thread marks, on the compute stream, the point where a bucket
+//! is complete ([`Collective::ready_marker`]); the communication thread enqueues the bucket's
+//! collective after that point ([`Collective::all_reduce_after`],
+//! [`Collective::reduce_scatter_flat_after`]) without making the compute stream wait for it;
+//! and the training thread makes the compute stream wait for every deferred collective only
+//! where it needs their results ([`Collective::wait_pending`]). Backends that work
+//! synchronously on host memory (TCP) have no markers: their deferred operations are the plain
+//! ones, finished when they return, and `wait_pending` has nothing to do.
 
 pub mod conformance;
 pub(crate) mod host;
@@ -23,6 +35,8 @@ use std::fmt::Debug;
 use std::ops::Range;
 
 use half::{bf16, f16};
+
+use crate::cuda;
 use tch::{Kind, Tensor};
 
 pub use mesh::{ParallelDims, ProcessGroups};
@@ -90,6 +104,16 @@ impl CollectiveError {
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
 
+/// A point on a device's compute stream, recorded by [`Collective::ready_marker`]: the
+/// collective handed it runs after everything the compute stream had been given before it.
+pub struct ReadyMarker(pub(crate) cuda::Event);
+
+impl Debug for ReadyMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadyMarker")
+    }
+}
+
 /// A group of ranks that communicate. Every member must call the same operations in the same
 /// order with tensors of the same shape and kind; ranks are numbered `0..size()` within the
 /// group.
@@ -110,6 +134,37 @@ pub trait Collective: Send + Sync + Debug {
     /// Fills every chunk `r` of `buf` with rank `r`'s chunk `r`.
     fn all_gather_flat(&self, buf: &Tensor) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+
+    /// Marks the current end of the compute stream for a later `*_after` call, possibly from
+    /// another thread (see the module docs). `None` for backends that work synchronously.
+    fn ready_marker(&self) -> Result<Option<ReadyMarker>> {
+        Ok(None)
+    }
+
+    /// [`Collective::all_reduce`] ordered after `ready` (after "now" without one), whose
+    /// result the compute stream is only guaranteed to see after [`Collective::wait_pending`].
+    /// `t` must stay allocated until then.
+    fn all_reduce_after(&self, t: &Tensor, op: ReduceOp, ready: Option<ReadyMarker>) -> Result<()> {
+        let _ = ready;
+        self.all_reduce(t, op)
+    }
+
+    /// [`Collective::reduce_scatter_flat`] ordered as [`Collective::all_reduce_after`].
+    fn reduce_scatter_flat_after(
+        &self,
+        buf: &Tensor,
+        op: ReduceOp,
+        ready: Option<ReadyMarker>,
+    ) -> Result<()> {
+        let _ = ready;
+        self.reduce_scatter_flat(buf, op)
+    }
+
+    /// Makes the compute stream wait (on the device, without blocking the host) for every
+    /// `*_after` operation enqueued so far.
+    fn wait_pending(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `output` (`size()` times as many elements as `input`, same kind) receives every rank's
     /// `input`, in rank order.

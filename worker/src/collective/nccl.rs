@@ -1,10 +1,13 @@
 //! Collectives on CUDA tensors through NCCL.
 //!
-//! NCCL and the CUDA driver are reached through `cudarc`, which loads `libcuda` and `libnccl`
-//! at run time: the binary builds and runs without CUDA, and nothing here touches either
-//! library until [`NcclComm::available`], [`NcclComm::unique_id`] or a constructor is called.
-//! `cudarc` panics when a library is missing, so those entry points check that both load
-//! before any other call and turn a missing library into an error.
+//! NCCL and the CUDA driver are loaded at run time: the binary builds and runs without CUDA,
+//! and nothing here touches either library until [`NcclComm::available`],
+//! [`NcclComm::unique_id`], [`nccl_version`], [`nccl_library`] or a constructor is called.
+//! Kiln loads NCCL itself ([`library`]: `KILN_NCCL_LIBRARY`, then `libnccl.so.2` and
+//! `libnccl.so` by name, then the torch wheel's NCCL beside the loaded libtorch) and reaches
+//! the CUDA driver through `cudarc`, which panics when `libcuda` is missing, so every entry
+//! point checks that both load before any other call and turns a missing library into an
+//! error.
 //!
 //! # Bootstrap
 //!
@@ -15,21 +18,44 @@
 //!
 //! # Stream ordering
 //!
-//! libtorch, as tch uses it, runs every kernel on the legacy default stream of the device.
-//! Each communicator owns one non-blocking CUDA stream for its NCCL kernels, and every
-//! operation is ordered against the default stream with two events:
+//! libtorch, as tch uses it, runs every kernel on the legacy default stream of the device:
+//! the compute stream. Each communicator owns one non-blocking CUDA stream for its NCCL
+//! kernels (in order: each collective starts after the previous one), and every operation is
+//! ordered against the compute stream with events ([`crate::cuda`]).
 //!
-//! 1. `ready` is recorded on the default stream and the NCCL stream waits on it, so the
+//! Plain operations ([`Collective::all_reduce`] and the others) are ordered at the call:
+//!
+//! 1. `ready` is recorded on the compute stream and the NCCL stream waits on it, so the
 //!    collective sees every libtorch write issued before the call;
 //! 2. the NCCL kernels are enqueued on the NCCL stream;
-//! 3. `done` is recorded on the NCCL stream and the default stream waits on it, so every
+//! 3. `done` is recorded on the NCCL stream and the compute stream waits on it, so every
 //!    libtorch operation issued after the call (a read, a copy to the host, the caching
 //!    allocator handing the memory to a new tensor) sees the result.
 //!
-//! Calls therefore return once the work is enqueued, not when it has finished; the tensor is
-//! still ready for any later libtorch use. [`Collective::barrier`] waits on the host for its
-//! all-reduce to finish, polling NCCL for asynchronous errors, and gives up after
-//! `KILN_COLLECTIVE_TIMEOUT_S`.
+//! Deferred operations, which data parallelism uses for its gradient buckets, split that
+//! protocol between two threads:
+//!
+//! 1. the training thread calls [`Collective::ready_marker`] the moment a bucket's last
+//!    gradient has been enqueued: a fresh event recorded on the compute stream, handed to the
+//!    communication thread with the bucket;
+//! 2. the communication thread calls [`Collective::all_reduce_after`] (or
+//!    [`Collective::reduce_scatter_flat_after`]) with it: the NCCL stream waits on the marker,
+//!    not on the compute stream's state at the call, so later backward kernels do not delay
+//!    the bucket; the NCCL kernels are enqueued and `done` is recorded after them, but the
+//!    compute stream does not wait: the collective overlaps the rest of backward;
+//! 3. the training thread calls [`Collective::wait_pending`] before it reads the results (the
+//!    gradient norm, the optimizer): the compute stream waits on `done`, whose last recording
+//!    follows every collective enqueued before it on the in-order NCCL stream.
+//!
+//! Between 2 and 3 the caller must not touch the bucket's memory on the compute stream, nor
+//! free it (the gradient buffer lives as long as the model). A plain operation issued in that
+//! window also makes the compute stream wait for the deferred ones (its `done` follows them).
+//! A deferred operation on a non-contiguous tensor goes through a staging copy on the compute
+//! stream and is therefore not deferred: the compute stream waits for it at once.
+//!
+//! Calls return once the work is enqueued, not when it has finished. [`Collective::barrier`]
+//! waits on the host for its all-reduce to finish, polling NCCL for asynchronous errors, and
+//! gives up after `KILN_COLLECTIVE_TIMEOUT_S`.
 //!
 //! # Uneven chunks
 //!
@@ -48,74 +74,87 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
-use std::marker::PhantomData;
 use std::ptr;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::result as cu;
-use cudarc::driver::sys as cusys;
-use cudarc::nccl::result as nc;
 use cudarc::nccl::sys as ncsys;
+use ncsys::ncclResult_t;
 use tch::{Device, Kind, Tensor};
 
 use super::tcp::collective_timeout;
-use super::{chunk_range, Collective, CollectiveError, Elem, ReduceOp, Result};
+use super::{chunk_range, Collective, CollectiveError, Elem, ReadyMarker, ReduceOp, Result};
+use crate::cuda::{self, Context, Event, Stream};
 
-/// Why NCCL may fail to load although the torch wheel ships it.
-const NCCL_MISSING: &str = "cannot load the NCCL library: Kiln looks for libnccl.so (not \
-     libnccl.so.2); scripts/setup.sh links it next to the libnccl.so.2 of the torch wheel \
-     (site-packages/nvidia/nccl/lib), which the build puts on the binary's rpath; elsewhere, \
-     put a libnccl.so link in a directory on LD_LIBRARY_PATH";
+pub mod library;
 
-/// The version of the NCCL library this process would use (e.g. 22809 for 2.28.9), loading
-/// NCCL alone: no CUDA driver or device is needed.
+use library::Api;
+
+/// The version of the NCCL library this process uses (e.g. 22809 for 2.28.9), loading NCCL
+/// alone: no CUDA driver or device is needed.
 pub fn nccl_version() -> Result<i32> {
-    std::panic::catch_unwind(|| {
-        // SAFETY: `is_culib_present` only tries to open the library under its candidate names
-        // and closes what it opened.
-        if !unsafe { ncsys::is_culib_present() } {
-            return Err(NCCL_MISSING.to_string());
-        }
-        nc::get_nccl_version().map_err(|e| format!("ncclGetVersion: {}", nccl_text(&e)))
-    })
-    .unwrap_or_else(|_| Err("loading NCCL failed".to_string()))
-    .map_err(CollectiveError::Nccl)
+    nccl_library().map(|(_, version)| version)
+}
+
+/// The NCCL library file this process loaded (as the dynamic loader opened it) and its
+/// version, loading it if need be (see [`library`] for where Kiln looks). No CUDA driver or
+/// device is needed.
+pub fn nccl_library() -> Result<(std::path::PathBuf, i32), CollectiveError> {
+    library::api()
+        .map(|api| (api.path.clone(), api.version))
+        .map_err(CollectiveError::Nccl)
 }
 
 /// An NCCL communicator for CUDA tensors on one device.
 pub struct NcclComm {
+    api: &'static Api,
     rank: usize,
     size: usize,
     ordinal: usize,
-    /// `ncclGetVersion`, e.g. 22809 for 2.28.9.
-    version: i32,
     timeout: Duration,
+    /// The device's primary context (the one the CUDA runtime and libtorch use); retained.
+    ctx: Arc<Context>,
     inner: Mutex<Inner>,
 }
 
 /// The CUDA and NCCL handles of a communicator. Every use goes through the mutex of
 /// [`NcclComm`].
 struct Inner {
-    device: cusys::CUdevice,
-    /// The device's primary context (the one the CUDA runtime and libtorch use); retained.
-    ctx: cusys::CUcontext,
+    api: &'static Api,
+    ctx: Arc<Context>,
     /// Null before initialization and after an abort.
     comm: ncsys::ncclComm_t,
-    stream: cusys::CUstream,
-    /// Recorded on the default stream before each collective.
-    ready: cusys::CUevent,
+    stream: Stream,
+    /// Recorded on the compute stream before each plain collective.
+    ready: Event,
     /// Recorded on the NCCL stream after each collective.
-    done: cusys::CUevent,
+    done: Event,
+    /// Whether deferred collectives were enqueued since the compute stream last waited on
+    /// `done`.
+    pending: bool,
     /// Why the communicator was aborted.
     failed: Option<String>,
 }
 
-// SAFETY: `Inner` holds handles, not thread-bound state. CUDA contexts, streams and events may
-// be used from any thread (each use below makes the context current on the calling thread
-// first). An NCCL communicator may be used from any thread as long as calls on it do not
-// overlap; `Inner` is only reachable through the `Mutex` in `NcclComm`, which serializes
-// them. `NcclComm` is then `Send` and `Sync` through `Mutex<Inner>`.
+/// How one collective is ordered against the compute stream (see the module docs).
+struct Order {
+    /// The compute-stream point the collective runs after; `None`: the point of the call.
+    after: Option<ReadyMarker>,
+    /// Leave the compute stream free until `wait_pending`.
+    defer: bool,
+}
+
+impl Order {
+    const NOW: Order = Order {
+        after: None,
+        defer: false,
+    };
+}
+
+// SAFETY: `Inner` holds handles, not thread-bound state. The CUDA handles are `Send` already
+// (`crate::cuda`); the NCCL communicator may be used from any thread as long as calls on it
+// do not overlap, and `Inner` is only reachable through the `Mutex` in `NcclComm`, which
+// serializes them. `NcclComm` is then `Send` and `Sync` through `Mutex<Inner>`.
 unsafe impl Send for Inner {}
 
 /// A device buffer as NCCL takes it.
@@ -137,44 +176,24 @@ impl Buf {
     }
 }
 
-/// The probe of the CUDA driver and NCCL, done once per process: NCCL's version, or why the
+/// The CUDA driver and NCCL, each probed once per process: NCCL's entry points, or why the
 /// libraries cannot be used.
-fn libraries() -> Result<i32> {
-    static PROBE: OnceLock<Result<i32, String>> = OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            std::panic::catch_unwind(|| {
-                // SAFETY: `is_culib_present` only tries to open the driver library under its
-                // candidate names and closes what it opened.
-                if !unsafe { cusys::is_culib_present() } {
-                    return Err("cannot load the CUDA driver library (libcuda.so.1): is an \
-                         NVIDIA driver installed?"
-                        .to_string());
-                }
-                // SAFETY: as above, for NCCL.
-                if !unsafe { ncsys::is_culib_present() } {
-                    return Err(NCCL_MISSING.to_string());
-                }
-                cu::init().map_err(|e| format!("cuInit: {}", driver_text(e)))?;
-                nc::get_nccl_version().map_err(|e| format!("ncclGetVersion: {}", nccl_text(&e)))
-            })
-            .unwrap_or_else(|_| Err("loading the CUDA driver or NCCL failed".to_string()))
-        })
-        .clone()
-        .map_err(CollectiveError::Nccl)
+fn libraries() -> Result<&'static Api> {
+    cuda::driver().map_err(CollectiveError::Nccl)?;
+    library::api().map_err(CollectiveError::Nccl)
 }
 
-/// Checks that the libraries load and that device `ordinal` exists; returns NCCL's version.
-fn prepare(ordinal: usize) -> Result<i32> {
-    let version = libraries()?;
-    let count = cu::device::get_count()
-        .map_err(|e| CollectiveError::Nccl(format!("cuDeviceGetCount: {}", driver_text(e))))?;
-    if ordinal >= count.max(0) as usize {
+/// Checks that the libraries load and that device `ordinal` exists; returns NCCL's entry
+/// points.
+fn prepare(ordinal: usize) -> Result<&'static Api> {
+    let api = libraries()?;
+    let count = cuda::device_count().map_err(CollectiveError::Nccl)?;
+    if ordinal >= count {
         return Err(CollectiveError::Nccl(format!(
             "CUDA device {ordinal} does not exist: this machine has {count}"
         )));
     }
-    Ok(version)
+    Ok(api)
 }
 
 impl NcclComm {
@@ -186,9 +205,13 @@ impl NcclComm {
 
     /// A fresh NCCL unique id, to be shared with every rank of a new communicator.
     pub fn unique_id() -> Result<[u8; 128]> {
-        libraries()?;
-        let id = nc::get_uniqueid()
-            .map_err(|e| CollectiveError::Nccl(format!("ncclGetUniqueId: {}", nccl_text(&e))))?;
+        let api = libraries()?;
+        let mut id = ncsys::ncclUniqueId { internal: [0; 128] };
+        // SAFETY: `id` is a valid out pointer.
+        check(api, "ncclGetUniqueId", unsafe {
+            (api.get_unique_id)(&mut id)
+        })
+        .map_err(CollectiveError::Nccl)?;
         Ok(id.internal.map(|c| c as u8))
     }
 
@@ -209,56 +232,43 @@ impl NcclComm {
             c_int::try_from(v)
                 .map_err(|_| CollectiveError::Invalid(format!("NCCL {what} {v} is too large")))
         };
-        let (c_rank, c_size, c_ordinal) = (
-            to_int(rank, "rank")?,
-            to_int(size, "group size")?,
-            to_int(device_ordinal, "device")?,
-        );
-        let version = prepare(device_ordinal)?;
-        let fail = |what: &str, e: cu::DriverError| {
-            CollectiveError::Nccl(format!("{what}: {}", driver_text(e)))
-        };
-        let device = cu::device::get(c_ordinal).map_err(|e| fail("cuDeviceGet", e))?;
-        // SAFETY: `device` comes from `cuDeviceGet`; `Inner::drop` releases the reference.
-        let ctx =
-            unsafe { cu::primary_ctx::retain(device) }.map_err(|e| fail("retain context", e))?;
-        // From here on, dropping `inner` frees whatever has been created.
+        let (c_rank, c_size) = (to_int(rank, "rank")?, to_int(size, "group size")?);
+        let api = prepare(device_ordinal)?;
+        // Whatever is created is freed when dropped, should a later step fail.
+        let ctx = Context::retain(device_ordinal).map_err(CollectiveError::Nccl)?;
+        let stream = Stream::new(&ctx).map_err(CollectiveError::Nccl)?;
+        let ready = Event::new(&ctx).map_err(CollectiveError::Nccl)?;
+        let done = Event::new(&ctx).map_err(CollectiveError::Nccl)?;
         let mut inner = Inner {
-            device,
-            ctx,
+            api,
+            ctx: ctx.clone(),
             comm: ptr::null_mut(),
-            stream: ptr::null_mut(),
-            ready: ptr::null_mut(),
-            done: ptr::null_mut(),
+            stream,
+            ready,
+            done,
+            pending: false,
             failed: None,
         };
         {
-            let _current = Current::push(ctx).map_err(CollectiveError::Nccl)?;
-            inner.stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
-                .map_err(|e| fail("cuStreamCreate", e))?;
-            let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
-            inner.ready = cu::event::create(flags).map_err(|e| fail("cuEventCreate", e))?;
-            inner.done = cu::event::create(flags).map_err(|e| fail("cuEventCreate", e))?;
+            let _current = ctx.current().map_err(CollectiveError::Nccl)?;
             let id = ncsys::ncclUniqueId {
                 internal: unique_id.map(|b| b as c_char),
             };
             let mut comm = ptr::null_mut();
             // SAFETY: `comm` is a valid out pointer; the context of `device_ordinal` is current,
             // which is how NCCL picks the communicator's device.
-            unsafe { nc::comm_init_rank(&mut comm, c_size, id, c_rank) }.map_err(|e| {
-                CollectiveError::Nccl(format!(
-                    "ncclCommInitRank (rank {rank} of {size}): {}",
-                    nccl_text(&e)
-                ))
-            })?;
+            let status = unsafe { (api.comm_init_rank)(&mut comm, c_size, id, c_rank) };
+            check(api, "ncclCommInitRank", status)
+                .map_err(|e| CollectiveError::Nccl(format!("rank {rank} of {size}: {e}")))?;
             inner.comm = comm;
         }
         Ok(NcclComm {
+            api,
             rank,
             size,
             ordinal: device_ordinal,
-            version,
             timeout: collective_timeout(),
+            ctx,
             inner: Mutex::new(inner),
         })
     }
@@ -313,12 +323,13 @@ impl NcclComm {
     }
 
     /// Runs `enqueue` on the contiguous memory of `t` (a staging copy when `t` is not
-    /// contiguous), ordered against the default stream; with `wait`, also waits on the host
-    /// for the work to finish.
+    /// contiguous), ordered against the compute stream as `order` says; with `wait`, also
+    /// waits on the host for the work to finish.
     fn on_device(
         &self,
         name: &'static str,
         t: &Tensor,
+        mut order: Order,
         wait: bool,
         enqueue: impl FnOnce(&Inner, Buf) -> Result<(), String>,
     ) -> Result<()> {
@@ -340,6 +351,9 @@ impl NcclComm {
         let staged = if contiguous {
             t.shallow_clone()
         } else {
+            // The staging copy is written and read back on the compute stream, and freed
+            // after this call: the compute stream must wait for the collective at once.
+            order.defer = false;
             t.contiguous()
         };
         let buf = Buf {
@@ -348,91 +362,107 @@ impl NcclComm {
             dtype: nccl_type(elem),
             elem_size: elem.size(),
         };
-        self.launch(name, wait, |inner| enqueue(inner, buf))?;
+        self.launch(name, order, wait, |inner| enqueue(inner, buf))?;
         if !contiguous {
             tch::no_grad(|| t.shallow_clone().copy_(&staged));
         }
         Ok(())
     }
 
-    /// Enqueues one collective between the two stream-ordering events (see the module docs).
-    /// Any failure aborts the communicator.
+    /// Enqueues one collective between the stream-ordering events `order` asks for (see the
+    /// module docs). Any failure aborts the communicator.
     fn launch(
         &self,
         name: &'static str,
+        order: Order,
         wait: bool,
         enqueue: impl FnOnce(&Inner) -> Result<(), String>,
     ) -> Result<()> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(why) = &inner.failed {
-            return Err(CollectiveError::Nccl(format!(
-                "{name}: this communicator already failed ({why}); the job must restart"
-            )));
-        }
-        let result = Current::push(inner.ctx).and_then(|_current| {
+        let mut inner = self.lock(name)?;
+        let ctx = inner.ctx.clone();
+        let run = || -> Result<(), String> {
+            let _current = ctx.current()?;
             inner.check_async()?;
-            let legacy = cu::stream::null();
-            let no_flags = cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
-            // SAFETY: `ready` and `stream` were created in this context, which is current, and
-            // live as long as `inner`; the null stream is the legacy default stream.
-            unsafe {
-                cu::event::record(inner.ready, legacy)
-                    .and_then(|_| cu::stream::wait_event(inner.stream, inner.ready, no_flags))
+            match &order.after {
+                Some(ReadyMarker(marker)) => inner.stream.wait(marker),
+                None => inner
+                    .ready
+                    .record(None)
+                    .and_then(|()| inner.stream.wait(&inner.ready)),
             }
-            .map_err(|e| format!("ordering after the default stream: {}", driver_text(e)))?;
+            .map_err(|e| format!("ordering after the compute stream: {e}"))?;
             enqueue(&inner)?;
-            // SAFETY: as above, for `done`.
-            unsafe {
-                cu::event::record(inner.done, inner.stream)
-                    .and_then(|_| cu::stream::wait_event(legacy, inner.done, no_flags))
+            inner
+                .done
+                .record(Some(&inner.stream))
+                .map_err(|e| format!("marking the end of the collective: {e}"))?;
+            if order.defer {
+                inner.pending = true;
+            } else {
+                inner
+                    .done
+                    .block_compute()
+                    .map_err(|e| format!("ordering the compute stream after NCCL: {e}"))?;
+                // `done` follows every collective enqueued before this one.
+                inner.pending = false;
             }
-            .map_err(|e| format!("ordering the default stream after NCCL: {}", driver_text(e)))?;
             if wait {
                 inner.wait(self.timeout)?;
             }
             Ok(())
-        });
+        };
+        let result = run();
         result.map_err(|e| {
             let e = format!("{name}: {e}");
             inner.fail(&e);
             CollectiveError::Nccl(e)
         })
     }
+
+    /// The communicator's state, unless it already failed.
+    fn lock(&self, name: &str) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(why) = &inner.failed {
+            return Err(CollectiveError::Nccl(format!(
+                "{name}: this communicator already failed ({why}); the job must restart"
+            )));
+        }
+        Ok(inner)
+    }
 }
 
 impl Inner {
     fn nccl_stream(&self) -> ncsys::cudaStream_t {
-        self.stream.cast()
+        self.stream.raw().cast()
     }
 
     /// An error NCCL found in the background (a lost peer, a failed kernel).
     fn check_async(&self) -> Result<(), String> {
-        let mut state = ncsys::ncclResult_t::ncclSuccess;
+        let mut state = ncclResult_t::ncclSuccess;
         // SAFETY: `comm` is a live communicator (callers check `failed`, and only `fail` and
         // `drop` clear it) and `state` a valid out pointer.
-        unsafe { ncsys::ncclCommGetAsyncError(self.comm, &mut state) }
-            .result()
-            .map_err(|e| format!("ncclCommGetAsyncError: {}", nccl_text(&e)))?;
+        let status = unsafe { (self.api.comm_get_async_error)(self.comm, &mut state) };
+        check(self.api, "ncclCommGetAsyncError", status)?;
         match state {
-            ncsys::ncclResult_t::ncclSuccess | ncsys::ncclResult_t::ncclInProgress => Ok(()),
+            ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
             other => Err(format!(
                 "asynchronous NCCL error: {}",
-                nccl_text(&nc::NcclError(other))
+                nccl_text(self.api, other)
             )),
         }
     }
 
     /// Waits on the host until the last collective has finished, for at most `timeout`.
-    /// The context must be current.
     fn wait(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_micros(20);
         loop {
-            // SAFETY: `done` is a live event of this context.
-            match unsafe { cu::event::query(self.done) } {
-                Ok(()) => return Ok(()),
-                Err(e) if e.0 == cusys::CUresult::CUDA_ERROR_NOT_READY => {}
-                Err(e) => return Err(format!("waiting for NCCL: {}", driver_text(e))),
+            if self
+                .done
+                .done()
+                .map_err(|e| format!("waiting for NCCL: {e}"))?
+            {
+                return Ok(());
             }
             self.check_async()?;
             if Instant::now() > deadline {
@@ -450,9 +480,10 @@ impl Inner {
     /// Aborts the communicator after an error; later calls fail with `why`.
     fn fail(&mut self, why: &str) {
         if !self.comm.is_null() {
-            let _current = Current::push(self.ctx);
+            let ctx = self.ctx.clone();
+            let _current = ctx.current();
             // SAFETY: `comm` is live and never used after this: it is cleared below.
-            let _ = unsafe { nc::comm_abort(self.comm) };
+            let _ = unsafe { (self.api.comm_abort)(self.comm) };
             self.comm = ptr::null_mut();
         }
         self.failed = Some(why.to_owned());
@@ -461,60 +492,25 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let current = Current::push(self.ctx);
-        if !self.comm.is_null() {
-            // Let the collectives already enqueued finish before freeing the communicator;
-            // abort instead when they cannot.
-            let finished = current.is_ok() && self.wait(collective_timeout()).is_ok();
-            // SAFETY: `comm` is live and not used after this.
-            let _ = unsafe {
-                if finished {
-                    nc::comm_destroy(self.comm)
-                } else {
-                    nc::comm_abort(self.comm)
-                }
-            };
-            self.comm = ptr::null_mut();
+        // The stream, the events and the context are released after this, by their own drops
+        // (CUDA frees a stream or an event once the work enqueued on it completes).
+        if self.comm.is_null() {
+            return;
         }
-        // SAFETY: the events and the stream were created in this context, are not null, and
-        // nothing uses them after this; CUDA frees them once pending work completes.
-        unsafe {
-            for event in [self.ready, self.done] {
-                if !event.is_null() {
-                    let _ = cu::event::destroy(event);
-                }
+        let ctx = self.ctx.clone();
+        let current = ctx.current();
+        // Let the collectives already enqueued finish before freeing the communicator; abort
+        // instead when they cannot.
+        let finished = current.is_ok() && self.wait(collective_timeout()).is_ok();
+        // SAFETY: `comm` is live and not used after this.
+        let _ = unsafe {
+            if finished {
+                (self.api.comm_destroy)(self.comm)
+            } else {
+                (self.api.comm_abort)(self.comm)
             }
-            if !self.stream.is_null() {
-                let _ = cu::stream::destroy(self.stream);
-            }
-        }
-        drop(current);
-        // SAFETY: balances the `primary_ctx::retain` of `NcclComm::new` on the same device.
-        let _ = unsafe { cu::primary_ctx::release(self.device) };
-    }
-}
-
-/// Makes a context current on this thread until dropped (push and pop, so the thread's own
-/// current context, if any, comes back).
-struct Current(PhantomData<*const ()>);
-
-impl Current {
-    fn push(ctx: cusys::CUcontext) -> Result<Current, String> {
-        // SAFETY: `ctx` is the primary context retained by the communicator, alive as long as
-        // it is.
-        unsafe { cusys::cuCtxPushCurrent_v2(ctx) }
-            .result()
-            .map_err(|e| format!("cuCtxPushCurrent: {}", driver_text(e)))?;
-        Ok(Current(PhantomData))
-    }
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        let mut popped = ptr::null_mut();
-        // SAFETY: pops the context `push` pushed on this thread (`Current` is not `Send`);
-        // `popped` is a valid out pointer.
-        let _ = unsafe { cusys::cuCtxPopCurrent_v2(&mut popped) };
+        };
+        self.comm = ptr::null_mut();
     }
 }
 
@@ -544,15 +540,20 @@ fn nccl_op(op: ReduceOp) -> ncsys::ncclRedOp_t {
 }
 
 /// NCCL's text for an error, with the detail of the last failure when NCCL has one.
-fn nccl_text(e: &nc::NcclError) -> String {
+fn nccl_text(api: &Api, e: ncclResult_t) -> String {
     // SAFETY: `ncclGetErrorString` returns a static NUL-terminated string for every code.
-    let base = unsafe { CStr::from_ptr(ncsys::ncclGetErrorString(e.0)) }
-        .to_string_lossy()
-        .into_owned();
+    let base = unsafe {
+        let p = (api.get_error_string)(e);
+        if p.is_null() {
+            format!("{e:?}")
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
     // SAFETY: `ncclGetLastError` ignores its argument and returns NUL-terminated text (or
     // null), valid until the next NCCL call; it is copied at once.
     let last = unsafe {
-        let p = ncsys::ncclGetLastError(ptr::null_mut());
+        let p = (api.get_last_error)(ptr::null_mut());
         if p.is_null() {
             String::new()
         } else {
@@ -566,29 +567,28 @@ fn nccl_text(e: &nc::NcclError) -> String {
     }
 }
 
-fn driver_text(e: cu::DriverError) -> String {
-    match e.error_string() {
-        Ok(s) => s.to_string_lossy().into_owned(),
-        Err(_) => format!("{:?}", e.0),
+/// `Ok` for a call that succeeded (or is in progress, for non-blocking communicators),
+/// else NCCL's text for the failure of `what`.
+fn check(api: &Api, what: &str, status: ncclResult_t) -> Result<(), String> {
+    match status {
+        ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
+        e => Err(format!("{what}: {}", nccl_text(api, e))),
     }
 }
 
-fn nccl_result(what: &str, r: Result<nc::NcclStatus, nc::NcclError>) -> Result<(), String> {
-    r.map(drop)
-        .map_err(|e| format!("{what}: {}", nccl_text(&e)))
-}
-
 /// Runs `body` between `ncclGroupStart` and `ncclGroupEnd` (ended even when `body` fails).
-fn grouped(body: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
-    nccl_result("ncclGroupStart", nc::group_start())?;
+fn grouped(api: &Api, body: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    // SAFETY: group calls take no arguments; they only mark a group on this thread.
+    check(api, "ncclGroupStart", unsafe { (api.group_start)() })?;
     let enqueued = body();
-    let ended = nccl_result("ncclGroupEnd", nc::group_end());
+    // SAFETY: as above; closes the group opened here.
+    let ended = check(api, "ncclGroupEnd", unsafe { (api.group_end)() });
     enqueued.and(ended)
 }
 
 impl fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = self.version;
+        let v = self.api.version;
         f.debug_struct("NcclComm")
             .field("rank", &self.rank)
             .field("size", &self.size)
@@ -598,6 +598,75 @@ impl fmt::Debug for NcclComm {
                 &format_args!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
             )
             .finish()
+    }
+}
+
+impl NcclComm {
+    fn all_reduce_ordered(&self, t: &Tensor, op: ReduceOp, order: Order) -> Result<()> {
+        self.on_device("all_reduce", t, order, false, |inner, b| {
+            // SAFETY: `b` is the live contiguous device memory of `count` elements of `dtype`
+            // (in place is allowed); `comm` and the stream are live and the context current.
+            let r = unsafe {
+                (inner.api.all_reduce)(
+                    b.ptr,
+                    b.ptr,
+                    b.count,
+                    b.dtype,
+                    nccl_op(op),
+                    inner.comm,
+                    inner.nccl_stream(),
+                )
+            };
+            check(inner.api, "ncclAllReduce", r)
+        })
+    }
+
+    fn reduce_scatter_ordered(&self, buf: &Tensor, op: ReduceOp, order: Order) -> Result<()> {
+        let (n, rank) = (self.size, self.rank);
+        self.on_device("reduce_scatter", buf, order, false, |inner, b| {
+            if b.count % n == 0 {
+                let count = b.count / n;
+                // SAFETY: in place as NCCL defines it (`recvbuff == sendbuff + rank *
+                // recvcount`), inside the `n * count` live elements of `b`.
+                let r = unsafe {
+                    (inner.api.reduce_scatter)(
+                        b.ptr,
+                        b.at(rank * count),
+                        count,
+                        b.dtype,
+                        nccl_op(op),
+                        inner.comm,
+                        inner.nccl_stream(),
+                    )
+                };
+                return check(inner.api, "ncclReduceScatter", r);
+            }
+            grouped(inner.api, || {
+                for owner in 0..n {
+                    let chunk = chunk_range(b.count, n, owner);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    let p = b.at(chunk.start);
+                    // SAFETY: the chunk lies inside the live elements of `b`; reduced in
+                    // place onto its owner.
+                    let r = unsafe {
+                        (inner.api.reduce)(
+                            p,
+                            p,
+                            chunk.len(),
+                            b.dtype,
+                            nccl_op(op),
+                            owner as c_int,
+                            inner.comm,
+                            inner.nccl_stream(),
+                        )
+                    };
+                    check(inner.api, "ncclReduce", r)?;
+                }
+                Ok(())
+            })
+        })
     }
 }
 
@@ -611,22 +680,7 @@ impl Collective for NcclComm {
     }
 
     fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
-        self.on_device("all_reduce", t, false, |inner, b| {
-            // SAFETY: `b` is the live contiguous device memory of `count` elements of `dtype`
-            // (in place is allowed); `comm` and the stream are live and the context current.
-            let r = unsafe {
-                nc::all_reduce(
-                    b.ptr,
-                    b.ptr,
-                    b.count,
-                    b.dtype,
-                    nccl_op(op),
-                    inner.comm,
-                    inner.nccl_stream(),
-                )
-            };
-            nccl_result("ncclAllReduce", r)
-        })
+        self.all_reduce_ordered(t, op, Order::NOW)
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
@@ -636,10 +690,10 @@ impl Collective for NcclComm {
                 self.size
             )));
         }
-        self.on_device("broadcast", t, false, |inner, b| {
+        self.on_device("broadcast", t, Order::NOW, false, |inner, b| {
             // SAFETY: as in `all_reduce`; `root` is a rank of the group.
             let r = unsafe {
-                nc::broadcast(
+                (inner.api.broadcast)(
                     b.ptr,
                     b.ptr,
                     b.count,
@@ -649,67 +703,23 @@ impl Collective for NcclComm {
                     inner.nccl_stream(),
                 )
             };
-            nccl_result("ncclBroadcast", r)
+            check(inner.api, "ncclBroadcast", r)
         })
     }
 
     fn reduce_scatter_flat(&self, buf: &Tensor, op: ReduceOp) -> Result<()> {
-        let (n, rank) = (self.size, self.rank);
-        self.on_device("reduce_scatter", buf, false, |inner, b| {
-            if b.count % n == 0 {
-                let count = b.count / n;
-                // SAFETY: in place as NCCL defines it (`recvbuff == sendbuff + rank *
-                // recvcount`), inside the `n * count` live elements of `b`.
-                let r = unsafe {
-                    nc::reduce_scatter(
-                        b.ptr,
-                        b.at(rank * count),
-                        count,
-                        b.dtype,
-                        nccl_op(op),
-                        inner.comm,
-                        inner.nccl_stream(),
-                    )
-                };
-                return nccl_result("ncclReduceScatter", r);
-            }
-            grouped(|| {
-                for owner in 0..n {
-                    let chunk = chunk_range(b.count, n, owner);
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    let p = b.at(chunk.start);
-                    // SAFETY: the chunk lies inside the live elements of `b`; reduced in
-                    // place onto its owner.
-                    let r = unsafe {
-                        nc::reduce(
-                            p,
-                            p,
-                            chunk.len(),
-                            b.dtype,
-                            nccl_op(op),
-                            owner as c_int,
-                            inner.comm,
-                            inner.nccl_stream(),
-                        )
-                    };
-                    nccl_result("ncclReduce", r)?;
-                }
-                Ok(())
-            })
-        })
+        self.reduce_scatter_ordered(buf, op, Order::NOW)
     }
 
     fn all_gather_flat(&self, buf: &Tensor) -> Result<()> {
         let (n, rank) = (self.size, self.rank);
-        self.on_device("all_gather", buf, false, |inner, b| {
+        self.on_device("all_gather", buf, Order::NOW, false, |inner, b| {
             if b.count % n == 0 {
                 let count = b.count / n;
                 // SAFETY: in place as NCCL defines it (`sendbuff == recvbuff + rank *
                 // sendcount`), inside the `n * count` live elements of `b`.
                 let r = unsafe {
-                    nc::all_gather(
+                    (inner.api.all_gather)(
                         b.at(rank * count),
                         b.ptr,
                         count,
@@ -718,9 +728,9 @@ impl Collective for NcclComm {
                         inner.nccl_stream(),
                     )
                 };
-                return nccl_result("ncclAllGather", r);
+                return check(inner.api, "ncclAllGather", r);
             }
-            grouped(|| {
+            grouped(inner.api, || {
                 for owner in 0..n {
                     let chunk = chunk_range(b.count, n, owner);
                     if chunk.is_empty() {
@@ -730,7 +740,7 @@ impl Collective for NcclComm {
                     // SAFETY: the chunk lies inside the live elements of `b`; broadcast in
                     // place from its owner.
                     let r = unsafe {
-                        nc::broadcast(
+                        (inner.api.broadcast)(
                             p,
                             p,
                             chunk.len(),
@@ -740,7 +750,7 @@ impl Collective for NcclComm {
                             inner.nccl_stream(),
                         )
                     };
-                    nccl_result("ncclBroadcast", r)?;
+                    check(inner.api, "ncclBroadcast", r)?;
                 }
                 Ok(())
             })
@@ -749,10 +759,10 @@ impl Collective for NcclComm {
 
     fn barrier(&self) -> Result<()> {
         let token = Tensor::zeros([1], (Kind::Int, self.device()));
-        self.on_device("barrier", &token, true, |inner, b| {
+        self.on_device("barrier", &token, Order::NOW, true, |inner, b| {
             // SAFETY: as in `all_reduce`, on the one-element `token`.
             let r = unsafe {
-                nc::all_reduce(
+                (inner.api.all_reduce)(
                     b.ptr,
                     b.ptr,
                     b.count,
@@ -762,7 +772,53 @@ impl Collective for NcclComm {
                     inner.nccl_stream(),
                 )
             };
-            nccl_result("ncclAllReduce", r)
+            check(inner.api, "ncclAllReduce", r)
         })
+    }
+
+    fn ready_marker(&self) -> Result<Option<ReadyMarker>> {
+        // The context is `Sync`: no need to wait for the communication thread's lock.
+        Event::on_compute(&self.ctx)
+            .map(|e| Some(ReadyMarker(e)))
+            .map_err(|e| CollectiveError::Nccl(format!("marking the compute stream: {e}")))
+    }
+
+    fn all_reduce_after(&self, t: &Tensor, op: ReduceOp, ready: Option<ReadyMarker>) -> Result<()> {
+        let order = Order {
+            after: ready,
+            defer: true,
+        };
+        self.all_reduce_ordered(t, op, order)
+    }
+
+    fn reduce_scatter_flat_after(
+        &self,
+        buf: &Tensor,
+        op: ReduceOp,
+        ready: Option<ReadyMarker>,
+    ) -> Result<()> {
+        let order = Order {
+            after: ready,
+            defer: true,
+        };
+        self.reduce_scatter_ordered(buf, op, order)
+    }
+
+    fn wait_pending(&self) -> Result<()> {
+        let mut inner = self.lock("wait_pending")?;
+        if !inner.pending {
+            return Ok(());
+        }
+        match inner.done.block_compute() {
+            Ok(()) => {
+                inner.pending = false;
+                Ok(())
+            }
+            Err(e) => {
+                let e = format!("wait_pending: ordering the compute stream after NCCL: {e}");
+                inner.fail(&e);
+                Err(CollectiveError::Nccl(e))
+            }
+        }
     }
 }
