@@ -72,7 +72,11 @@ impl Report {
 
     /// The report as a plain-text table, then one line per failure with its fix.
     pub fn table(&self) -> String {
-        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(5);
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .fold("check".len(), usize::max);
         let mut s = format!("{:width$}  status  result\n", "check");
         for c in &self.checks {
             let status = match c.status {
