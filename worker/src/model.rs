@@ -580,7 +580,9 @@ impl Llama {
         };
         let n = h.size()[0];
         let valid = targets.ne(-100);
-        let count = valid.sum(Kind::Int64).int64_value(&[]).max(1);
+        // The number of scored targets, kept on the device: reading it would wait for it.
+        let count = valid.sum(Kind::Double).clamp_min(1.0);
+        let grad_scale = (count.reciprocal() * scale).to_kind(Kind::Float);
         let rows = (chunk_bytes / (4 * vocab)).max(1);
         let mut sum = Tensor::zeros([], (Kind::Double, h.device()));
         let mut grad_w: Option<Tensor> = None;
@@ -607,8 +609,7 @@ impl Llama {
                         &safe,
                         &Tensor::full([len, 1], -1.0, (Kind::Float, d.device())),
                     );
-                    let _ =
-                        d.g_mul_(&(vc.to_kind(Kind::Float).unsqueeze(1) * (scale / count as f64)));
+                    let _ = d.g_mul_(&(vc.to_kind(Kind::Float).unsqueeze(1) * &grad_scale));
                     let mut rows_h = gh.narrow(0, start, len);
                     match low {
                         // In fp32 the matmuls write into the gradients directly.
@@ -638,7 +639,7 @@ impl Llama {
                 start += len;
             }
         });
-        let value = sum / count as f64;
+        let value = sum / count;
         let empty = || Tensor::zeros([0], (Kind::Float, h.device()));
         (
             value,
@@ -821,15 +822,22 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
-    /// The chunked head loss gives the value and gradients of `cross_entropy` over the whole
-    /// logits through autograd, whatever the chunk size, ignored targets included.
-    #[test]
-    fn chunked_loss_matches_autograd_cross_entropy() {
+    /// An untied tiny model, hidden states for its head (10 rows) and their targets, two of
+    /// them ignored (-100).
+    fn head_case() -> (Llama, Tensor, Tensor) {
         let model = tiny(false);
         tch::manual_seed(3);
         let h = Tensor::randn([10, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let targets = Tensor::randint(97, [10], (Kind::Int64, Device::Cpu));
         let _ = targets.narrow(0, 4, 2).fill_(-100);
+        (model, h, targets)
+    }
+
+    /// The chunked head loss gives the value and gradients of `cross_entropy` over the whole
+    /// logits through autograd, whatever the chunk size, ignored targets included.
+    #[test]
+    fn chunked_loss_matches_autograd_cross_entropy() {
+        let (model, h, targets) = head_case();
         let w = model.p(model.head);
         let loss = h.linear::<Tensor>(w, None).cross_entropy_loss::<Tensor>(
             &targets,
@@ -876,11 +884,7 @@ mod tests {
     #[test]
     fn chunked_loss_in_bf16_matches_autograd_cross_entropy_in_bf16() {
         use crate::precision::autocast;
-        let model = tiny(false);
-        tch::manual_seed(3);
-        let h = Tensor::randn([10, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let targets = Tensor::randint(97, [10], (Kind::Int64, Device::Cpu));
-        let _ = targets.narrow(0, 4, 2).fill_(-100);
+        let (model, h, targets) = head_case();
         let w = model.p(model.head);
         let logits = autocast(true, Device::Cpu, || h.linear::<Tensor>(w, None));
         assert_eq!(logits.kind(), Kind::BFloat16);
