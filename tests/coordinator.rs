@@ -675,23 +675,36 @@ fn bad_requests_are_refused_and_nothing_is_lost() {
             .unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::NotFound);
         assert!(unknown.message().contains("unknown worker"), "{unknown:?}");
-        let addr = client
-            .register(rpc::RegisterRequest {
-                host: "127.0.0.1".into(),
-                report: Some(rpc::WorkerReport {
-                    state: rpc::WorkerState::Idle as i32,
-                    ready_addr: "nowhere".into(),
+        for (ready_addr, why) in [
+            ("nowhere", "no port"),
+            (
+                "x:notaport",
+                "port \"notaport\" is not a number in 1..=65535",
+            ),
+            (
+                "127.0.0.1:99999",
+                "port \"99999\" is not a number in 1..=65535",
+            ),
+            (":::", "port \"\" is not a number in 1..=65535"),
+        ] {
+            let addr = client
+                .register(rpc::RegisterRequest {
+                    host: "127.0.0.1".into(),
+                    report: Some(rpc::WorkerReport {
+                        state: rpc::WorkerState::Idle as i32,
+                        ready_addr: ready_addr.into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(addr.code(), tonic::Code::InvalidArgument);
-        assert_eq!(
-            addr.message(),
-            "report.ready_addr: \"nowhere\" is not HOST:PORT"
-        );
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(addr.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                addr.message(),
+                format!("report.ready_addr: {ready_addr:?} is not HOST:PORT ({why})")
+            );
+        }
         let toml = client
             .submit(rpc::SubmitRequest {
                 job_toml: "[train\n".into(),

@@ -253,6 +253,52 @@ impl From<Progress> for rpc::Progress {
     }
 }
 
+/// Checks that `addr` is an address peers can connect to: `HOST:PORT` with a port in
+/// 1..=65535 and a host that is an IPv4 address, a bracketed IPv6 address (`[::1]:7000`) or a
+/// DNS name (labels of letters, digits and inner hyphens). Says what is wrong otherwise.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return if a.port() == 0 {
+            Err("port 0 is not a port peers can connect to".into())
+        } else if a.ip().is_unspecified() {
+            Err(format!("{} is not an address peers can connect to", a.ip()))
+        } else {
+            Ok(())
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("no port".into());
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err("port 0 is not a port peers can connect to".into()),
+        Ok(_) => {}
+        Err(_) => return Err(format!("port {port:?} is not a number in 1..=65535")),
+    }
+    if host.starts_with('[') || host.contains(':') {
+        return Err(format!(
+            "host {host:?} is not an IP address (IPv6 goes in brackets)"
+        ));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("host {host:?} is not an IP address or a DNS name"));
+    }
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("host {host:?} is not an IPv4 address"));
+    }
+    Ok(())
+}
+
 impl TryFrom<rpc::WorkerReport> for WorkerReport {
     type Error = FieldError;
 
@@ -274,12 +320,12 @@ impl TryFrom<rpc::WorkerReport> for WorkerReport {
             None
         } else {
             check_id("report.ready_addr", &r.ready_addr, true)?;
-            if r.ready_addr.parse::<SocketAddr>().is_err() && !r.ready_addr.contains(':') {
-                return Err(field_error(
+            check_host_port(&r.ready_addr).map_err(|why| {
+                field_error(
                     "report.ready_addr",
-                    format!("{:?} is not HOST:PORT", r.ready_addr),
-                ));
-            }
+                    format!("{:?} is not HOST:PORT ({why})", r.ready_addr),
+                )
+            })?;
             Some(r.ready_addr)
         };
         if r.rank >= MAX_WORKERS {
@@ -382,5 +428,66 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
             command,
             commit_step: r.commit_step,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_host_port;
+
+    #[test]
+    fn worker_addresses_must_be_host_port_peers_can_reach() {
+        for good in [
+            "127.0.0.1:7000",
+            "10.0.0.2:1",
+            "[::1]:65535",
+            "[fe80::1]:7000",
+            "node-17.cluster.local:7000",
+            "localhost:7000",
+            "gpu3:29500",
+        ] {
+            assert_eq!(check_host_port(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            (
+                "x:notaport",
+                "port \"notaport\" is not a number in 1..=65535",
+            ),
+            (
+                "127.0.0.1:99999",
+                "port \"99999\" is not a number in 1..=65535",
+            ),
+            (":::", "port \"\" is not a number in 1..=65535"),
+            ("nowhere", "no port"),
+            (":7000", "host \"\" is not an IP address or a DNS name"),
+            ("127.0.0.1:0", "port 0 is not a port peers can connect to"),
+            (
+                "0.0.0.0:7000",
+                "0.0.0.0 is not an address peers can connect to",
+            ),
+            ("[::]:7000", ":: is not an address peers can connect to"),
+            (
+                "::1:7000",
+                "host \"::1\" is not an IP address (IPv6 goes in brackets)",
+            ),
+            (
+                "300.1.2.3:7000",
+                "host \"300.1.2.3\" is not an IPv4 address",
+            ),
+            (
+                "a_b:7000",
+                "host \"a_b\" is not an IP address or a DNS name",
+            ),
+            (
+                "-x.org:7000",
+                "host \"-x.org\" is not an IP address or a DNS name",
+            ),
+            (
+                "a..b:7000",
+                "host \"a..b\" is not an IP address or a DNS name",
+            ),
+        ] {
+            assert_eq!(check_host_port(bad), Err(why.to_owned()), "{bad}");
+        }
     }
 }
