@@ -657,16 +657,27 @@ fn run(cli: Cli) -> Result<()> {
             name,
             exit_with_stdin,
         } => {
+            // Without --work-dir, the rank job files go to a folder of this process's own,
+            // removed when it exits.
+            let temporary = work_dir.is_none();
+            let work_dir = work_dir.unwrap_or_else(|| agent::default_work_dir(std::process::id()));
+            let cleanup = {
+                let dir = work_dir.clone();
+                move || {
+                    if temporary {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+            };
             if exit_with_stdin {
                 // Its training processes follow: their stdin closes with this process.
-                std::thread::spawn(|| {
+                let cleanup = cleanup.clone();
+                std::thread::spawn(move || {
                     let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                    cleanup();
                     std::process::exit(1);
                 });
             }
-            let work_dir = work_dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("kiln-worker-{}", std::process::id()))
-            });
             let options = AgentOptions {
                 target: conn.target(),
                 host,
@@ -679,8 +690,9 @@ fn run(cli: Cli) -> Result<()> {
             if nproc_per_node == 0 {
                 bail!("--nproc-per-node must be at least 1");
             }
-            runtime()?.block_on(agent::run_many(options, nproc_per_node))?;
-            Ok(())
+            let ran = runtime()?.block_on(agent::run_many(options, nproc_per_node));
+            cleanup();
+            Ok(ran?)
         }
         Command::Submit {
             job,

@@ -308,14 +308,25 @@ fn dp2_tp2_through_kiln_local_and_separate_processes() {
     let base = run(&single, 1);
 
     let local = twin(dir.path(), "local", 8, 2, "tp = 2", 12);
-    let out = kiln(&[
-        "local",
-        path_str(&local),
-        "--workers",
-        "4",
-        "--heartbeat-timeout-s",
-        "20",
-    ]);
+    // The worker processes' temporary folders go here, and must be gone when it returns.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "local",
+            path_str(&local),
+            "--workers",
+            "4",
+            "--heartbeat-timeout-s",
+            "20",
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "kiln local left {left:?} in its TMPDIR");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

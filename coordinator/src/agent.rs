@@ -84,6 +84,12 @@ struct Running {
     commit_sent: u64,
 }
 
+/// Where `kiln worker` process `pid` writes its ranks' job files when it is given no
+/// `--work-dir`: a folder of its own in the temporary directory, removed when it exits.
+pub fn default_work_dir(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-worker-{pid}"))
+}
+
 /// A free port on this host for the next ring: bound and released, so another process
 /// could take it in between; the ring then fails to listen and the generation restarts.
 fn free_addr(host: &str) -> String {

@@ -423,8 +423,22 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
             "interrupted; the workers are stopped, and {id} continues from its newest checkpoint when run again"
         ))),
     };
+    // Closing a worker's stdin stops it (`--exit-with-stdin`): it removes its temporary
+    // folder and exits. One that has not within 10 s is killed, and its folder removed here.
+    let pids: Vec<Option<u32>> = children.iter().map(|c| c.id()).collect();
     for c in &mut children {
-        let _ = c.kill().await;
+        drop(c.stdin.take());
+    }
+    for (c, pid) in children.iter_mut().zip(pids) {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+        if let Some(pid) = pid {
+            let _ = std::fs::remove_dir_all(crate::agent::default_work_dir(pid));
+        }
     }
     running.shutdown();
     outcome
