@@ -171,7 +171,8 @@ enum Command {
         /// Workers on this host (one per GPU).
         #[arg(long, default_value_t = 1)]
         nproc_per_node: usize,
-        /// Where job files go (default: a directory under the system's temporary one).
+        /// Where the ranks' job files go (default: `kiln-worker-PID` in the system's temporary
+        /// directory, removed when this process exits; a given directory is kept).
         #[arg(long)]
         work_dir: Option<PathBuf>,
         #[arg(long, default_value = "worker")]
