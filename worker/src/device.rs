@@ -77,6 +77,12 @@ pub fn measure_matmul_flops(device: Device, kind: Kind) -> f64 {
     })
 }
 
+/// A version packed as `major * 10000 + minor * 100 + patch` (NCCL's `ncclGetVersion`, and
+/// Kiln's reading of the libtorch headers) as people write it: `22809` -> `2.28.9`.
+pub fn dotted_version(v: i32) -> String {
+    format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100)
+}
+
 pub fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);

@@ -15,6 +15,7 @@ use tch::{Device, Kind};
 use crate::collective::nccl::{nccl_library, NcclComm};
 use crate::collective::{conformance, ProcessGroups};
 use crate::config::LlamaConfig;
+use crate::device::dotted_version;
 use crate::model::{DecayPolicy, Llama};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::parallel::{train_step, DataParallel};
@@ -145,7 +146,7 @@ pub fn run(kiln_version: &str) -> Report {
                 Status::Fail
             };
             let path = path.canonicalize().unwrap_or(path);
-            let value = format!("{} from {}", version_text(v), path.display());
+            let value = format!("{} from {}", dotted_version(v), path.display());
             if status == Status::Ok {
                 r.push("nccl", Status::Ok, value);
             } else {
@@ -347,11 +348,6 @@ fn device_name(device: Device) -> String {
     }
 }
 
-/// `22809` -> `2.28.9`.
-pub fn version_text(v: i32) -> String {
-    format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100)
-}
-
 fn flops_text(f: f64) -> String {
     if f >= 1e12 {
         format!("{:.1} TFLOP/s", f / 1e12)
@@ -366,8 +362,8 @@ mod tests {
 
     #[test]
     fn versions_read_as_people_write_them() {
-        assert_eq!(version_text(22809), "2.28.9");
-        assert_eq!(version_text(23001), "2.30.1");
+        assert_eq!(dotted_version(22809), "2.28.9");
+        assert_eq!(dotted_version(23001), "2.30.1");
     }
 
     #[test]

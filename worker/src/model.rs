@@ -914,6 +914,35 @@ mod tests {
         }
     }
 
+    /// A tiny model (tied or not) and a micro-batch of 2 x 16 tokens for it.
+    fn tape_case(tie: bool) -> (Llama, Tensor, Tensor) {
+        let model = tiny(tie);
+        tch::manual_seed(5);
+        let ids = Tensor::randint(97, [2, 17], (Kind::Int64, Device::Cpu));
+        let (inputs, targets) = (ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
+        (model, inputs, targets)
+    }
+
+    /// Each parameter's gradient of `loss` (one autograd graph), in entry order.
+    fn autograd_grads(model: &Llama, loss: &Tensor) -> Vec<Tensor> {
+        let views: Vec<Tensor> = model
+            .params
+            .entries()
+            .iter()
+            .map(|e| e.view.shallow_clone())
+            .collect();
+        let refs: Vec<&Tensor> = views.iter().collect();
+        Tensor::run_backward(&[loss], &refs, false, false)
+    }
+
+    /// The flat gradient the tape's backward writes; the model's buffer is zeroed after.
+    fn tape_grads(model: &Llama, tape: Tape) -> Tensor {
+        model.backward(tape, true, &mut |_| {}).unwrap();
+        let grads = model.params.grad.copy();
+        let _ = model.params.grad.shallow_clone().zero_();
+        grads
+    }
+
     /// The tape's backward under bf16 autocast gives the gradients of one autograd graph in
     /// bf16 (`Llama::loss` under autocast) and tracks fp32's, within what bf16's 8-bit
     /// mantissa allows through two blocks (relative Frobenius distance per parameter; bounds
@@ -923,26 +952,14 @@ mod tests {
     fn tape_gradients_in_bf16_match_autograd_in_bf16_and_track_fp32() {
         use crate::precision::autocast;
         for tie in [true, false] {
-            let model = tiny(tie);
-            tch::manual_seed(5);
-            let ids = Tensor::randint(97, [2, 17], (Kind::Int64, Device::Cpu));
-            let (inputs, targets) = (ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
-            let views: Vec<Tensor> = model
-                .params
-                .entries()
-                .iter()
-                .map(|e| e.view.shallow_clone())
-                .collect();
-            let refs: Vec<&Tensor> = views.iter().collect();
-            let fp32 = Tensor::run_backward(&[&model.loss(&inputs, &targets)], &refs, false, false);
+            let (model, inputs, targets) = tape_case(tie);
+            let fp32 = autograd_grads(&model, &model.loss(&inputs, &targets));
             let bf16_loss = autocast(true, Device::Cpu, || model.loss(&inputs, &targets));
-            let bf16 = Tensor::run_backward(&[&bf16_loss], &refs, false, false);
+            let bf16 = autograd_grads(&model, &bf16_loss);
             let tape = autocast(true, Device::Cpu, || {
                 model.forward_tape(&inputs, &targets, 1.0).unwrap()
             });
-            model.backward(tape, true, &mut |_| {}).unwrap();
-            let ours = model.params.grad.copy();
-            let _ = model.params.grad.shallow_clone().zero_();
+            let ours = tape_grads(&model, tape);
             for ((e, b), f) in model.params.entries().iter().zip(&bf16).zip(&fp32) {
                 let mine = ours.narrow(0, e.offset, e.numel).view_as(b);
                 let (to_bf16, to_fp32) = (rel(&mine, b), rel(&mine, f));
@@ -961,24 +978,12 @@ mod tests {
     #[test]
     fn tape_gradients_match_one_autograd_graph() {
         for tie in [true, false] {
-            let model = tiny(tie);
-            tch::manual_seed(5);
-            let ids = Tensor::randint(97, [2, 17], (Kind::Int64, Device::Cpu));
-            let (inputs, targets) = (ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
+            let (model, inputs, targets) = tape_case(tie);
             let tape = model.forward_tape(&inputs, &targets, 1.0).unwrap();
             let loss = model.loss(&inputs, &targets);
             assert!((tape.loss.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
-            model.backward(tape, true, &mut |_| {}).unwrap();
-            let ours = model.params.grad.copy();
-            let _ = model.params.grad.shallow_clone().zero_();
-            let views: Vec<Tensor> = model
-                .params
-                .entries()
-                .iter()
-                .map(|e| e.view.shallow_clone())
-                .collect();
-            let refs: Vec<&Tensor> = views.iter().collect();
-            let theirs = Tensor::run_backward(&[&loss], &refs, false, false);
+            let ours = tape_grads(&model, tape);
+            let theirs = autograd_grads(&model, &loss);
             for (e, g) in model.params.entries().iter().zip(&theirs) {
                 let mine = ours.narrow(0, e.offset, e.numel).view_as(g);
                 let d = max_diff(&mine, g);

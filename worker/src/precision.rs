@@ -179,7 +179,7 @@ pub fn torch_config() -> String {
 pub fn torch_build_version() -> Option<String> {
     // SAFETY: returns an integer computed from compile-time constants.
     let v = unsafe { kiln_torch_header_version() };
-    (v > 0).then(|| format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100))
+    (v > 0).then(|| crate::device::dotted_version(v))
 }
 
 /// One `KEY=value` of [`torch_config`]'s build settings (`TORCH_VERSION`, `CUDA_VERSION`,

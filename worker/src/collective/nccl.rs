@@ -595,7 +595,7 @@ impl fmt::Debug for NcclComm {
             .field("device", &self.device())
             .field(
                 "nccl",
-                &format_args!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+                &format_args!("{}", crate::device::dotted_version(v)),
             )
             .finish()
     }
