@@ -131,14 +131,14 @@ fn a_checkpoint_resumes_on_other_meshes() {
 
 /// Damages objects the way a failing disk or an interrupted copy would.
 struct Damage {
-    store: kiln_shard_loader::store::StoreLocation,
+    store: kiln_store::StoreLocation,
     rt: tokio::runtime::Runtime,
 }
 
 impl Damage {
     fn new(url: &str) -> Self {
         Damage {
-            store: kiln_shard_loader::store::open(url).unwrap(),
+            store: kiln_store::open(url).unwrap(),
             rt: tokio::runtime::Runtime::new().unwrap(),
         }
     }

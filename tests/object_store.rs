@@ -320,7 +320,7 @@ fn a_shard_lost_mid_run_names_the_shard_and_byte_range() {
     };
     let mut loader = ds.loader(SplitName::Train, options).unwrap();
     // The shard was there when the loader opened; it is gone when its bytes are needed.
-    let location = kiln_shard_loader::store::open(url).unwrap();
+    let location = kiln_store::open(url).unwrap();
     let shard = &ds.manifest().train.shards[0].path;
     use object_store::ObjectStoreExt;
     block_on(location.store.delete(&location.child(shard))).unwrap();

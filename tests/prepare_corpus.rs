@@ -140,7 +140,7 @@ fn inputs_and_output_in_s3_give_the_local_dataset() {
     write_corpus(&corpus);
     let prefix = format!("s3://kiln-test/corpus-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = kiln_shard_loader::store::open(&prefix).unwrap();
+    let store = kiln_store::open(&prefix).unwrap();
     for name in [
         "web/data/CC-1/000.parquet",
         "web/data/CC-2/001.parquet",

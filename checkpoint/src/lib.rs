@@ -15,7 +15,7 @@ pub use store::{CheckpointStore, Listed, ShardWriter, Verified};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error(transparent)]
-    Store(#[from] kiln_shard_loader::store::StoreError),
+    Store(#[from] kiln_store::StoreError),
     #[error("{object}: {message}")]
     Io { object: String, message: String },
     #[error("{checkpoint} has no manifest: it was never committed")]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::stream::{StreamExt, TryStreamExt};
-use kiln_shard_loader::store::{self, StoreLocation};
+use kiln_store::{self as store, StoreLocation};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 

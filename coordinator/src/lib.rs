@@ -11,12 +11,10 @@
 //! - [`observe`]: job-level metrics (Prometheus endpoint, OTLP) and recovery spans.
 //! - [`ops`]: the client commands (`kiln submit`, `status`, `scale`, `stop`, `logs`,
 //!   `local`).
-//! - [`report`]: `kiln report`, an HTML page of a run's metrics log.
 
 pub mod agent;
 pub mod machine;
 pub mod observe;
 pub mod ops;
-pub mod report;
 pub mod service;
 pub mod state;

@@ -9,7 +9,7 @@
 //! deleted.
 
 use futures::TryStreamExt;
-use kiln_shard_loader::store::{self, StoreLocation};
+use kiln_store::{self as store, StoreLocation};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 

@@ -309,7 +309,7 @@ impl JobConfig {
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = lexical_join(base, p);
+                *p = crate::path::lexical_join(base, p);
             }
         };
         let resolve_url = |url: &mut String| {
@@ -548,30 +548,6 @@ impl JobConfig {
     }
 }
 
-/// `base/rel` with `.` and `name/..` pairs removed, without touching the file system, so
-/// that `jobs/../runs/x` reads `runs/x` in messages.
-fn lexical_join(base: &Path, rel: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in base.join(rel).components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => match out.components().next_back() {
-                Some(Component::Normal(_)) => {
-                    out.pop();
-                }
-                Some(Component::RootDir) => {}
-                _ => out.push(".."),
-            },
-            other => out.push(other),
-        }
-    }
-    if out.as_os_str().is_empty() {
-        out.push(".");
-    }
-    out
-}
-
 /// Renders a TOML error as "line L, column C: what", so the user can find it without the
 /// multi-line snippet the toml crate prints.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -673,26 +649,6 @@ dir = "out"
         assert!(
             err.contains("optimizer.schedule: expected cosine, linear or constant"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn lexical_join_drops_dot_and_dot_dot() {
-        assert_eq!(
-            lexical_join(Path::new("jobs"), Path::new("../runs/./x")),
-            PathBuf::from("runs/x")
-        );
-        assert_eq!(
-            lexical_join(Path::new("/a/b"), Path::new("../../../c")),
-            PathBuf::from("/c")
-        );
-        assert_eq!(
-            lexical_join(Path::new(""), Path::new("x")),
-            PathBuf::from("x")
-        );
-        assert_eq!(
-            lexical_join(Path::new(".."), Path::new("../x")),
-            PathBuf::from("../../x")
         );
     }
 

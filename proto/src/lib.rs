@@ -3,6 +3,8 @@
 //! - [`job`]: the TOML job file a user writes (`kiln train JOB.toml`), parsed and validated
 //!   before any work starts.
 //! - [`manifest`]: the JSON manifest that describes a tokenized dataset of Parquet shards.
+//! - [`path`]: the one lexical path normalizer (`.` and `..` without the file system);
+//!   [`json`]: how messages name JSON values.
 //! - [`rpc`]: the coordinator's gRPC service (`proto/kiln.proto`), generated at build time
 //!   without `protoc`; [`control`]: its messages as checked Kiln types; [`client`]: how a
 //!   worker or a client connects (token, TLS).
@@ -13,7 +15,9 @@
 pub mod client;
 pub mod control;
 pub mod job;
+pub mod json;
 pub mod manifest;
+pub mod path;
 
 /// The generated gRPC types and services. Only the coordinator's service and the clients
 /// touch them; everything else uses [`control`].

@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::loader::{LoaderOptions, StreamingLoader};
 use crate::shard::{read_parquet, ShardError};
-use crate::store::{self, StoreError, StoreLocation};
 use crate::tokenizer::hex;
+use kiln_store::{self as store, StoreError, StoreLocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {

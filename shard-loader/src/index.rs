@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::DatasetError;
 use crate::shard::{decode_reader, row_group_range, ShardError};
-use crate::store::{self, StoreLocation};
 use crate::tokenizer::hex;
+use kiln_store::{self as store, StoreLocation};
 
 #[derive(Debug, Clone)]
 pub struct IndexOptions {

@@ -4,7 +4,6 @@
 //!   offline, or a local Hugging Face `tokenizer.json`).
 //! - [`prepare`]: text or JSONL files to Parquet token shards plus a manifest.
 //! - [`shard`]: the shard schema, its writer and its checked reader.
-//! - [`store`]: object stores by URL (local directory, S3, Azure, GCS, in-memory).
 //! - [`order`]: the global sample order, a pure function of block sizes, sequence length
 //!   and seed; rank slices, the resume cursor and the data ledger.
 //! - [`loader`]: the streaming loader: row groups fetched by byte range, decoded off the IO
@@ -23,7 +22,6 @@ pub mod mixture;
 pub mod order;
 pub mod prepare;
 pub mod shard;
-pub mod store;
 pub mod tokenizer;
 
 mod rng;

@@ -32,8 +32,8 @@ use tokio::sync::{OnceCell, Semaphore};
 use crate::dataset::{Batch, SplitName};
 use crate::order::{sample_hash, GlobalOrder};
 use crate::shard::{decode_reader, row_group_range, ShardError};
-use crate::store::StoreLocation;
 use crate::tokenizer::hex;
+use kiln_store::StoreLocation;
 
 /// How a loader reads.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@
 //! - [`hf`]: Hugging Face checkpoint directories in and out.
 //! - [`train`]: the single-process training loop of `kiln train`.
 //! - [`supervised`]: a training process run by `kiln worker`'s agent, over stdin/stdout.
+//! - [`meta`]: `kiln.json` beside a model's weights; the model-vs-dataset vocabulary check.
 //! - [`metrics`]: a rank's OpenTelemetry metrics, from the loop's events.
 //! - [`generate`] and [`eval`]: sampling text and measuring loss.
 //!
@@ -28,6 +29,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod hf;
+pub mod meta;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -29,7 +29,7 @@ use parquet::arrow::ProjectionMask;
 use tokio::runtime::Handle;
 
 use super::PrepareError;
-use crate::store::{self, StoreLocation};
+use kiln_store::{self as store, StoreLocation};
 
 /// How a file's documents are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,7 +403,7 @@ fn read_jsonl(
                 },
                 Some(other) => bad(format!(
                     "field {text_key:?} is {}, expected a string",
-                    super::json_kind(other)
+                    kiln_proto::json::kind(other)
                 )),
                 None => bad(format!("no field {text_key:?}")),
             },

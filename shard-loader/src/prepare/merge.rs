@@ -25,8 +25,8 @@ use tokio::runtime::Handle;
 use super::input::InputFile;
 use super::{Dedup, PrepareError, PrepareOptions};
 use crate::shard::{self, ShardTokens, ShardWriter};
-use crate::store::{self, StoreLocation};
 use crate::tokenizer::{hex, Tokenizer};
+use kiln_store::{self as store, StoreLocation};
 
 pub(crate) const PLAN: &str = "parts/plan.json";
 pub(crate) const LOCK: &str = "parts/merge.lock";

@@ -35,8 +35,8 @@ use kiln_proto::manifest::{self, Manifest};
 use sha2::{Digest, Sha256};
 
 use crate::shard::ShardError;
-use crate::store::{self, StoreError};
 use crate::tokenizer::{hex, Tokenizer, TokenizerError};
+use kiln_store::{self as store, StoreError};
 
 pub use merge::merge;
 
@@ -200,18 +200,6 @@ pub struct PrepareSummary {
     pub manifest: Option<Manifest>,
     /// Why the merge was left to another part or to `kiln data merge`.
     pub merge_note: Option<String>,
-}
-
-/// What a JSON value is, for error messages: "a string", "an array", ...
-pub fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// A dataset's identity: the SHA-256 of its manifest (which holds every shard's checksum).

@@ -230,7 +230,7 @@ fn bad_documents_stop_the_run_or_are_counted() {
 #[test]
 fn inputs_in_a_store_by_prefix_and_glob() {
     let rt = runtime().unwrap();
-    let loc = crate::store::open("memory://prep-inputs").unwrap();
+    let loc = kiln_store::open("memory://prep-inputs").unwrap();
     let put = |name: &str, body: String| {
         use object_store::ObjectStoreExt;
         rt.block_on(loc.store.put(&loc.child(name), body.into_bytes().into()))
@@ -285,7 +285,7 @@ fn parts_and_dedup_into_a_store_give_the_local_dataset() {
     TokenDataset::open(url).unwrap().verify().unwrap();
     // The merge lock (a conditional put here) is released, the hashes are gone.
     let rt = runtime().unwrap();
-    let loc = crate::store::open(url).unwrap();
+    let loc = kiln_store::open(url).unwrap();
     let io = merge::Io::new(&loc, rt.handle());
     assert!(!io.exists(merge::LOCK).unwrap());
     assert!(!io.exists(&merge::hashes_name(0)).unwrap());

@@ -16,7 +16,7 @@ pub mod plot;
 use std::path::{Path, PathBuf};
 
 use kiln_proto::job::{JobConfig, JobError};
-use kiln_shard_loader::store::{self, StoreError};
+use kiln_store::{self as store, StoreError};
 use object_store::ObjectStoreExt;
 
 pub use log::{ParseError, RunLog};

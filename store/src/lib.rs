@@ -1,4 +1,4 @@
-//! Object stores by URL: where datasets live.
+//! Object stores by URL: where datasets, checkpoints and the coordinator's state live.
 //!
 //! | URL | store |
 //! |---|---|
@@ -178,7 +178,7 @@ fn open_local(url: &str, dir: &std::path::Path) -> Result<StoreLocation, StoreEr
             })?
             .join(dir)
     };
-    let abs = normalize(&abs);
+    let abs = kiln_proto::path::normalize(&abs);
     let prefix = Path::from_absolute_path(&abs).map_err(|e| StoreError::Url {
         url: url.to_owned(),
         message: e.to_string(),
@@ -189,22 +189,6 @@ fn open_local(url: &str, dir: &std::path::Path) -> Result<StoreLocation, StoreEr
         url: url.to_owned(),
         local_dir: Some(abs),
     })
-}
-
-/// Removes `.` and `name/..` without touching the file system.
-fn normalize(p: &std::path::Path) -> std::path::PathBuf {
-    use std::path::Component;
-    let mut out = std::path::PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_shard_loader::prepare::json_kind;
+use kiln_proto::json::kind as json_kind;
 use serde::Deserialize;
 
 /// The run's configuration, from its `start` event.
