@@ -12,7 +12,9 @@ use serde_json::Value;
 fn reaches() -> BTreeMap<String, BTreeSet<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
+        // The host's dependencies only: those are the ones a build here downloaded.
         .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", env!("KILN_HOST_TARGET")])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
