@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The coordinator under load on 127.0.0.1 (benches/coordinator.rs): a coordinator on its own
+# The coordinator under load on 127.0.0.1 (benches/coordinator/main.rs): a coordinator on its own
 # 2-thread tokio runtime and thousands of simulated workers on another runtime of the same
 # process, over a few shared HTTP/2 connections. Measures heartbeat throughput (back to
 # back) and latency (every heartbeat interval, as the agents send them) for each worker

@@ -1,4 +1,4 @@
-"""The peer of benches/coordinator.rs's rendezvous: a barrier of N clients on PyTorch's
+"""The peer of benches/coordinator/main.rs's rendezvous: a barrier of N clients on PyTorch's
 TCPStore (the store under torch.distributed's env:// and c10d elastic rendezvous), in one
 process on 127.0.0.1, one thread per client, each its own connection (libuv server).
 

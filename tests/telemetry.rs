@@ -82,18 +82,9 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     let out = finished(kiln_local(&job, &env, &[]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("completed"), "{stdout}");
-    // The metrics log is also in the store, beside the checkpoints, whole.
-    let local_log = std::fs::read_to_string(output_dir(&job).join("metrics.jsonl")).unwrap();
-    let stored_log =
-        std::fs::read_to_string(output_dir(&job).join("checkpoints/metrics.jsonl")).unwrap();
-    assert_eq!(stored_log, local_log);
-    assert!(local_log.contains("\"type\":\"saved\""));
+    check_stored_metrics_log(&job);
 
     // Both ranks and the coordinator flush at exit.
-    let is_rank = |r: &HashMap<String, String>, rank: &str| {
-        r.get("service.name").map(String::as_str) == Some("kiln-train")
-            && r.get(names::RANK).map(String::as_str) == Some(rank)
-    };
     let steps_of = |rec: &otlp::Receiver, rank: &str| {
         last_values(&rec.points(), |r| is_rank(r, rank))
             .get(&(names::TRAIN_STEPS.name.to_string(), String::new()))
@@ -103,8 +94,32 @@ fn otlp_metrics_and_spans_from_a_real_job() {
         steps_of(rec, "0") == Some(8.0) && steps_of(rec, "1") == Some(8.0)
     });
     let points = receiver.points();
+    let job_id = check_resource_attributes(&points);
+    for rank in ["0", "1"] {
+        check_rank_metrics(&points, rank);
+    }
+    check_job_metrics(&points, &job_id);
+    check_spans(&receiver);
+}
 
-    // Resource attributes: job, rank, generation, node, device, and the user's own.
+/// Whether a resource is training rank `rank`.
+fn is_rank(r: &HashMap<String, String>, rank: &str) -> bool {
+    r.get("service.name").map(String::as_str) == Some("kiln-train")
+        && r.get(names::RANK).map(String::as_str) == Some(rank)
+}
+
+/// The metrics log is also in the store, beside the checkpoints, whole.
+fn check_stored_metrics_log(job: &Path) {
+    let local_log = std::fs::read_to_string(output_dir(job).join("metrics.jsonl")).unwrap();
+    let stored_log =
+        std::fs::read_to_string(output_dir(job).join("checkpoints/metrics.jsonl")).unwrap();
+    assert_eq!(stored_log, local_log);
+    assert!(local_log.contains("\"type\":\"saved\""));
+}
+
+/// Resource attributes: job, rank, generation, node, device, and the user's own. Returns
+/// the job's id.
+fn check_resource_attributes(points: &[otlp::Point]) -> String {
     let rank0 = points
         .iter()
         .find(|p| is_rank(&p.resource, "0"))
@@ -118,66 +133,69 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     assert!(!rank0[names::HOST].is_empty());
     assert_eq!(rank0["deployment.environment"], "test");
     assert_eq!(rank0["service.namespace"], "kiln-tests");
+    job_id
+}
 
-    // Every rank metric, from both ranks, with plausible values.
-    for rank in ["0", "1"] {
-        let v = last_values(&points, |r| is_rank(r, rank));
-        let get = |m: &names::Metric| {
-            *v.get(&(m.name.to_string(), String::new()))
-                .unwrap_or_else(|| panic!("rank {rank} sent no {}; got {v:?}", m.name))
-        };
-        for m in names::METRICS.iter().filter(|m| m.source == Source::Rank) {
-            assert!(
-                v.keys().any(|(name, _)| name == m.name),
-                "rank {rank} sent no {}",
-                m.name
-            );
-        }
-        let loss = get(&names::TRAIN_LOSS);
-        assert!(loss > 3.0 && loss < 12.0, "loss {loss}");
-        let val = get(&names::TRAIN_VALIDATION_LOSS);
-        assert!(val > 3.0 && val < 12.0, "validation loss {val}");
-        assert!(get(&names::TRAIN_THROUGHPUT) > 0.0);
-        let unit = points
-            .iter()
-            .find(|p| p.name == names::TRAIN_THROUGHPUT.name)
-            .map(|p| p.unit.as_str());
-        assert_eq!(unit, Some("{token}/s"));
-        let mfu = get(&names::TRAIN_MFU);
-        assert!(mfu > 0.0 && mfu <= 1.0, "mfu {mfu}");
-        assert!(get(&names::TRAIN_GRAD_NORM) > 0.0);
-        assert!(get(&names::TRAIN_LEARNING_RATE) > 0.0);
-        assert_eq!(get(&names::TRAIN_STEP), 8.0);
-        // 8 steps x 8 sequences x 64 tokens, half on each data-parallel rank.
-        assert_eq!(get(&names::TRAIN_TOKENS), (8 * 8 * 64 / 2) as f64);
-        assert!(get(&names::TRAIN_STEP_DURATION) > 0.0);
-        assert_eq!(get(&names::CHECKPOINT_SAVES), 2.0);
-        assert!(get(&names::CHECKPOINT_SIZE) > 100_000.0);
-        // The step time by phase: all six, forward and backward took time.
-        let phases: BTreeMap<String, f64> = v
-            .iter()
-            .filter(|((name, _), _)| name == names::TRAIN_PHASE_DURATION.name)
-            .map(|((_, attrs), value)| (attrs.clone(), *value))
-            .collect();
-        assert_eq!(phases.len(), 6, "{phases:?}");
-        for phase in names::PHASES {
-            let s = phases[&format!("{}={phase}", names::PHASE)];
-            assert!(s >= 0.0, "{phase}: {s}");
-        }
-        assert!(phases[&format!("{}=forward", names::PHASE)] > 0.0);
-        assert!(phases[&format!("{}=backward", names::PHASE)] > 0.0);
-        // Two saves: a histogram with two samples.
-        let save = points
-            .iter()
-            .rev()
-            .find(|p| is_rank(&p.resource, rank) && p.name == names::CHECKPOINT_SAVE_DURATION.name)
-            .unwrap();
-        assert_eq!(save.count, Some(2));
-        assert!(save.value > 0.0);
+/// Every rank metric, from rank `rank`, with plausible values.
+fn check_rank_metrics(points: &[otlp::Point], rank: &str) {
+    let v = last_values(points, |r| is_rank(r, rank));
+    let get = |m: &names::Metric| {
+        *v.get(&(m.name.to_string(), String::new()))
+            .unwrap_or_else(|| panic!("rank {rank} sent no {}; got {v:?}", m.name))
+    };
+    for m in names::METRICS.iter().filter(|m| m.source == Source::Rank) {
+        assert!(
+            v.keys().any(|(name, _)| name == m.name),
+            "rank {rank} sent no {}",
+            m.name
+        );
     }
+    let loss = get(&names::TRAIN_LOSS);
+    assert!(loss > 3.0 && loss < 12.0, "loss {loss}");
+    let val = get(&names::TRAIN_VALIDATION_LOSS);
+    assert!(val > 3.0 && val < 12.0, "validation loss {val}");
+    assert!(get(&names::TRAIN_THROUGHPUT) > 0.0);
+    let unit = points
+        .iter()
+        .find(|p| p.name == names::TRAIN_THROUGHPUT.name)
+        .map(|p| p.unit.as_str());
+    assert_eq!(unit, Some("{token}/s"));
+    let mfu = get(&names::TRAIN_MFU);
+    assert!(mfu > 0.0 && mfu <= 1.0, "mfu {mfu}");
+    assert!(get(&names::TRAIN_GRAD_NORM) > 0.0);
+    assert!(get(&names::TRAIN_LEARNING_RATE) > 0.0);
+    assert_eq!(get(&names::TRAIN_STEP), 8.0);
+    // 8 steps x 8 sequences x 64 tokens, half on each data-parallel rank.
+    assert_eq!(get(&names::TRAIN_TOKENS), (8 * 8 * 64 / 2) as f64);
+    assert!(get(&names::TRAIN_STEP_DURATION) > 0.0);
+    assert_eq!(get(&names::CHECKPOINT_SAVES), 2.0);
+    assert!(get(&names::CHECKPOINT_SIZE) > 100_000.0);
+    // The step time by phase: all six, forward and backward took time.
+    let phases: BTreeMap<String, f64> = v
+        .iter()
+        .filter(|((name, _), _)| name == names::TRAIN_PHASE_DURATION.name)
+        .map(|((_, attrs), value)| (attrs.clone(), *value))
+        .collect();
+    assert_eq!(phases.len(), 6, "{phases:?}");
+    for phase in names::PHASES {
+        let s = phases[&format!("{}={phase}", names::PHASE)];
+        assert!(s >= 0.0, "{phase}: {s}");
+    }
+    assert!(phases[&format!("{}=forward", names::PHASE)] > 0.0);
+    assert!(phases[&format!("{}=backward", names::PHASE)] > 0.0);
+    // Two saves: a histogram with two samples.
+    let save = points
+        .iter()
+        .rev()
+        .find(|p| is_rank(&p.resource, rank) && p.name == names::CHECKPOINT_SAVE_DURATION.name)
+        .unwrap();
+    assert_eq!(save.count, Some(2));
+    assert!(save.value > 0.0);
+}
 
-    // The coordinator's job-level metrics name the job.
-    let coordinator = last_values(&points, |r| {
+/// The coordinator's job-level metrics name the job.
+fn check_job_metrics(points: &[otlp::Point], job_id: &str) {
+    let coordinator = last_values(points, |r| {
         r.get("service.name").map(String::as_str) == Some("kiln-coordinator")
     });
     let job_attr = format!("{}={job_id}", names::JOB_ID);
@@ -198,9 +216,12 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     assert!(points
         .iter()
         .any(|p| p.name == names::JOB_THROUGHPUT.name && p.value > 0.0));
+}
 
-    // Traces: a span per step on each rank, with a child per phase.
-    wait_for(&receiver, "the spans of 8 steps on both ranks", |rec| {
+/// Traces: a span per step on each rank, with a child per phase; nothing from the libraries
+/// underneath.
+fn check_spans(receiver: &otlp::Receiver) {
+    wait_for(receiver, "the spans of 8 steps on both ranks", |rec| {
         let spans = rec.spans();
         ["0", "1"].iter().all(|rank| {
             spans
@@ -212,52 +233,7 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     });
     let spans = receiver.spans();
     for rank in ["0", "1"] {
-        let mine: Vec<_> = spans
-            .iter()
-            .filter(|s| is_rank(&s.resource, rank))
-            .collect();
-        let steps: BTreeMap<String, &otlp::Span> = mine
-            .iter()
-            .filter(|s| s.name == "step")
-            .map(|s| (s.attributes["kiln.step"].clone(), *s))
-            .collect();
-        assert_eq!(
-            steps.keys().cloned().collect::<BTreeSet<_>>(),
-            (1..=8).map(|s| s.to_string()).collect::<BTreeSet<_>>()
-        );
-        for step in steps.values() {
-            let children: BTreeSet<&str> = mine
-                .iter()
-                .filter(|s| s.parent_span_id == step.span_id && s.trace_id == step.trace_id)
-                .map(|s| s.name.as_str())
-                .collect();
-            for phase in ["data", "forward", "backward", "collective", "optimizer"] {
-                assert!(
-                    children.contains(phase),
-                    "step {:?}: {children:?}",
-                    step.attributes
-                );
-            }
-            assert!(step.end_ns > step.start_ns);
-        }
-        // One span per checkpoint save, under the snapshot of the step that started it,
-        // with its size.
-        let saves: Vec<_> = mine
-            .iter()
-            .filter(|s| s.name == "checkpoint.save")
-            .collect();
-        assert_eq!(saves.len(), 2, "rank {rank}");
-        for save in saves {
-            let step = &steps[&save.attributes["kiln.step"]];
-            let snapshot = mine
-                .iter()
-                .find(|s| s.span_id == save.parent_span_id)
-                .expect("the save's parent span");
-            assert_eq!(snapshot.name, "checkpoint.snapshot");
-            assert_eq!(snapshot.parent_span_id, step.span_id);
-            assert!(save.attributes["kiln.bytes"].parse::<u64>().unwrap() > 100_000);
-        }
-        assert_eq!(mine.iter().filter(|s| s.name == "evaluate").count(), 2);
+        check_rank_spans(&spans, rank);
     }
     // Nothing from the libraries underneath (h2, tonic, hyper, tower).
     assert!(
@@ -269,7 +245,57 @@ fn otlp_metrics_and_spans_from_a_real_job() {
     );
 }
 
-/// Minimal HTTP GET on loopback; returns the body.
+/// Rank `rank`'s spans: steps 1 to 8, each with its phases as children; one span per
+/// checkpoint save, under the snapshot of the step that started it; two evaluations.
+fn check_rank_spans(spans: &[otlp::Span], rank: &str) {
+    let mine: Vec<_> = spans
+        .iter()
+        .filter(|s| is_rank(&s.resource, rank))
+        .collect();
+    let steps: BTreeMap<String, &otlp::Span> = mine
+        .iter()
+        .filter(|s| s.name == "step")
+        .map(|s| (s.attributes["kiln.step"].clone(), *s))
+        .collect();
+    assert_eq!(
+        steps.keys().cloned().collect::<BTreeSet<_>>(),
+        (1..=8).map(|s| s.to_string()).collect::<BTreeSet<_>>()
+    );
+    for step in steps.values() {
+        let children: BTreeSet<&str> = mine
+            .iter()
+            .filter(|s| s.parent_span_id == step.span_id && s.trace_id == step.trace_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        for phase in ["data", "forward", "backward", "collective", "optimizer"] {
+            assert!(
+                children.contains(phase),
+                "step {:?}: {children:?}",
+                step.attributes
+            );
+        }
+        assert!(step.end_ns > step.start_ns);
+    }
+    // One span per checkpoint save, under the snapshot of the step that started it,
+    // with its size.
+    let saves: Vec<_> = mine
+        .iter()
+        .filter(|s| s.name == "checkpoint.save")
+        .collect();
+    assert_eq!(saves.len(), 2, "rank {rank}");
+    for save in saves {
+        let step = &steps[&save.attributes["kiln.step"]];
+        let snapshot = mine
+            .iter()
+            .find(|s| s.span_id == save.parent_span_id)
+            .expect("the save's parent span");
+        assert_eq!(snapshot.name, "checkpoint.snapshot");
+        assert_eq!(snapshot.parent_span_id, step.span_id);
+        assert!(save.attributes["kiln.bytes"].parse::<u64>().unwrap() > 100_000);
+    }
+    assert_eq!(mine.iter().filter(|s| s.name == "evaluate").count(), 2);
+}
+
 fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

@@ -365,17 +365,26 @@ impl JobConfig {
             .then(|| self.train.batch_size / per_pass)
     }
 
-    /// Checks values against each other; `path` only names the file in errors.
+    /// Checks values against each other; `path` only names the file in errors. The checks
+    /// run in this order, and the first that fails is the one reported.
     pub fn validate(&self, path: &Path) -> Result<(), JobError> {
-        let fail = |key: &'static str, message: String| {
-            Err(JobError::Invalid {
+        self.check_batch()
+            .and_then(|()| self.checkpoint.check())
+            .and_then(|()| self.parallel.check())
+            .and_then(|()| self.train.check_schedule())
+            .and_then(|()| self.data.check())
+            .and_then(|()| self.train.check_runtime())
+            .and_then(|()| self.optimizer.check())
+            .map_err(|(key, message)| JobError::Invalid {
                 path: path.to_owned(),
                 key,
                 message,
             })
-        };
+    }
+
+    /// Sequence length, batch and micro-batch.
+    fn check_batch(&self) -> Check {
         let t = &self.train;
-        let o = &self.optimizer;
         if t.seq_len < 2 {
             return fail(
                 "train.seq_len",
@@ -395,62 +404,126 @@ impl JobConfig {
                 format!("must divide train.batch_size ({}), got {mb}", t.batch_size),
             );
         }
-        let c = &self.checkpoint;
-        if c.every < 0 {
+        Ok(())
+    }
+}
+
+/// A failed check: the key at fault and what is wrong with it.
+type Check = Result<(), (&'static str, String)>;
+
+fn fail(key: &'static str, message: String) -> Check {
+    Err((key, message))
+}
+
+impl CheckpointSpec {
+    /// How often checkpoints are written and how many are kept.
+    fn check(&self) -> Check {
+        if self.every < 0 {
             return fail(
                 "checkpoint.every",
-                format!("must be 0 (never) or a number of steps, got {}", c.every),
+                format!("must be 0 (never) or a number of steps, got {}", self.every),
             );
         }
-        if c.keep_every < 0 {
+        if self.keep_every < 0 {
             return fail(
                 "checkpoint.keep_every",
                 format!(
                     "must be 0 (none) or a number of steps, got {}",
-                    c.keep_every
+                    self.keep_every
                 ),
             );
         }
-        if c.keep_last < 1 {
+        if self.keep_last < 1 {
             return fail(
                 "checkpoint.keep_last",
                 "must be at least 1: resuming needs the newest checkpoint".into(),
             );
         }
-        if self.parallel.tp < 1 {
+        Ok(())
+    }
+}
+
+impl ParallelSpec {
+    /// The tensor-parallel size and the gradient buckets.
+    fn check(&self) -> Check {
+        if self.tp < 1 {
             return fail("parallel.tp", "must be at least 1".into());
         }
-        if !(self.parallel.bucket_mb.is_finite() && self.parallel.bucket_mb > 0.0) {
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
             return fail(
                 "parallel.bucket_mb",
-                format!("must be positive, got {}", self.parallel.bucket_mb),
+                format!("must be positive, got {}", self.bucket_mb),
             );
         }
-        if t.steps < 1 {
+        Ok(())
+    }
+}
+
+impl TrainSpec {
+    /// Steps, logging, the MFU peak and evaluation.
+    fn check_schedule(&self) -> Check {
+        if self.steps < 1 {
             return fail(
                 "train.steps",
-                format!("must be at least 1, got {}", t.steps),
+                format!("must be at least 1, got {}", self.steps),
             );
         }
-        if t.log_every < 1 {
+        if self.log_every < 1 {
             return fail(
                 "train.log_every",
-                format!("must be at least 1, got {}", t.log_every),
+                format!("must be at least 1, got {}", self.log_every),
             );
         }
-        if let Some(p) = t.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        if let Some(p) = self.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
             return fail(
                 "train.peak_tflops",
                 format!("must be a positive number of TFLOP/s, got {p}"),
             );
         }
-        if t.eval_every < 0 || t.eval_batches < 1 {
+        if self.eval_every < 0 || self.eval_batches < 1 {
             return fail(
                 "train.eval_every",
                 "eval_every must be >= 0 and eval_batches >= 1".into(),
             );
         }
-        match (&self.data.path, self.data.sources.len()) {
+        Ok(())
+    }
+
+    /// Threads, precision and device.
+    fn check_runtime(&self) -> Check {
+        if self.threads < 0 {
+            return fail(
+                "train.threads",
+                format!("must be >= 0, got {}", self.threads),
+            );
+        }
+        if !matches!(self.precision.as_str(), "auto" | "fp32" | "bf16") {
+            return fail(
+                "train.precision",
+                format!("expected auto, fp32 or bf16, got {:?}", self.precision),
+            );
+        }
+        let device_ok = self.device == "auto"
+            || self.device == "cpu"
+            || self.device == "cuda"
+            || self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            return fail(
+                "train.device",
+                format!("expected auto, cpu, cuda or cuda:N, got {:?}", self.device),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl DataSpec {
+    /// One dataset or weighted sources, and the loader's memory.
+    fn check(&self) -> Check {
+        match (&self.path, self.sources.len()) {
             (Some(_), 0) => {}
             (None, 0) => return fail("data", "give data.path or [[data.sources]]".into()),
             (Some(_), _) => {
@@ -461,7 +534,6 @@ impl JobConfig {
             }
             (None, _) => {
                 if let Some(s) = self
-                    .data
                     .sources
                     .iter()
                     .find(|s| !(s.weight.is_finite() && s.weight > 0.0))
@@ -473,75 +545,70 @@ impl JobConfig {
                 }
             }
         }
-        if self.data.memory_cap_mb < 1 || self.data.shuffle_window < 1 {
+        if self.memory_cap_mb < 1 || self.shuffle_window < 1 {
             return fail(
                 "data.memory_cap_mb",
                 "memory_cap_mb and shuffle_window must be at least 1".into(),
             );
         }
-        if t.threads < 0 {
-            return fail("train.threads", format!("must be >= 0, got {}", t.threads));
-        }
-        if !matches!(t.precision.as_str(), "auto" | "fp32" | "bf16") {
-            return fail(
-                "train.precision",
-                format!("expected auto, fp32 or bf16, got {:?}", t.precision),
-            );
-        }
-        let device_ok = t.device == "auto"
-            || t.device == "cpu"
-            || t.device == "cuda"
-            || t.device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
-        if !device_ok {
-            return fail(
-                "train.device",
-                format!("expected auto, cpu, cuda or cuda:N, got {:?}", t.device),
-            );
-        }
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
+        Ok(())
+    }
+}
+
+impl OptimizerSpec {
+    /// The learning-rate schedule and AdamW's hyperparameters.
+    fn check(&self) -> Check {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
             return fail(
                 "optimizer.lr",
-                format!("must be a positive number, got {}", o.lr),
+                format!("must be a positive number, got {}", self.lr),
             );
         }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return fail(
                 "optimizer.min_lr_ratio",
-                format!("must be in [0, 1], got {}", o.min_lr_ratio),
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
             );
         }
-        if o.warmup_steps < 0 {
+        if self.warmup_steps < 0 {
             return fail(
                 "optimizer.warmup_steps",
-                format!("must be >= 0, got {}", o.warmup_steps),
+                format!("must be >= 0, got {}", self.warmup_steps),
             );
         }
-        if !matches!(o.schedule.as_str(), "cosine" | "linear" | "constant") {
+        if !matches!(self.schedule.as_str(), "cosine" | "linear" | "constant") {
             return fail(
                 "optimizer.schedule",
-                format!("expected cosine, linear or constant, got {:?}", o.schedule),
+                format!(
+                    "expected cosine, linear or constant, got {:?}",
+                    self.schedule
+                ),
             );
         }
-        for (key, b) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+        for (key, b) in [
+            ("optimizer.beta1", self.beta1),
+            ("optimizer.beta2", self.beta2),
+        ] {
             if !(0.0..1.0).contains(&b) {
                 return fail(key, format!("must be in [0, 1), got {b}"));
             }
         }
-        if o.eps.is_nan() || o.eps <= 0.0 {
-            return fail("optimizer.eps", format!("must be positive, got {}", o.eps));
-        }
-        if o.weight_decay < 0.0 {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return fail(
-                "optimizer.weight_decay",
-                format!("must be >= 0, got {}", o.weight_decay),
+                "optimizer.eps",
+                format!("must be positive, got {}", self.eps),
             );
         }
-        if o.grad_clip < 0.0 {
+        if self.weight_decay < 0.0 {
+            return fail(
+                "optimizer.weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            );
+        }
+        if self.grad_clip < 0.0 {
             return fail(
                 "optimizer.grad_clip",
-                format!("must be >= 0 (0 disables), got {}", o.grad_clip),
+                format!("must be >= 0 (0 disables), got {}", self.grad_clip),
             );
         }
         Ok(())

@@ -1,0 +1,78 @@
+//! The bench's command line.
+
+use std::time::Duration;
+
+use crate::Error;
+
+pub struct Args {
+    pub workers: Vec<usize>,
+    pub connections: usize,
+    pub window: Duration,
+    pub warmup: Duration,
+    pub modes: Vec<String>,
+    pub rendezvous_workers: Vec<usize>,
+    pub rendezvous_intervals_ms: Vec<u64>,
+    pub rounds: usize,
+    pub client_threads: usize,
+    pub heartbeat: bool,
+    pub rendezvous: bool,
+}
+
+pub fn list<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Vec<T>, Error> {
+    value
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| format!("{flag}: cannot read {s:?}").into())
+        })
+        .collect()
+}
+
+pub fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        workers: vec![1000, 2000, 4000],
+        connections: 32,
+        window: Duration::from_secs(10),
+        warmup: Duration::from_secs(3),
+        modes: vec!["idle".into(), "running".into()],
+        rendezvous_workers: vec![1000],
+        rendezvous_intervals_ms: vec![1000, 200],
+        rounds: 3,
+        client_threads: 2,
+        heartbeat: true,
+        rendezvous: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "--workers" => a.workers = list(&flag, &value()?)?,
+            "--connections" => a.connections = value()?.parse()?,
+            "--window" => a.window = Duration::from_secs_f64(value()?.parse()?),
+            "--warmup" => a.warmup = Duration::from_secs_f64(value()?.parse()?),
+            "--modes" => a.modes = list(&flag, &value()?)?,
+            "--rendezvous-workers" => a.rendezvous_workers = list(&flag, &value()?)?,
+            "--rendezvous-intervals" => a.rendezvous_intervals_ms = list(&flag, &value()?)?,
+            "--rounds" => a.rounds = value()?.parse()?,
+            "--client-threads" => a.client_threads = value()?.parse()?,
+            "--skip-heartbeat" => a.heartbeat = false,
+            "--skip-rendezvous" => a.rendezvous = false,
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    if a.connections == 0 || a.rounds == 0 || a.client_threads == 0 {
+        return Err("--connections, --rounds and --client-threads must be at least 1".into());
+    }
+    if let Some(m) = a
+        .modes
+        .iter()
+        .find(|m| !matches!(m.as_str(), "idle" | "running"))
+    {
+        return Err(format!("--modes: {m:?} is neither idle nor running").into());
+    }
+    Ok(a)
+}

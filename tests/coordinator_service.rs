@@ -1,0 +1,311 @@
+//! The coordinator's service against clients that misbehave, on loopback: wrong or missing
+//! tokens, malformed and oversized messages, unknown ids and bad fields are refused with a
+//! clear status and lose nothing; with certificates it serves TLS only.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use cluster::{twin, Cluster};
+use common::*;
+use kiln_proto::client::{Client, Target};
+use kiln_proto::rpc;
+
+/// Wrong or missing tokens, malformed and oversized messages, unknown ids and bad fields
+/// are refused with a clear status, and the coordinator keeps its jobs.
+#[test]
+fn bad_requests_are_refused_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(dir.path(), "10");
+    let job_path = twin(dir.path(), "kept", 8, 2, "", 12);
+    let job = cluster.submit(&job_path, 2);
+
+    refuses_wrong_and_missing_tokens(&cluster);
+    refuses_unknown_ids_and_bad_fields(&cluster, &job);
+    refuses_a_malformed_job_file_before_sending(&cluster, dir.path());
+    // Raw messages the CLI would never send.
+    let target = cluster.target();
+    cluster.rt.block_on(async {
+        let mut client = target.connect().await.unwrap();
+        refuses_bad_worker_reports(&mut client).await;
+        refuses_bad_ready_addresses(&mut client).await;
+        refuses_bad_and_huge_job_files(&mut client).await;
+        refuses_undecodable_and_oversized_messages(&target).await;
+    });
+    still_serves_the_kept_job(&cluster, &job);
+}
+
+/// Tokens: through the CLI and the agent.
+fn refuses_wrong_and_missing_tokens(cluster: &Cluster) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "status",
+            "--coordinator",
+            &cluster.url(),
+            "--token",
+            "wrong",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("the coordinator refused: wrong token"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["status", "--coordinator", &cluster.url()])
+        .env_remove("KILN_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no token: pass --token or set KILN_TOKEN"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "worker",
+            "--coordinator",
+            &cluster.url(),
+            "--token",
+            "wrong",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("the coordinator refused this worker: wrong token"),
+        "{err}"
+    );
+}
+
+/// Unknown ids and bad fields, through the CLI.
+fn refuses_unknown_ids_and_bad_fields(cluster: &Cluster, job: &str) {
+    for (args, expected) in [
+        (vec!["status", "nope-9"], "no job \"nope-9\""),
+        (vec!["scale", "nope-9", "--workers", "2"], "no job \"nope-9\""),
+        (vec!["stop", "nope-9"], "no job \"nope-9\""),
+        (vec!["logs", "nope-9"], "no job \"nope-9\""),
+        (
+            vec!["scale", job, "--workers", "3"],
+            "3 workers cannot run this job: it needs a multiple of parallel.tp = 1 whose data-parallel size divides train.batch_size = 8",
+        ),
+        (vec!["scale", job, "--workers", "0"], "the worker count must be at least 1"),
+        (vec!["status", "has space"], "job_id: \"has space\" has characters other than printable ASCII"),
+    ] {
+        let out = cluster.kiln(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        println!("kiln {}: {}", args.join(" "), err.trim());
+    }
+}
+
+/// A malformed job file is refused before anything is sent.
+fn refuses_a_malformed_job_file_before_sending(cluster: &Cluster, dir: &Path) {
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[train]\nsteps = \"many\"\n").unwrap();
+    let out = cluster.kiln(&["submit", path_str(&bad)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+/// A heartbeat with a state that is none, and one from a worker that never registered.
+async fn refuses_bad_worker_reports(client: &mut Client) {
+    let bad_state = client
+        .heartbeat(rpc::HeartbeatRequest {
+            worker_id: "w-1".into(),
+            report: Some(rpc::WorkerReport {
+                state: 42,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_state.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        bad_state.message(),
+        "report.state: 42 is not a worker state"
+    );
+    let unknown = client
+        .heartbeat(rpc::HeartbeatRequest {
+            worker_id: "w-unknown".into(),
+            report: Some(rpc::WorkerReport {
+                state: rpc::WorkerState::Idle as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(unknown.message().contains("unknown worker"), "{unknown:?}");
+}
+
+/// Registrations offering a ring address peers could not connect to.
+async fn refuses_bad_ready_addresses(client: &mut Client) {
+    for (ready_addr, why) in [
+        ("nowhere", "no port"),
+        (
+            "x:notaport",
+            "port \"notaport\" is not a number in 1..=65535",
+        ),
+        (
+            "127.0.0.1:99999",
+            "port \"99999\" is not a number in 1..=65535",
+        ),
+        (":::", "port \"\" is not a number in 1..=65535"),
+    ] {
+        let addr = client
+            .register(rpc::RegisterRequest {
+                host: "127.0.0.1".into(),
+                report: Some(rpc::WorkerReport {
+                    state: rpc::WorkerState::Idle as i32,
+                    ready_addr: ready_addr.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(addr.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            addr.message(),
+            format!("report.ready_addr: {ready_addr:?} is not HOST:PORT ({why})")
+        );
+    }
+}
+
+/// A submitted job file that is not TOML, and one over the size limit.
+async fn refuses_bad_and_huge_job_files(client: &mut Client) {
+    let toml = client
+        .submit(rpc::SubmitRequest {
+            job_toml: "[train\n".into(),
+            workers: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(toml.code(), tonic::Code::InvalidArgument);
+    assert!(toml.message().contains("submitted job"), "{toml:?}");
+    let huge = client
+        .submit(rpc::SubmitRequest {
+            job_toml: "#".repeat(1 << 20) + "\n",
+            workers: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    println!("oversized job: {huge:?}");
+    assert!(huge.message().contains("more than 1048576"), "{huge:?}");
+}
+
+/// Bytes that are not the message the method takes, and a message beyond the size limit,
+/// sent around the typed client.
+async fn refuses_undecodable_and_oversized_messages(target: &Target) {
+    let channel = tonic::transport::Endpoint::from_shared(target.endpoint_url().unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
+    let path = "/kiln.v1.Coordinator/Submit".parse().unwrap();
+    let mut request = tonic::Request::new(Garbage {
+        job_toml: 7,
+        filler: Vec::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer test-token-1234".parse().unwrap());
+    grpc.ready().await.unwrap();
+    let malformed = grpc
+        .unary::<_, rpc::SubmitReply, _>(request, path, tonic_prost::ProstCodec::default())
+        .await
+        .unwrap_err();
+    println!("malformed: {malformed:?}");
+    assert!(
+        malformed.message().contains("failed to decode"),
+        "{malformed:?}"
+    );
+    let mut request = tonic::Request::new(Garbage {
+        job_toml: 7,
+        filler: vec![0; 8 << 20],
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer test-token-1234".parse().unwrap());
+    grpc.ready().await.unwrap();
+    let path = "/kiln.v1.Coordinator/Submit".parse().unwrap();
+    let oversized = grpc
+        .unary::<_, rpc::SubmitReply, _>(request, path, tonic_prost::ProstCodec::default())
+        .await
+        .unwrap_err();
+    println!("oversized: {oversized:?}");
+    assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
+}
+
+/// Still serving, and the job kept: pending, then stopped once.
+fn still_serves_the_kept_job(cluster: &Cluster, job: &str) {
+    let s = cluster.status(job);
+    assert_eq!(s.phase, "pending");
+    assert!(s.message.contains("0 free, at least 2 needed"), "{s:?}");
+    let stopped = cluster.kiln_ok(&["stop", job]);
+    assert_eq!(stopped.trim(), format!("job {job} stopped"));
+    assert_eq!(cluster.status(job).phase, "stopped");
+    let again = cluster.kiln(&["stop", job]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains(&format!("job {job} is already stopped")),
+        "{err}"
+    );
+}
+
+/// A message whose field 1 is a number where `SubmitRequest` has text.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(uint64, tag = "1")]
+    job_toml: u64,
+    #[prost(bytes = "vec", tag = "9")]
+    filler: Vec<u8>,
+}
+
+/// With a certificate, the coordinator serves TLS: clients that trust its CA connect,
+/// plain-text clients do not.
+#[test]
+fn tls_when_certificates_are_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).unwrap();
+    let cluster = Cluster::with_args(
+        dir.path(),
+        "10",
+        &[
+            "--tls-cert",
+            path_str(&cert_path),
+            "--tls-key",
+            path_str(&key_path),
+        ],
+    );
+    let status = cluster.kiln_ok(&["status"]);
+    assert!(status.contains("no jobs"), "{status}");
+    let plain = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "status",
+            "--coordinator",
+            &format!("http://localhost:{}", cluster.port),
+        ])
+        .env("KILN_TOKEN", &cluster.token)
+        .env_remove("KILN_TLS_CA")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&plain.stderr);
+    println!("plain text against TLS: {err}");
+    assert!(!plain.status.success(), "{err}");
+}
