@@ -155,7 +155,9 @@ fn launch_mistakes_are_refused_before_waiting_for_anyone() {
     let dir = tempfile::tempdir().unwrap();
     // `kiln train JOB --rank R --world-size W --peers` with `peers` fresh addresses.
     let train_err = |job: &Path, rank: usize, world: usize, peers: usize| {
-        let peers = free_peers(peers).join(",");
+        // Held until the run is refused: nobody else can listen on them meanwhile.
+        let held = Peers::bind(peers);
+        let peers = held.list();
         let (rank, world) = (rank.to_string(), world.to_string());
         kiln_err(&[
             "train",
@@ -195,19 +197,26 @@ fn launch_mistakes_are_refused_before_waiting_for_anyone() {
     let err = train_err(&tp2, 2, 2, 2);
     assert!(err.contains("--rank 2 is outside --world-size 2"), "{err}");
     // A peer that never comes: the rendezvous gives up and says whom it waited for.
-    let lonely = free_peers(2).join(",");
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "train",
-            path_str(&tp2),
-            "--rank",
-            "0",
-            "--world-size",
-            "2",
-            "--peers",
-            &lonely,
-        ])
-        .env("KILN_RENDEZVOUS_TIMEOUT_S", "3")
+    // Rank 0 gets its listening socket; rank 1's port is held but refuses connections.
+    let first = Peers::bind(1);
+    let (_held, refusing) = refusing_addr();
+    let lonely = format!("{},{refusing}", first.list());
+    let out = first
+        .hand_to(
+            0,
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args([
+                    "train",
+                    path_str(&tp2),
+                    "--rank",
+                    "0",
+                    "--world-size",
+                    "2",
+                    "--peers",
+                    &lonely,
+                ])
+                .env("KILN_RENDEZVOUS_TIMEOUT_S", "3"),
+        )
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -228,17 +237,17 @@ fn a_hung_rank_times_out_with_its_name() {
         .replace("steps = 12", "steps = 100000")
         .replace("eval_every = 6", "eval_every = 0");
     std::fs::write(&path, text).unwrap();
-    let peers = free_peers(2).join(",");
+    let peers = Peers::bind(2);
+    let list = peers.list();
     let mut children: Vec<Child> = (0..2)
         .map(|r| {
-            Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(["train", path_str(&path), "--rank", &r.to_string()])
-                .args(["--world-size", "2", "--peers", &peers])
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+            cmd.args(["train", path_str(&path), "--rank", &r.to_string()])
+                .args(["--world-size", "2", "--peers", &list])
                 .env("KILN_COLLECTIVE_TIMEOUT_S", "10")
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                .stderr(Stdio::piped());
+            peers.hand_to(r, &mut cmd).spawn().unwrap()
         })
         .collect();
     let metrics = dir.path().join("hang/metrics.jsonl");

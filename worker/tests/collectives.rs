@@ -9,28 +9,34 @@ use kiln_worker::collective::tcp::{GroupSpec, TcpRing};
 use kiln_worker::collective::{conformance, Collective, ParallelDims, ProcessGroups, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
-fn free_peers(n: usize) -> Vec<String> {
+/// Listening sockets for `n` ranks on loopback, and their addresses. Each rank forms its
+/// rings on its socket ([`TcpRing::connect_on`]) instead of binding its address again:
+/// releasing a port for the rank to bind would let any other process take it in between.
+fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    listeners
+    let peers = listeners
         .iter()
         .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
+        .collect();
+    (listeners, peers)
 }
 
 fn world(n: usize) -> Vec<TcpRing> {
-    let peers = free_peers(n);
+    let (listeners, peers) = listeners(n);
     let groups = [GroupSpec {
         tag: "world".into(),
         members: (0..n).collect(),
     }];
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, listener)| {
             let peers = peers.clone();
             let groups = groups.clone();
             std::thread::spawn(move || {
-                TcpRing::connect(r, &peers, &groups, Duration::from_secs(30))
+                TcpRing::connect_on(listener, r, &peers, &groups, Duration::from_secs(30))
                     .unwrap()
                     .pop()
                     .unwrap()
@@ -67,12 +73,14 @@ fn tcp_ring_passes_the_conformance_suite_at_world_sizes_1_to_4() {
 fn every_group_of_a_2x2_mesh_passes_the_suite() {
     tch::set_num_threads(1);
     let dims = ParallelDims::new(0, 2, 4).unwrap();
-    let peers = free_peers(4);
-    let handles: Vec<_> = (0..4)
-        .map(|r| {
+    let (listeners, peers) = listeners(4);
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, listener)| {
             let peers = peers.clone();
             std::thread::spawn(move || {
-                ProcessGroups::tcp(r, &peers, dims, Duration::from_secs(30)).unwrap()
+                ProcessGroups::tcp_on(listener, r, &peers, dims, Duration::from_secs(30)).unwrap()
             })
         })
         .collect();

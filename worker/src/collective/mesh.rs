@@ -4,6 +4,7 @@
 //! `r = dp_rank * tp + tp_rank`, so the ranks of one tensor-parallel group are neighbours
 //! (on one node, over its fastest links) and data-parallel groups stride across them.
 
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,14 +114,27 @@ impl ProcessGroups {
         dims: ParallelDims,
         timeout: Duration,
     ) -> Result<Self> {
-        if peers.len() != dims.world() {
-            return Err(CollectiveError::Invalid(format!(
-                "{} peer addresses for a world of {} ranks",
-                peers.len(),
-                dims.world()
-            )));
-        }
+        check_peers(peers, dims)?;
         let rings = TcpRing::connect(rank, peers, &dims.groups(), timeout)?;
+        Self::from_rings(rank, dims, rings)
+    }
+
+    /// [`ProcessGroups::tcp`] with `listener`, already listening on `peers[rank]` (see
+    /// [`TcpRing::connect_on`]).
+    pub fn tcp_on(
+        listener: TcpListener,
+        rank: usize,
+        peers: &[String],
+        dims: ParallelDims,
+        timeout: Duration,
+    ) -> Result<Self> {
+        check_peers(peers, dims)?;
+        let rings = TcpRing::connect_on(listener, rank, peers, &dims.groups(), timeout)?;
+        Self::from_rings(rank, dims, rings)
+    }
+
+    /// This rank's groups from its rings, in the order of [`ParallelDims::groups`].
+    fn from_rings(rank: usize, dims: ParallelDims, rings: Vec<TcpRing>) -> Result<Self> {
         // Exactly three groups include this rank, in the order of `groups()`.
         let mut rings = rings
             .into_iter()
@@ -159,6 +173,17 @@ impl ProcessGroups {
     pub fn tp_rank(&self) -> usize {
         self.dims.coords(self.rank).1
     }
+}
+
+fn check_peers(peers: &[String], dims: ParallelDims) -> Result<()> {
+    if peers.len() != dims.world() {
+        return Err(CollectiveError::Invalid(format!(
+            "{} peer addresses for a world of {} ranks",
+            peers.len(),
+            dims.world()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

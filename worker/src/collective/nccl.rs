@@ -69,25 +69,32 @@
 //! An NCCL or CUDA error aborts the communicator (`ncclCommAbort`): later calls return an
 //! error, as a failed [`TcpRing`](super::tcp::TcpRing) does, and the job must restart.
 //!
-//! All unsafe code of the NCCL backend lives in this module.
+//! All unsafe code of the NCCL backend lives in this module and its submodules: [`library`]
+//! (loading NCCL), `handles` (a communicator's CUDA and NCCL handles: waiting, aborting,
+//! freeing), `ffi` (Kiln's values as NCCL's, NCCL's results as errors) and `ops` (each
+//! collective's NCCL calls).
 #![allow(unsafe_code)]
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::fmt;
 use std::ptr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cudarc::nccl::sys as ncsys;
-use ncsys::ncclResult_t;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::tcp::collective_timeout;
-use super::{chunk_range, Collective, CollectiveError, Elem, ReadyMarker, ReduceOp, Result};
+use super::{Collective, CollectiveError, Elem, ReadyMarker, ReduceOp, Result};
 use crate::cuda::{self, Context, Event, Stream};
 
+mod ffi;
+mod handles;
 pub mod library;
+mod ops;
 
+use ffi::{check, nccl_type};
+use handles::Inner;
 use library::Api;
 
 /// The version of the NCCL library this process uses (e.g. 22809 for 2.28.9), loading NCCL
@@ -117,25 +124,6 @@ pub struct NcclComm {
     inner: Mutex<Inner>,
 }
 
-/// The CUDA and NCCL handles of a communicator. Every use goes through the mutex of
-/// [`NcclComm`].
-struct Inner {
-    api: &'static Api,
-    ctx: Arc<Context>,
-    /// Null before initialization and after an abort.
-    comm: ncsys::ncclComm_t,
-    stream: Stream,
-    /// Recorded on the compute stream before each plain collective.
-    ready: Event,
-    /// Recorded on the NCCL stream after each collective.
-    done: Event,
-    /// Whether deferred collectives were enqueued since the compute stream last waited on
-    /// `done`.
-    pending: bool,
-    /// Why the communicator was aborted.
-    failed: Option<String>,
-}
-
 /// How one collective is ordered against the compute stream (see the module docs).
 struct Order {
     /// The compute-stream point the collective runs after; `None`: the point of the call.
@@ -150,12 +138,6 @@ impl Order {
         defer: false,
     };
 }
-
-// SAFETY: `Inner` holds handles, not thread-bound state. The CUDA handles are `Send` already
-// (`crate::cuda`); the NCCL communicator may be used from any thread as long as calls on it
-// do not overlap, and `Inner` is only reachable through the `Mutex` in `NcclComm`, which
-// serializes them. `NcclComm` is then `Send` and `Sync` through `Mutex<Inner>`.
-unsafe impl Send for Inner {}
 
 /// A device buffer as NCCL takes it.
 #[derive(Clone, Copy)]
@@ -431,161 +413,6 @@ impl NcclComm {
     }
 }
 
-impl Inner {
-    fn nccl_stream(&self) -> ncsys::cudaStream_t {
-        self.stream.raw().cast()
-    }
-
-    /// An error NCCL found in the background (a lost peer, a failed kernel).
-    fn check_async(&self) -> Result<(), String> {
-        let mut state = ncclResult_t::ncclSuccess;
-        // SAFETY: `comm` is a live communicator (callers check `failed`, and only `fail` and
-        // `drop` clear it) and `state` a valid out pointer.
-        let status = unsafe { (self.api.comm_get_async_error)(self.comm, &mut state) };
-        check(self.api, "ncclCommGetAsyncError", status)?;
-        match state {
-            ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
-            other => Err(format!(
-                "asynchronous NCCL error: {}",
-                nccl_text(self.api, other)
-            )),
-        }
-    }
-
-    /// Waits on the host until the last collective has finished, for at most `timeout`.
-    fn wait(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(20);
-        loop {
-            if self
-                .done
-                .done()
-                .map_err(|e| format!("waiting for NCCL: {e}"))?
-            {
-                return Ok(());
-            }
-            self.check_async()?;
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "waited {} s for the other ranks; one of them is hung, dead or far behind \
-                     (set KILN_COLLECTIVE_TIMEOUT_S to wait longer)",
-                    timeout.as_secs()
-                ));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
-        }
-    }
-
-    /// Aborts the communicator after an error; later calls fail with `why`.
-    fn fail(&mut self, why: &str) {
-        if !self.comm.is_null() {
-            let ctx = self.ctx.clone();
-            let _current = ctx.current();
-            // SAFETY: `comm` is live and never used after this: it is cleared below.
-            let _ = unsafe { (self.api.comm_abort)(self.comm) };
-            self.comm = ptr::null_mut();
-        }
-        self.failed = Some(why.to_owned());
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The stream, the events and the context are released after this, by their own drops
-        // (CUDA frees a stream or an event once the work enqueued on it completes).
-        if self.comm.is_null() {
-            return;
-        }
-        let ctx = self.ctx.clone();
-        let current = ctx.current();
-        // Let the collectives already enqueued finish before freeing the communicator; abort
-        // instead when they cannot.
-        let finished = current.is_ok() && self.wait(collective_timeout()).is_ok();
-        // SAFETY: `comm` is live and not used after this.
-        let _ = unsafe {
-            if finished {
-                (self.api.comm_destroy)(self.comm)
-            } else {
-                (self.api.comm_abort)(self.comm)
-            }
-        };
-        self.comm = ptr::null_mut();
-    }
-}
-
-fn nccl_type(elem: Elem) -> ncsys::ncclDataType_t {
-    use ncsys::ncclDataType_t as T;
-    match elem {
-        Elem::F32 => T::ncclFloat32,
-        Elem::F64 => T::ncclFloat64,
-        Elem::Bf16 => T::ncclBfloat16,
-        Elem::F16 => T::ncclFloat16,
-        Elem::I32 => T::ncclInt32,
-        Elem::I64 => T::ncclInt64,
-        Elem::U8 => T::ncclUint8,
-        Elem::I8 => T::ncclInt8,
-    }
-}
-
-/// `ncclAvg` is the average [`ReduceOp::Avg`] asks for: integers are summed, then divided by
-/// the group size with truncation; floats are scaled by `1 / size` before the sum, which can
-/// round differently in the last place from dividing the sum.
-fn nccl_op(op: ReduceOp) -> ncsys::ncclRedOp_t {
-    match op {
-        ReduceOp::Sum => ncsys::ncclRedOp_t::ncclSum,
-        ReduceOp::Avg => ncsys::ncclRedOp_t::ncclAvg,
-        ReduceOp::Max => ncsys::ncclRedOp_t::ncclMax,
-    }
-}
-
-/// NCCL's text for an error, with the detail of the last failure when NCCL has one.
-fn nccl_text(api: &Api, e: ncclResult_t) -> String {
-    // SAFETY: `ncclGetErrorString` returns a static NUL-terminated string for every code.
-    let base = unsafe {
-        let p = (api.get_error_string)(e);
-        if p.is_null() {
-            format!("{e:?}")
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    // SAFETY: `ncclGetLastError` ignores its argument and returns NUL-terminated text (or
-    // null), valid until the next NCCL call; it is copied at once.
-    let last = unsafe {
-        let p = (api.get_last_error)(ptr::null_mut());
-        if p.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    if last.trim().is_empty() {
-        base
-    } else {
-        format!("{base}: {}", last.trim())
-    }
-}
-
-/// `Ok` for a call that succeeded (or is in progress, for non-blocking communicators),
-/// else NCCL's text for the failure of `what`.
-fn check(api: &Api, what: &str, status: ncclResult_t) -> Result<(), String> {
-    match status {
-        ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
-        e => Err(format!("{what}: {}", nccl_text(api, e))),
-    }
-}
-
-/// Runs `body` between `ncclGroupStart` and `ncclGroupEnd` (ended even when `body` fails).
-fn grouped(api: &Api, body: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
-    // SAFETY: group calls take no arguments; they only mark a group on this thread.
-    check(api, "ncclGroupStart", unsafe { (api.group_start)() })?;
-    let enqueued = body();
-    // SAFETY: as above; closes the group opened here.
-    let ended = check(api, "ncclGroupEnd", unsafe { (api.group_end)() });
-    enqueued.and(ended)
-}
-
 impl fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.api.version;
@@ -598,227 +425,5 @@ impl fmt::Debug for NcclComm {
                 &format_args!("{}", crate::device::dotted_version(v)),
             )
             .finish()
-    }
-}
-
-impl NcclComm {
-    fn all_reduce_ordered(&self, t: &Tensor, op: ReduceOp, order: Order) -> Result<()> {
-        self.on_device("all_reduce", t, order, false, |inner, b| {
-            // SAFETY: `b` is the live contiguous device memory of `count` elements of `dtype`
-            // (in place is allowed); `comm` and the stream are live and the context current.
-            let r = unsafe {
-                (inner.api.all_reduce)(
-                    b.ptr,
-                    b.ptr,
-                    b.count,
-                    b.dtype,
-                    nccl_op(op),
-                    inner.comm,
-                    inner.nccl_stream(),
-                )
-            };
-            check(inner.api, "ncclAllReduce", r)
-        })
-    }
-
-    fn reduce_scatter_ordered(&self, buf: &Tensor, op: ReduceOp, order: Order) -> Result<()> {
-        let (n, rank) = (self.size, self.rank);
-        self.on_device("reduce_scatter", buf, order, false, |inner, b| {
-            if b.count % n == 0 {
-                let count = b.count / n;
-                // SAFETY: in place as NCCL defines it (`recvbuff == sendbuff + rank *
-                // recvcount`), inside the `n * count` live elements of `b`.
-                let r = unsafe {
-                    (inner.api.reduce_scatter)(
-                        b.ptr,
-                        b.at(rank * count),
-                        count,
-                        b.dtype,
-                        nccl_op(op),
-                        inner.comm,
-                        inner.nccl_stream(),
-                    )
-                };
-                return check(inner.api, "ncclReduceScatter", r);
-            }
-            grouped(inner.api, || {
-                for owner in 0..n {
-                    let chunk = chunk_range(b.count, n, owner);
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    let p = b.at(chunk.start);
-                    // SAFETY: the chunk lies inside the live elements of `b`; reduced in
-                    // place onto its owner.
-                    let r = unsafe {
-                        (inner.api.reduce)(
-                            p,
-                            p,
-                            chunk.len(),
-                            b.dtype,
-                            nccl_op(op),
-                            owner as c_int,
-                            inner.comm,
-                            inner.nccl_stream(),
-                        )
-                    };
-                    check(inner.api, "ncclReduce", r)?;
-                }
-                Ok(())
-            })
-        })
-    }
-}
-
-impl Collective for NcclComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
-        self.all_reduce_ordered(t, op, Order::NOW)
-    }
-
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(CollectiveError::Invalid(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.size
-            )));
-        }
-        self.on_device("broadcast", t, Order::NOW, false, |inner, b| {
-            // SAFETY: as in `all_reduce`; `root` is a rank of the group.
-            let r = unsafe {
-                (inner.api.broadcast)(
-                    b.ptr,
-                    b.ptr,
-                    b.count,
-                    b.dtype,
-                    root as c_int,
-                    inner.comm,
-                    inner.nccl_stream(),
-                )
-            };
-            check(inner.api, "ncclBroadcast", r)
-        })
-    }
-
-    fn reduce_scatter_flat(&self, buf: &Tensor, op: ReduceOp) -> Result<()> {
-        self.reduce_scatter_ordered(buf, op, Order::NOW)
-    }
-
-    fn all_gather_flat(&self, buf: &Tensor) -> Result<()> {
-        let (n, rank) = (self.size, self.rank);
-        self.on_device("all_gather", buf, Order::NOW, false, |inner, b| {
-            if b.count % n == 0 {
-                let count = b.count / n;
-                // SAFETY: in place as NCCL defines it (`sendbuff == recvbuff + rank *
-                // sendcount`), inside the `n * count` live elements of `b`.
-                let r = unsafe {
-                    (inner.api.all_gather)(
-                        b.at(rank * count),
-                        b.ptr,
-                        count,
-                        b.dtype,
-                        inner.comm,
-                        inner.nccl_stream(),
-                    )
-                };
-                return check(inner.api, "ncclAllGather", r);
-            }
-            grouped(inner.api, || {
-                for owner in 0..n {
-                    let chunk = chunk_range(b.count, n, owner);
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    let p = b.at(chunk.start);
-                    // SAFETY: the chunk lies inside the live elements of `b`; broadcast in
-                    // place from its owner.
-                    let r = unsafe {
-                        (inner.api.broadcast)(
-                            p,
-                            p,
-                            chunk.len(),
-                            b.dtype,
-                            owner as c_int,
-                            inner.comm,
-                            inner.nccl_stream(),
-                        )
-                    };
-                    check(inner.api, "ncclBroadcast", r)?;
-                }
-                Ok(())
-            })
-        })
-    }
-
-    fn barrier(&self) -> Result<()> {
-        let token = Tensor::zeros([1], (Kind::Int, self.device()));
-        self.on_device("barrier", &token, Order::NOW, true, |inner, b| {
-            // SAFETY: as in `all_reduce`, on the one-element `token`.
-            let r = unsafe {
-                (inner.api.all_reduce)(
-                    b.ptr,
-                    b.ptr,
-                    b.count,
-                    b.dtype,
-                    ncsys::ncclRedOp_t::ncclSum,
-                    inner.comm,
-                    inner.nccl_stream(),
-                )
-            };
-            check(inner.api, "ncclAllReduce", r)
-        })
-    }
-
-    fn ready_marker(&self) -> Result<Option<ReadyMarker>> {
-        // The context is `Sync`: no need to wait for the communication thread's lock.
-        Event::on_compute(&self.ctx)
-            .map(|e| Some(ReadyMarker(e)))
-            .map_err(|e| CollectiveError::Nccl(format!("marking the compute stream: {e}")))
-    }
-
-    fn all_reduce_after(&self, t: &Tensor, op: ReduceOp, ready: Option<ReadyMarker>) -> Result<()> {
-        let order = Order {
-            after: ready,
-            defer: true,
-        };
-        self.all_reduce_ordered(t, op, order)
-    }
-
-    fn reduce_scatter_flat_after(
-        &self,
-        buf: &Tensor,
-        op: ReduceOp,
-        ready: Option<ReadyMarker>,
-    ) -> Result<()> {
-        let order = Order {
-            after: ready,
-            defer: true,
-        };
-        self.reduce_scatter_ordered(buf, op, order)
-    }
-
-    fn wait_pending(&self) -> Result<()> {
-        let mut inner = self.lock("wait_pending")?;
-        if !inner.pending {
-            return Ok(());
-        }
-        match inner.done.block_compute() {
-            Ok(()) => {
-                inner.pending = false;
-                Ok(())
-            }
-            Err(e) => {
-                let e = format!("wait_pending: ordering the compute stream after NCCL: {e}");
-                inner.fail(&e);
-                Err(CollectiveError::Nccl(e))
-            }
-        }
     }
 }

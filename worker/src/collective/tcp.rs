@@ -15,22 +15,26 @@
 //! The header is the payload length, or, with the top bit set, an abort notice carrying the
 //! global rank that failed: a rank that loses a peer tells the next rank before giving up,
 //! so every rank's error names the rank that died rather than the neighbour that gave up.
+//!
+//! The rendezvous that forms the rings ([`TcpRing::connect`]) is in `rendezvous`.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tch::{Device, Tensor};
 
 use super::{chunk_range, host, Collective, CollectiveError, Elem, ReduceOp, Result};
 
+mod rendezvous;
+
+pub use rendezvous::LISTEN_FD_ENV;
+
 const ABORT: u64 = 1 << 63;
-const MAGIC: &[u8; 4] = b"KILN";
-const WIRE_VERSION: u32 = 1;
 
 /// How long a rank waits for a peer inside a collective: `KILN_COLLECTIVE_TIMEOUT_S`, 600 s
 /// by default (the first step of a large model can be slow on some ranks).
@@ -163,171 +167,6 @@ impl TcpRing {
             segment: segment_bytes(),
             scratch: Mutex::new(Vec::new()),
         }
-    }
-
-    /// Forms `groups` (each including `rank` or not) among the processes listening on
-    /// `peers` (`peers[r]` is rank `r`'s `host:port`): listens on `peers[rank]`, connects to
-    /// the next member of each group and accepts one connection from the previous one.
-    /// Returns one ring per group that includes `rank`, in the order of `groups`.
-    pub fn connect(
-        rank: usize,
-        peers: &[String],
-        groups: &[GroupSpec],
-        timeout: Duration,
-    ) -> Result<Vec<TcpRing>> {
-        let world = peers.len();
-        if rank >= world {
-            return Err(CollectiveError::Rendezvous(format!(
-                "rank {rank} is outside a world of {world} peers"
-            )));
-        }
-        let listener = TcpListener::bind(peers[rank].as_str()).map_err(|e| {
-            CollectiveError::Rendezvous(format!(
-                "rank {rank} cannot listen on {}: {e}",
-                peers[rank]
-            ))
-        })?;
-        let deadline = Instant::now() + timeout;
-        let mine: Vec<(usize, &GroupSpec, usize)> = groups
-            .iter()
-            .enumerate()
-            .filter_map(|(g, spec)| {
-                let i = spec.members.iter().position(|&m| m == rank)?;
-                Some((g, spec, i))
-            })
-            .collect();
-        for (_, spec, _) in &mine {
-            if let Some(&bad) = spec.members.iter().find(|&&m| m >= world) {
-                return Err(CollectiveError::Rendezvous(format!(
-                    "group {} names rank {bad} in a world of {world}",
-                    spec.tag
-                )));
-            }
-        }
-        // Connect to every next member first: the peers' kernels accept into their backlog
-        // before they call accept, so nobody waits on anybody here.
-        let mut nexts = Vec::new();
-        for (_, spec, i) in &mine {
-            let n = spec.members.len();
-            if n == 1 {
-                nexts.push(None);
-                continue;
-            }
-            let next = spec.members[(i + 1) % n];
-            let mut stream = connect_retry(next, &peers[next], deadline, timeout)?;
-            let mut hello = Vec::with_capacity(24);
-            hello.extend_from_slice(MAGIC);
-            hello.extend_from_slice(&WIRE_VERSION.to_le_bytes());
-            hello.extend_from_slice(&(world as u32).to_le_bytes());
-            hello.extend_from_slice(&(rank as u32).to_le_bytes());
-            hello.extend_from_slice(&tag_hash(&spec.tag).to_le_bytes());
-            stream
-                .write_all(&hello)
-                .map_err(|e| lost(next, &peers[next], "rendezvous", &e))?;
-            nexts.push(Some(stream));
-        }
-        let mut prevs: Vec<Option<TcpStream>> = mine.iter().map(|_| None).collect();
-        let mut expected = mine.iter().filter(|(_, s, _)| s.members.len() > 1).count();
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| CollectiveError::Rendezvous(e.to_string()))?;
-        while expected > 0 {
-            let (mut stream, from_addr) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        let missing: Vec<String> = mine
-                            .iter()
-                            .zip(&prevs)
-                            .filter(|((_, s, _), p)| s.members.len() > 1 && p.is_none())
-                            .map(|((_, s, i), _)| {
-                                let n = s.members.len();
-                                let prev = s.members[(i + n - 1) % n];
-                                format!("rank {prev} ({}) for group {}", peers[prev], s.tag)
-                            })
-                            .collect();
-                        return Err(CollectiveError::Rendezvous(format!(
-                            "no connection within {} s from {}",
-                            timeout.as_secs(),
-                            missing.join(", ")
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-                Err(e) => return Err(CollectiveError::Rendezvous(e.to_string())),
-            };
-            let bad = |what: String| CollectiveError::Rendezvous(format!("{from_addr}: {what}"));
-            stream
-                .set_nonblocking(false)
-                .map_err(|e| bad(e.to_string()))?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| bad(e.to_string()))?;
-            let mut hello = [0u8; 24];
-            stream
-                .read_exact(&mut hello)
-                .map_err(|e| bad(format!("no greeting: {e}")))?;
-            if &hello[..4] != MAGIC {
-                return Err(bad(
-                    "a connection that is not a Kiln peer reached the rendezvous port".into(),
-                ));
-            }
-            let version = u32::from_le_bytes(hello[4..8].try_into().unwrap_or_default());
-            let their_world = u32::from_le_bytes(hello[8..12].try_into().unwrap_or_default());
-            let from = u32::from_le_bytes(hello[12..16].try_into().unwrap_or_default()) as usize;
-            let tag = u64::from_le_bytes(hello[16..24].try_into().unwrap_or_default());
-            if version != WIRE_VERSION {
-                return Err(bad(format!(
-                    "rank {from} speaks wire version {version}, this rank {WIRE_VERSION}: mixed Kiln versions"
-                )));
-            }
-            if their_world as usize != world {
-                return Err(bad(format!(
-                    "rank {from} was started with world size {their_world}, this rank with {world}"
-                )));
-            }
-            let slot = mine.iter().position(|(_, s, i)| {
-                let n = s.members.len();
-                n > 1 && s.members[(i + n - 1) % n] == from && tag_hash(&s.tag) == tag
-            });
-            match slot {
-                Some(k) if prevs[k].is_none() => {
-                    prevs[k] = Some(stream);
-                    expected -= 1;
-                }
-                _ => {
-                    return Err(bad(format!(
-                        "unexpected connection from rank {from}: is another job using these ports?"
-                    )))
-                }
-            }
-        }
-        let mut rings = Vec::new();
-        for (((_, spec, i), next), prev) in mine.iter().zip(nexts).zip(prevs) {
-            let links = match (next, prev) {
-                (Some(next), Some(prev)) => {
-                    for s in [&next, &prev] {
-                        s.set_nodelay(true)
-                            .and_then(|_| s.set_read_timeout(Some(collective_timeout())))
-                            .and_then(|_| s.set_write_timeout(Some(collective_timeout())))
-                            .map_err(|e| CollectiveError::Rendezvous(e.to_string()))?;
-                    }
-                    Some(Links { next, prev })
-                }
-                _ => None,
-            };
-            rings.push(TcpRing {
-                rank: *i,
-                members: spec.members.clone(),
-                addrs: spec.members.iter().map(|&m| peers[m].clone()).collect(),
-                links: Mutex::new(links),
-                timeout: collective_timeout(),
-                segment: segment_bytes(),
-                scratch: Mutex::new(Vec::new()),
-            });
-        }
-        Ok(rings)
     }
 
     fn next(&self) -> usize {
@@ -679,46 +518,4 @@ fn segments(range: Range<usize>, seg: usize) -> impl Iterator<Item = Range<usize
     (range.start..end)
         .step_by(seg.max(1))
         .map(move |s| s..(s + seg).min(end))
-}
-
-fn connect_retry(
-    peer: usize,
-    addr: &str,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<TcpStream> {
-    let fail = |what: String| CollectiveError::Connect {
-        peer,
-        addr: addr.to_owned(),
-        secs: timeout.as_secs(),
-        what,
-    };
-    loop {
-        let resolved = addr
-            .to_socket_addrs()
-            .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
-            .next()
-            .ok_or_else(|| fail("the address resolves to nothing".into()))?;
-        match TcpStream::connect_timeout(&resolved, Duration::from_secs(5)) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > deadline => return Err(fail(e.to_string())),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-fn lost(peer: usize, addr: &str, op: &'static str, e: &io::Error) -> CollectiveError {
-    CollectiveError::PeerLost {
-        peer,
-        addr: addr.to_owned(),
-        op,
-        what: e.to_string(),
-    }
-}
-
-/// FNV-1a: a stable 64-bit name for a group tag.
-fn tag_hash(tag: &str) -> u64 {
-    tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
