@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kiln_checkpoint::{CheckpointStore, Mesh};
-use kiln_worker::checkpoint::{self, Saver};
+use kiln_worker::checkpoint::{self, Saver, SaverOptions};
 use kiln_worker::config::LlamaConfig;
 use kiln_worker::model::{DecayPolicy, Llama};
 use kiln_worker::optim::{AdamW, AdamWConfig};
@@ -164,10 +164,17 @@ fn main() -> Result<()> {
     // next, so that retention finds nothing to delete and the disk holds at most three.
     let async_store = open("async")?;
     let store = open("sync")?;
-    let mut asaver =
-        Saver::new(async_store.clone(), 0, mesh, 0, 0, true, 1, 0).with_host_budget(host_budget);
-    let mut saver =
-        Saver::new(store.clone(), 0, mesh, 0, 0, false, 1, 0).with_host_budget(host_budget);
+    let options = |asynchronous| SaverOptions {
+        rank: 0,
+        mesh,
+        dp_rank: 0,
+        tp_rank: 0,
+        asynchronous,
+        keep_last: 1,
+        keep_every: 0,
+    };
+    let mut asaver = Saver::new(async_store.clone(), options(true)).with_host_budget(host_budget);
+    let mut saver = Saver::new(store.clone(), options(false)).with_host_budget(host_budget);
     let (mut held, mut fence, mut blocking, mut total, mut upload) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut sync_total = vec![];

@@ -24,7 +24,7 @@ use tch::Tensor;
 
 use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Mesh};
 
-use crate::checkpoint::{self, CommitGate, Saver};
+use crate::checkpoint::{self, CommitGate, Saver, SaverOptions};
 use crate::collective::tcp::rendezvous_timeout;
 use crate::collective::{CollectiveError, ParallelDims, ProcessGroups, ReduceOp};
 use crate::config::{ConfigError, LlamaConfig};
@@ -434,13 +434,15 @@ pub fn train(
         Some(
             Saver::new(
                 CheckpointStore::open(&job.checkpoint_dir())?.with_fsync(ck.fsync),
-                launch.rank,
-                mesh,
-                dp_rank,
-                groups.tp_rank(),
-                ck.asynchronous,
-                ck.keep_last,
-                ck.keep_every as u64,
+                SaverOptions {
+                    rank: launch.rank,
+                    mesh,
+                    dp_rank,
+                    tp_rank: groups.tp_rank(),
+                    asynchronous: ck.asynchronous,
+                    keep_last: ck.keep_last,
+                    keep_every: ck.keep_every as u64,
+                },
             )
             .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20))
             .with_gate(launch.commit_gate.clone()),
