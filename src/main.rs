@@ -1183,5 +1183,7 @@ fn print_event(e: &Event) {
                 format!(" | removed steps {deleted:?}")
             }
         ),
+        // Only a supervising agent reads these, from a supervised rank's stdout.
+        Event::ShardWritten { .. } => {}
     }
 }
