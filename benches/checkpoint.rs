@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kiln_checkpoint::{CheckpointStore, Mesh};
-use kiln_worker::checkpoint::{self, Saver};
+use kiln_worker::checkpoint::{self, Saver, SaverOptions};
 use kiln_worker::config::LlamaConfig;
 use kiln_worker::model::{DecayPolicy, Llama};
 use kiln_worker::optim::{AdamW, AdamWConfig};
@@ -196,10 +196,18 @@ fn save_rounds(
     };
     let async_store = open("async")?;
     let store = open("sync")?;
-    let mut asaver = Saver::new(async_store.clone(), 0, mesh, 0, 0, true, 1, 0)
-        .with_host_budget(args.host_budget());
-    let mut saver =
-        Saver::new(store.clone(), 0, mesh, 0, 0, false, 1, 0).with_host_budget(args.host_budget());
+    let options = |asynchronous| SaverOptions {
+        rank: 0,
+        mesh,
+        dp_rank: 0,
+        tp_rank: 0,
+        asynchronous,
+        keep_last: 1,
+        keep_every: 0,
+    };
+    let mut asaver =
+        Saver::new(async_store.clone(), options(true)).with_host_budget(args.host_budget());
+    let mut saver = Saver::new(store.clone(), options(false)).with_host_budget(args.host_budget());
     let mut r = Rounds::default();
     for step in 1..=args.saves {
         flush()?;

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 
 use crate::rpc;
+use crate::run::{Phase, Phases, PHASE_NAMES};
 
 /// Largest job file the coordinator accepts.
 pub const MAX_JOB_BYTES: usize = 1 << 20;
@@ -54,20 +55,12 @@ pub struct Progress {
     pub val_step: u64,
     pub grad_norm: f64,
     pub lr: f64,
-    /// Seconds per step by phase: data wait, forward, backward, collective, optimizer,
-    /// checkpoint (the order of [`PHASES`]).
-    pub phases: [f64; 6],
+    /// Seconds per step by phase, in [`Phase::ALL`]'s order.
+    pub phases: [f64; Phase::COUNT],
 }
 
-/// The phases of [`Progress::phases`], in order.
-pub const PHASES: [&str; 6] = [
-    "data_wait",
-    "forward",
-    "backward",
-    "collective",
-    "optimizer",
-    "checkpoint",
-];
+/// The phases of [`Progress::phases`], in order: [`Phase::ALL`]'s names.
+pub const PHASES: [&str; Phase::COUNT] = PHASE_NAMES;
 
 /// What a worker says of itself in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -200,30 +193,48 @@ impl TryFrom<rpc::Progress> for Progress {
             grad_norm: p.grad_norm,
             lr: finite("progress.lr", p.lr)?,
             phases: match p.phases {
-                None => [0.0; 6],
+                None => [0.0; Phase::COUNT],
                 Some(ph) => {
-                    let mut out = [0.0; 6];
-                    let given = [
-                        ph.data_wait,
-                        ph.forward,
-                        ph.backward,
-                        ph.collective,
-                        ph.optimizer,
-                        ph.checkpoint,
-                    ];
-                    for ((o, v), name) in out.iter_mut().zip(given).zip(PHASES) {
+                    let given = Phases::from(ph);
+                    for phase in Phase::ALL {
+                        let v = given.get(phase);
                         if !(v.is_finite() && v >= 0.0) {
                             return Err(field_error(
                                 "progress.phases",
-                                format!("{name}: {v} is not a number of seconds"),
+                                format!("{}: {v} is not a number of seconds", phase.name()),
                             ));
                         }
-                        *o = v;
                     }
-                    out
+                    given.to_array()
                 }
             },
         })
+    }
+}
+
+impl From<rpc::StepPhases> for Phases {
+    fn from(p: rpc::StepPhases) -> Self {
+        Phases {
+            data_wait: p.data_wait,
+            forward: p.forward,
+            backward: p.backward,
+            collective: p.collective,
+            optimizer: p.optimizer,
+            checkpoint: p.checkpoint,
+        }
+    }
+}
+
+impl From<Phases> for rpc::StepPhases {
+    fn from(p: Phases) -> Self {
+        rpc::StepPhases {
+            data_wait: p.data_wait,
+            forward: p.forward,
+            backward: p.backward,
+            collective: p.collective,
+            optimizer: p.optimizer,
+            checkpoint: p.checkpoint,
+        }
     }
 }
 
@@ -241,14 +252,7 @@ impl From<Progress> for rpc::Progress {
             val_step: p.val_step,
             grad_norm: p.grad_norm,
             lr: p.lr,
-            phases: Some(rpc::StepPhases {
-                data_wait: p.phases[0],
-                forward: p.phases[1],
-                backward: p.phases[2],
-                collective: p.phases[3],
-                optimizer: p.phases[4],
-                checkpoint: p.phases[5],
-            }),
+            phases: Some(Phases::from_array(p.phases).into()),
         }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`rpc`]: the coordinator's gRPC service (`proto/kiln.proto`), generated at build time
 //!   without `protoc`; [`control`]: its messages as checked Kiln types; [`client`]: how a
 //!   worker or a client connects (token, TLS).
+//! - [`run`]: a training run's record: the events it logs, the phases of a step, and the
+//!   state its checkpoints carry.
 //!
 //! Apart from [`client`]'s connection, this crate does no IO beyond reading and writing
 //! these documents, and knows nothing of libtorch or Parquet.
@@ -18,6 +20,7 @@ pub mod job;
 pub mod json;
 pub mod manifest;
 pub mod path;
+pub mod run;
 
 /// The generated gRPC types and services. Only the coordinator's service and the clients
 /// touch them; everything else uses [`control`].

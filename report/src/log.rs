@@ -5,10 +5,16 @@
 //! steps repeated by a recovery (the last one counts), event types it does not know
 //! (ignored), fields it does not know (ignored), logs of older versions without `phases`,
 //! `window_steps` or `time`, and `null` where a value was not finite (a diverged loss).
+//!
+//! The lines are [`kiln_proto::run::Event`]s; the views here keep every value optional (a
+//! report tells a missing or `null` value apart from a zero) and keep phases by name (a log
+//! may name phases this version does not know), so they are read into these views rather than
+//! into the events themselves. A test below holds the two together field by field.
 
 use std::collections::BTreeMap;
 
 use kiln_proto::json::kind as json_kind;
+use kiln_proto::run::Phase;
 use serde::Deserialize;
 
 /// The run's configuration, from its `start` event.
@@ -111,17 +117,20 @@ pub enum ParseError {
     Line { line: usize, message: String },
 }
 
-/// Phase names in stacking order (bottom first), with their labels. `compute` stands for
-/// forward, backward and optimizer together in logs without per-phase timing.
-pub const PHASES: [(&str, &str); 7] = [
-    ("data_wait", "data wait"),
-    ("compute", "compute"),
-    ("forward", "forward"),
-    ("backward", "backward"),
-    ("collective", "collective wait"),
-    ("optimizer", "optimizer"),
-    ("checkpoint", "checkpoint"),
-];
+/// Phase names in stacking order (bottom first), with their labels: [`Phase::ALL`], with
+/// `compute` after `data_wait`, standing for forward, backward and optimizer together in logs
+/// without per-phase timing.
+pub const PHASES: [(&str, &str); Phase::COUNT + 1] = {
+    let mut out = [("compute", "compute"); Phase::COUNT + 1];
+    let mut i = 0;
+    while i < Phase::COUNT {
+        let p = Phase::ALL[i];
+        // `compute` takes the place right after the first phase (data wait).
+        out[if i == 0 { 0 } else { i + 1 }] = (p.name(), p.label());
+        i += 1;
+    }
+    out
+};
 
 impl Step {
     /// Seconds per step by phase. Without `phases` (older logs): the data and collective
@@ -506,5 +515,232 @@ mod tests {
         let log = parse(text).unwrap();
         assert_eq!(log.phase_names(), ["forward", "alpha", "zeta"]);
         assert_eq!(log.steps[0].phase_seconds()[0], ("alpha".into(), 0.0));
+    }
+
+    #[test]
+    fn the_phases_stack_in_the_one_order() {
+        assert_eq!(
+            PHASES,
+            [
+                ("data_wait", "data wait"),
+                ("compute", "compute"),
+                ("forward", "forward"),
+                ("backward", "backward"),
+                ("collective", "collective wait"),
+                ("optimizer", "optimizer"),
+                ("checkpoint", "checkpoint"),
+            ]
+        );
+    }
+
+    /// Every field of every event the trainer logs reaches the report. The events are
+    /// destructured whole, so that a field added to them must be added here too.
+    #[test]
+    fn the_report_reads_every_field_the_trainer_writes() {
+        use kiln_proto::run::{Event, Phases};
+        let start = Event::Start {
+            job: "tiny".into(),
+            params: 3_315_072,
+            world: 4,
+            dp: 2,
+            tp: 2,
+            zero1: true,
+            device: "Cuda(0)".into(),
+            bf16: true,
+            precision: "bf16".into(),
+            flops_per_token: 19_988_736.0,
+            peak_flops: 1e14,
+            train_sequences: 2060,
+            validation_sequences: 769,
+        };
+        let phases = Phases {
+            data_wait: 0.005,
+            forward: 0.15,
+            backward: 0.25,
+            collective: 0.01,
+            optimizer: 0.05,
+            checkpoint: 0.5,
+        };
+        let step = Event::Step {
+            step: 20,
+            steps: 200,
+            loss: 7.25,
+            lr: 3e-3,
+            grad_norm: 1.5,
+            tokens_per_s: 1800.0,
+            mfu: 0.4,
+            step_s: 0.5,
+            data_wait: 0.01,
+            collective_wait: 0.02,
+            phases,
+            window_steps: 10,
+            time: 1_790_000_000.25,
+        };
+        let eval = Event::Eval {
+            step: 20,
+            val_loss: 7.5,
+            tokens: 1024,
+        };
+        let resumed = Event::Resumed {
+            step: 10,
+            from: "s3://b/run/step-10/".into(),
+            rejected: vec!["step-15: damaged".into()],
+        };
+        let checkpoint = Event::Checkpoint {
+            step: 20,
+            url: "s3://b/run/step-20/manifest.json".into(),
+            pause_s: 0.01,
+            save_s: 0.3,
+            bytes: 123_456,
+            deleted: vec![5, 10],
+        };
+        let saved = Event::Saved {
+            path: "/runs/tiny/model".into(),
+        };
+        let events = [&start, &resumed, &step, &eval, &checkpoint, &saved];
+        let text: String = events.iter().map(|e| e.to_line() + "\n").collect();
+        let log = parse(&text).unwrap();
+        assert_eq!((log.lines, log.starts, log.saved), (6, 1, true));
+
+        let Event::Start {
+            job,
+            params,
+            world,
+            dp,
+            tp,
+            zero1,
+            device,
+            bf16,
+            precision,
+            flops_per_token,
+            peak_flops,
+            train_sequences,
+            validation_sequences,
+        } = start
+        else {
+            unreachable!()
+        };
+        let read = log.start.clone().unwrap();
+        assert_eq!(
+            read,
+            Start {
+                job: Some(job),
+                params: Some(params),
+                world: Some(world as u64),
+                dp: Some(dp as u64),
+                tp: Some(tp as u64),
+                zero1: Some(zero1),
+                device: Some(device),
+                bf16: Some(bf16),
+                precision: Some(precision),
+                flops_per_token: Some(flops_per_token),
+                peak_flops: Some(peak_flops),
+                train_sequences: Some(train_sequences as u64),
+                validation_sequences: Some(validation_sequences as u64),
+            }
+        );
+
+        let Event::Step {
+            step,
+            steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            mfu,
+            step_s,
+            data_wait,
+            collective_wait,
+            phases,
+            window_steps,
+            time,
+        } = step
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            log.steps,
+            [Step {
+                step,
+                steps: Some(steps),
+                loss: Some(loss),
+                lr: Some(lr),
+                grad_norm: Some(grad_norm),
+                tokens_per_s: Some(tokens_per_s),
+                mfu: Some(mfu),
+                step_s: Some(step_s),
+                data_wait: Some(data_wait),
+                collective_wait: Some(collective_wait),
+                phases: Some(
+                    Phase::ALL
+                        .iter()
+                        .map(|p| (p.name().to_owned(), Some(phases.get(*p))))
+                        .collect()
+                ),
+                window_steps: Some(window_steps),
+                time: Some(time),
+            }]
+        );
+        assert_eq!(log.phase_names(), kiln_proto::run::PHASE_NAMES);
+
+        let Event::Eval {
+            step,
+            val_loss,
+            tokens,
+        } = eval
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            log.evals,
+            [Eval {
+                step,
+                val_loss: Some(val_loss),
+                tokens: Some(tokens),
+            }]
+        );
+
+        let Event::Resumed {
+            step,
+            from,
+            rejected,
+        } = resumed
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            log.resumed,
+            [Resumed {
+                step,
+                from: Some(from),
+                rejected,
+            }]
+        );
+
+        // `deleted` is the console's business; the report has no use for it.
+        let Event::Checkpoint {
+            step,
+            url,
+            pause_s,
+            save_s,
+            bytes,
+            deleted: _,
+        } = checkpoint
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            log.checkpoints,
+            [Checkpoint {
+                step,
+                url: Some(url),
+                pause_s: Some(pause_s),
+                save_s: Some(save_s),
+                bytes: Some(bytes),
+            }]
+        );
+        let Event::Saved { path: _ } = saved else {
+            unreachable!()
+        };
     }
 }

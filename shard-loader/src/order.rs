@@ -182,17 +182,8 @@ pub struct LedgerEntry {
     pub hash: u64,
 }
 
-/// The resume state of a data stream: everything needed to continue it exactly.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataCursor {
-    /// The next global sample to read.
-    pub next_sample: u64,
-    pub seed: u64,
-    pub seq_len: u64,
-    pub shuffle_window: u64,
-    /// Identifies the dataset (its shard checksums); a resume on other data is refused.
-    pub dataset: String,
-}
+/// The resume state of a data stream (part of a run's record, hence in `kiln_proto::run`).
+pub use kiln_proto::run::DataCursor;
 
 #[cfg(test)]
 mod tests {

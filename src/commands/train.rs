@@ -205,6 +205,8 @@ fn print_event(e: &Event) {
                 format!(" | removed steps {deleted:?}")
             }
         ),
+        // Only a supervising agent reads these, from a supervised rank's stdout.
+        Event::ShardWritten { .. } => {}
     }
 }
 

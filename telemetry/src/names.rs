@@ -141,8 +141,9 @@ use Source::{Coordinator, Job, Rank};
 /// Attribute naming a step's phase on [`TRAIN_PHASE_DURATION`] and [`JOB_PHASE_DURATION`]:
 /// `data_wait`, `forward`, `backward`, `collective`, `optimizer`, `checkpoint`.
 pub const PHASE: &str = "kiln.phase";
-/// The phases a step's time is split into, in order (the same as a heartbeat's).
-pub use kiln_proto::control::PHASES;
+/// The phases a step's time is split into, in order (the names of
+/// [`kiln_proto::run::Phase::ALL`], as in logs and heartbeats).
+pub use kiln_proto::run::PHASE_NAMES as PHASES;
 /// Attribute naming the job on the coordinator's metrics (and a resource attribute of ranks).
 pub const JOB_ID: &str = "kiln.job.id";
 /// Resource attributes of a training rank.

@@ -246,18 +246,33 @@ pub struct Saver {
     gate: Option<Arc<dyn CommitGate>>,
 }
 
+/// Where a rank sits in the mesh and what its saves keep: how [`Saver::new`] is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct SaverOptions {
+    /// This rank's global rank (rank 0 commits and applies retention).
+    pub rank: usize,
+    pub mesh: Mesh,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    /// Uploads run in the background while training goes on.
+    pub asynchronous: bool,
+    /// Retention: keep the newest `keep_last` checkpoints, and every `keep_every`-th step
+    /// (0: none).
+    pub keep_last: usize,
+    pub keep_every: u64,
+}
+
 impl Saver {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: CheckpointStore,
-        rank: usize,
-        mesh: Mesh,
-        dp_rank: usize,
-        tp_rank: usize,
-        asynchronous: bool,
-        keep_last: usize,
-        keep_every: u64,
-    ) -> Self {
+    pub fn new(store: CheckpointStore, options: SaverOptions) -> Self {
+        let SaverOptions {
+            rank,
+            mesh,
+            dp_rank,
+            tp_rank,
+            asynchronous,
+            keep_last,
+            keep_every,
+        } = options;
         Saver {
             store,
             rank,

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Region};
+use kiln_proto::run::TrainState;
 use serde_json::json;
 
 use crate::config::{ConfigError, LlamaConfig};
@@ -21,6 +22,8 @@ pub enum ExportError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Hf(#[from] HfError),
+    #[error("the checkpoint's training state: {0}")]
+    State(#[from] serde_json::Error),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -50,17 +53,17 @@ pub fn export_hf(
         move |source| ExportError::Write { path, source }
     };
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    let state = &m.train_state;
-    let config = LlamaConfig::from_hf_json(&state["model"])?;
-    let eos = state["eos_id"].as_u64().map(|e| e as u32);
+    let state = TrainState::from_value(&m.train_state)?;
+    let config = LlamaConfig::from_hf_json(&state.model)?;
+    let eos = state.eos_id;
     let mut hf_config = config.to_hf_json(eos);
     hf_config["torch_dtype"] = json!(if bf16 { "bfloat16" } else { "float32" });
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&hf_config).unwrap_or_default();
     std::fs::write(&config_path, text).map_err(write_err(&config_path))?;
-    if state["meta"].is_object() {
+    if state.meta.is_object() {
         let path = dir.join(KILN_META);
-        let text = serde_json::to_string_pretty(&state["meta"]).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&state.meta).unwrap_or_default();
         std::fs::write(&path, text).map_err(write_err(&path))?;
     }
 

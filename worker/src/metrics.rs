@@ -6,7 +6,7 @@ use kiln_telemetry::names::{self, PHASE};
 use opentelemetry::metrics::{Counter, Gauge, Histogram};
 use opentelemetry::KeyValue;
 
-use crate::train::Event;
+use kiln_proto::run::{Event, Phase};
 
 pub struct RankMetrics {
     throughput: Gauge<f64>,
@@ -24,7 +24,7 @@ pub struct RankMetrics {
     pause_duration: Histogram<f64>,
     checkpoint_size: Counter<u64>,
     checkpoint_saves: Counter<u64>,
-    phase_attributes: [[KeyValue; 1]; 6],
+    phase_attributes: [[KeyValue; 1]; Phase::COUNT],
     // From the start event: the data-parallel degree and the tokens of one step.
     dp: f64,
 }
@@ -86,14 +86,7 @@ impl RankMetrics {
                 self.steps.add(n, &[]);
                 self.tokens
                     .add((share * step_s * n as f64).round() as u64, &[]);
-                let seconds = [
-                    phases.data_wait,
-                    phases.forward,
-                    phases.backward,
-                    phases.collective,
-                    phases.optimizer,
-                    phases.checkpoint,
-                ];
+                let seconds = phases.to_array();
                 for (s, attributes) in seconds.iter().zip(&self.phase_attributes) {
                     self.phase_duration.add(s * n as f64, attributes);
                 }
@@ -110,7 +103,7 @@ impl RankMetrics {
                 self.checkpoint_size.add(*bytes, &[]);
                 self.checkpoint_saves.add(1, &[]);
             }
-            Event::Saved { .. } | Event::Resumed { .. } => {}
+            Event::Saved { .. } | Event::Resumed { .. } | Event::ShardWritten { .. } => {}
         }
     }
 }

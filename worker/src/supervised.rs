@@ -2,7 +2,8 @@
 //! speaks to it over its standard streams:
 //!
 //! - stdout: one JSON object per line: every [`Event`] of this rank, and
-//!   `{"type":"shard_written","step":N}` when its checkpoint shard of step N is written;
+//!   [`Event::ShardWritten`] (`{"type":"shard_written","step":N}`) when its checkpoint shard
+//!   of step N is written;
 //! - stdin: `commit N` lines (rank 0 may write step N's manifest: phase two of the commit).
 //!   End of input means the supervisor is gone: the process aborts at once, so no rank
 //!   outlives its agent.
@@ -12,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::CommitGate;
-use crate::train::Event;
+use kiln_proto::run::Event;
 
 /// Writes one line to stdout, whole.
 pub fn print_line(value: &serde_json::Value) {
@@ -69,7 +70,7 @@ impl StdinGate {
 
 impl CommitGate for StdinGate {
     fn written(&self, step: u64) {
-        print_line(&serde_json::json!({ "type": "shard_written", "step": step }));
+        print_event(&Event::ShardWritten { step });
     }
 
     fn wait_commit(&self, step: u64, timeout: Duration) -> Result<(), String> {

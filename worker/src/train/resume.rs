@@ -1,0 +1,267 @@
+//! Continuing a run from a checkpoint: finding the one `--resume` names, checking that it was
+//! written by a run of the same model, data stream and batch ([`compatible`]), and loading it.
+
+use kiln_checkpoint::{CheckpointStore, Manifest};
+use kiln_proto::job::JobConfig;
+use kiln_proto::run::TrainState;
+use tch::Tensor;
+
+use super::TrainError;
+use crate::checkpoint;
+use crate::collective::{ProcessGroups, ReduceOp};
+use crate::config::LlamaConfig;
+use crate::model::Llama;
+use crate::optim::AdamW;
+
+/// Where a resumed run starts.
+pub(super) struct Resumed {
+    pub step: i64,
+    pub ledger_hash: u64,
+    pub from: String,
+    pub rejected: Vec<String>,
+}
+
+/// Finds the checkpoint `which` names and loads it into `model` and `optimizer`. With
+/// `latest`, a checkpoint any rank cannot use is skipped for the one before it (the ranks
+/// agree on which); a checkpoint named explicitly must load.
+pub(super) fn resume(
+    job: &JobConfig,
+    which: &str,
+    config: &LlamaConfig,
+    data_id: &str,
+    model: &Llama,
+    optimizer: &mut AdamW,
+    groups: &ProcessGroups,
+) -> Result<Resumed, TrainError> {
+    let (store, step) = match which {
+        "latest" => (CheckpointStore::open(&job.checkpoint_dir())?, None),
+        name if kiln_checkpoint::layout::parse_step_dir(name).is_some() => (
+            CheckpointStore::open(&job.checkpoint_dir())?,
+            kiln_checkpoint::layout::parse_step_dir(name),
+        ),
+        url => {
+            let trimmed = url.trim_end_matches('/');
+            match trimmed.rsplit_once('/') {
+                Some((root, last)) if kiln_checkpoint::layout::parse_step_dir(last).is_some() => (
+                    CheckpointStore::open(root)?,
+                    kiln_checkpoint::layout::parse_step_dir(last),
+                ),
+                _ => (CheckpointStore::open(trimmed)?, None),
+            }
+        }
+    };
+    let candidates = match step {
+        Some(n) => vec![store.manifest(n)?],
+        None => store.committed()?,
+    };
+    let fresh = Resumed {
+        step: 0,
+        ledger_hash: 0,
+        from: format!("nothing: no checkpoint under {} yet", store.url()),
+        rejected: Vec::new(),
+    };
+    if candidates.is_empty() {
+        return Ok(fresh);
+    }
+    let mut rejected = Vec::new();
+    for m in &candidates {
+        let outcome = read_state(m).and_then(|state| {
+            compatible(job, config, data_id, m.step, &state)?;
+            checkpoint::load(&store, m, model, optimizer)?;
+            Ok(state)
+        });
+        // The highest rank that failed, plus one; 0 when every rank loaded it.
+        let failed = match &outcome {
+            Ok(_) => 0,
+            Err(_) => groups.rank as i64 + 1,
+        };
+        let flag = Tensor::from_slice(&[failed]);
+        groups.world.all_reduce(&flag, ReduceOp::Max)?;
+        let worst = flag.int64_value(&[0]);
+        let name = store.display(m.step, "");
+        if let (0, Ok(state)) = (worst, &outcome) {
+            optimizer.step = state.optimizer_step;
+            return Ok(Resumed {
+                step: state.steps.unwrap_or(m.step as i64),
+                ledger_hash: state.ledger.hash,
+                from: name,
+                rejected,
+            });
+        }
+        let why = match outcome {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("rank {} could not load it (see its output)", worst - 1),
+        };
+        tracing::warn!("checkpoint {name} rejected: {why}");
+        if step.is_some() {
+            return Err(TrainError::Resume(why));
+        }
+        rejected.push(format!("{name}: {why}"));
+    }
+    Err(TrainError::Resume(format!(
+        "no usable checkpoint under {}: {}",
+        store.url(),
+        rejected.join("; ")
+    )))
+}
+
+/// The training state checkpoint `m` records.
+fn read_state(m: &Manifest) -> Result<TrainState, TrainError> {
+    TrainState::from_value(&m.train_state).map_err(|e| {
+        TrainError::Resume(format!(
+            "checkpoint step-{} has a training state this version cannot read: {e}",
+            m.step
+        ))
+    })
+}
+
+/// How a value a checkpoint may lack reads in a message (`null`: it has none).
+fn shown<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "null".to_owned(), |v| v.to_string())
+}
+
+/// Refuses the state of checkpoint step `step` when it was written by a run of another
+/// model, data stream or batch.
+pub(super) fn compatible(
+    job: &JobConfig,
+    config: &LlamaConfig,
+    data_id: &str,
+    step: u64,
+    s: &TrainState,
+) -> Result<(), TrainError> {
+    let t = &job.train;
+    let differ = |what: &str, theirs: String, ours: String| {
+        Err(TrainError::Resume(format!(
+            "checkpoint step-{step} was written by a run with {what} {theirs}; this job has {ours}"
+        )))
+    };
+    let model = config.to_hf_json(None);
+    if s.model != model {
+        return differ(
+            "another model shape:",
+            s.model.to_string(),
+            model.to_string(),
+        );
+    }
+    if s.batch_size != Some(t.batch_size) {
+        return differ(
+            "train.batch_size",
+            shown(s.batch_size),
+            t.batch_size.to_string(),
+        );
+    }
+    let c = s.data_cursor.as_ref();
+    let seq_len = c.map(|c| c.seq_len);
+    if seq_len.and_then(|l| i64::try_from(l).ok()) != Some(t.seq_len) {
+        return differ("train.seq_len", shown(seq_len), t.seq_len.to_string());
+    }
+    let seed = c.map(|c| c.seed);
+    if seed != Some(t.seed) {
+        return differ("train.seed", shown(seed), t.seed.to_string());
+    }
+    let window = c.map(|c| c.shuffle_window);
+    if window != Some(job.data.shuffle_window) {
+        return differ(
+            "data.shuffle_window",
+            shown(window),
+            job.data.shuffle_window.to_string(),
+        );
+    }
+    let dataset = c.map(|c| c.dataset.as_str());
+    if dataset != Some(data_id) {
+        // As JSON: the dataset id quoted.
+        let theirs = shown(dataset.map(serde_json::Value::from));
+        return differ("other data:", theirs, data_id.to_string());
+    }
+    let steps = s.steps.unwrap_or(0);
+    if steps > t.steps {
+        return differ(
+            "more steps done:",
+            shown(s.steps),
+            format!("train.steps = {}", t.steps),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::run::{DataCursor, LedgerMark};
+
+    fn job() -> JobConfig {
+        let mut job = JobConfig::parse(
+            r#"
+[model]
+preset = "tiny"
+[data]
+path = "/nowhere"
+[train]
+steps = 100
+batch_size = 8
+micro_batch_size = 4
+seq_len = 32
+[output]
+dir = "out"
+"#,
+            std::path::Path::new("job.toml"),
+        )
+        .unwrap();
+        job.data.shuffle_window = 64;
+        job
+    }
+
+    fn state(job: &JobConfig, config: &LlamaConfig) -> TrainState {
+        let t = &job.train;
+        TrainState {
+            steps: Some(40),
+            optimizer_step: 40,
+            lr_next: 1e-3,
+            data_cursor: Some(DataCursor {
+                next_sample: (40 * t.batch_size) as u64,
+                seed: t.seed,
+                seq_len: t.seq_len as u64,
+                shuffle_window: job.data.shuffle_window,
+                dataset: "data-1".into(),
+            }),
+            ledger: LedgerMark { steps: 40, hash: 9 },
+            model: config.to_hf_json(None),
+            batch_size: Some(t.batch_size),
+            ..TrainState::default()
+        }
+    }
+
+    #[test]
+    fn compatible_refuses_another_run_and_says_why() {
+        let job = job();
+        let config = LlamaConfig::from_spec(&job.model).unwrap();
+        let ok = state(&job, &config);
+        assert!(compatible(&job, &config, "data-1", 40, &ok).is_ok());
+        let refused = |s: &TrainState, data: &str| match compatible(&job, &config, data, 40, s) {
+            Err(TrainError::Resume(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let why = refused(&ok, "data-2");
+        assert_eq!(
+            why,
+            "checkpoint step-40 was written by a run with other data: \"data-1\"; this job has data-2"
+        );
+        let mut s = ok.clone();
+        s.batch_size = Some(16);
+        assert!(refused(&s, "data-1").contains("train.batch_size 16; this job has 8"));
+        // What an older or foreign checkpoint lacks is shown as JSON's null.
+        s.batch_size = None;
+        assert!(refused(&s, "data-1").contains("train.batch_size null;"));
+        let mut s = ok.clone();
+        s.data_cursor = None;
+        assert!(refused(&s, "data-1").contains("train.seq_len null;"));
+        let mut s = ok.clone();
+        s.steps = Some(200);
+        assert!(
+            refused(&s, "data-1").contains("more steps done: 200; this job has train.steps = 100")
+        );
+        let mut s = ok;
+        s.model = serde_json::Value::Null;
+        assert!(refused(&s, "data-1").contains("another model shape: null;"));
+    }
+}
