@@ -25,6 +25,10 @@ pub struct ModelMeta {
     /// The URL of the dataset the model was trained on.
     #[serde(default)]
     pub dataset: Option<String>,
+    /// Everything else the file holds (the trainer adds its final `data_cursor`), kept as
+    /// written so that a model copied through Kiln keeps it.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,7 @@ impl ModelMeta {
             tokenizer_sha256: manifest.tokenizer.sha256.clone(),
             eos_id: Some(manifest.eos_id),
             dataset: Some(url.to_owned()),
+            other: Default::default(),
         }
     }
 
@@ -117,6 +122,9 @@ mod tests {
             tokenizer_sha256: None,
             eos_id: Some(50256),
             dataset: Some("runs/data".into()),
+            other: [("data_cursor".to_owned(), serde_json::json!({"step": 3}))]
+                .into_iter()
+                .collect(),
         };
         meta.write(dir.path()).unwrap();
         assert_eq!(ModelMeta::read(dir.path()).unwrap(), Some(meta));

@@ -50,15 +50,8 @@ pub enum TrainError {
     Shard(#[from] ShardError),
     #[error(transparent)]
     Hf(#[from] HfError),
-    #[error(
-        "the dataset {dir} uses token ids up to {dataset_vocab} ({tokenizer}) but the model's vocab_size is {model_vocab}; set model.vocab_size to at least {dataset_vocab}"
-    )]
-    VocabTooSmall {
-        dir: String,
-        tokenizer: String,
-        dataset_vocab: u32,
-        model_vocab: i64,
-    },
+    #[error(transparent)]
+    VocabTooSmall(#[from] crate::meta::VocabTooSmall),
     #[error(
         "the mixture's datasets {first} and {other} use different tokenizers (vocabulary size or end-of-document id differ)"
     )]
@@ -146,7 +139,7 @@ pub struct Summary {
 }
 
 /// Sidecar written next to the weights so `kiln sample` finds the tokenizer.
-pub const KILN_META: &str = "kiln.json";
+pub use crate::meta::KILN_META;
 
 /// The name of the run's metrics log, in `output.dir` and in the checkpoint directory.
 pub const METRICS_LOG: &str = "metrics.jsonl";

@@ -182,14 +182,7 @@ fn check_fits(
     manifest: &DatasetManifest,
 ) -> Result<(), TrainError> {
     let t = &job.train;
-    if i64::from(manifest.vocab_size) > config.vocab_size {
-        return Err(TrainError::VocabTooSmall {
-            dir: job.data.sources()[0].path.clone(),
-            tokenizer: manifest.tokenizer.kind.clone(),
-            dataset_vocab: manifest.vocab_size,
-            model_vocab: config.vocab_size,
-        });
-    }
+    crate::meta::check_vocab(&job.data.sources()[0].path, manifest, config.vocab_size)?;
     if t.seq_len > config.max_seq_len {
         return Err(TrainError::SeqTooLong {
             seq_len: t.seq_len,

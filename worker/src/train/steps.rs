@@ -160,7 +160,7 @@ impl<'a> Trainer<'a> {
 
     /// Reads this rank's micro-batches of step `step` onto the device: the batches, the
     /// wrapping sum of their sample hashes, and the seconds it took.
-    fn read_batches(&mut self, step: i64) -> Result<(Vec<(Tensor, Tensor)>, u64, f64), TrainError> {
+    fn read_batches(&mut self, step: i64) -> Result<StepBatches, TrainError> {
         let job = self.job;
         let t = &job.train;
         let (micro, dp, dp_rank) = (self.micro(), self.run.dims.dp, self.run.dp_rank);
@@ -364,6 +364,10 @@ impl<'a> Trainer<'a> {
         Ok(self.summary)
     }
 }
+
+/// A step's micro-batches (inputs, targets), the wrapping sum of their sample hashes, and
+/// the seconds reading them took.
+type StepBatches = (Vec<(Tensor, Tensor)>, u64, f64);
 
 /// Writes the weights (fp32) and Kiln's sidecar with the tokenizer the model was trained with.
 fn save_model(

@@ -125,7 +125,11 @@ fn inherited_listener(rank: usize, addr: &str) -> Result<Option<TcpListener>> {
         .local_addr()
         .map_err(|e| bad(e.to_string()))?
         .port();
-    if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()) != Some(port) {
+    if addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        != Some(port)
+    {
         return Err(bad(format!(
             "the socket listens on port {port}, but this rank's address is {addr}"
         )));
