@@ -1,6 +1,6 @@
 //! Where a run's record goes: the metrics log (`metrics.jsonl`, one [`Event`] per line) and
 //! the sample ledger (`ledger.jsonl`) in `output.dir`, both written by rank 0 only; the copy
-//! of the metrics log in the checkpoint store ([`RunLog`]); and the caller's event callback,
+//! of the metrics log in the checkpoint store ([`LogUpload`]); and the caller's event callback,
 //! which every rank reports to.
 
 use std::fs::File;
@@ -72,7 +72,7 @@ pub(super) struct Emitter<'a> {
     leader: bool,
     path: PathBuf,
     metrics: Box<dyn Write>,
-    run_log: Option<RunLog>,
+    run_log: Option<LogUpload>,
     on_event: &'a mut dyn FnMut(&Event),
 }
 
@@ -91,7 +91,7 @@ impl<'a> Emitter<'a> {
         let (path, metrics) = sink(job, leader, resumed, METRICS_LOG, &|s| s <= start_step)?;
         Ok(Emitter {
             leader,
-            run_log: leader.then(|| RunLog::new(store(), path.clone())),
+            run_log: leader.then(|| LogUpload::new(store(), path.clone())),
             path,
             metrics,
             on_event,
@@ -159,19 +159,19 @@ impl Ledger {
 /// depend on the machine that ran rank 0 (nor on a telemetry collector): at most every 30 s
 /// on a step, at every checkpoint, and at the end. A store that refuses is reported once;
 /// training goes on.
-struct RunLog {
+struct LogUpload {
     store: Option<CheckpointStore>,
     local: PathBuf,
     last: Option<Instant>,
     warned: bool,
 }
 
-impl RunLog {
-    fn new(store: Result<CheckpointStore, CheckpointError>, local: PathBuf) -> RunLog {
+impl LogUpload {
+    fn new(store: Result<CheckpointStore, CheckpointError>, local: PathBuf) -> LogUpload {
         let store = store
             .map_err(|e| tracing::warn!("the metrics log stays local only: {e}"))
             .ok();
-        RunLog {
+        LogUpload {
             store,
             local,
             last: None,

@@ -14,7 +14,7 @@ use crate::model::Llama;
 use crate::optim::AdamW;
 
 /// Where a resumed run starts.
-pub(super) struct Resumed {
+pub(super) struct ResumePoint {
     pub step: i64,
     pub ledger_hash: u64,
     pub from: String,
@@ -32,7 +32,7 @@ pub(super) fn resume(
     model: &Llama,
     optimizer: &mut AdamW,
     groups: &ProcessGroups,
-) -> Result<Resumed, TrainError> {
+) -> Result<ResumePoint, TrainError> {
     let (store, step) = match which {
         "latest" => (CheckpointStore::open(&job.checkpoint_dir())?, None),
         name if kiln_checkpoint::layout::parse_step_dir(name).is_some() => (
@@ -54,7 +54,7 @@ pub(super) fn resume(
         Some(n) => vec![store.manifest(n)?],
         None => store.committed()?,
     };
-    let fresh = Resumed {
+    let fresh = ResumePoint {
         step: 0,
         ledger_hash: 0,
         from: format!("nothing: no checkpoint under {} yet", store.url()),
@@ -81,7 +81,7 @@ pub(super) fn resume(
         let name = store.display(m.step, "");
         if let (0, Ok(state)) = (worst, &outcome) {
             optimizer.step = state.optimizer_step;
-            return Ok(Resumed {
+            return Ok(ResumePoint {
                 step: state.steps.unwrap_or(m.step as i64),
                 ledger_hash: state.ledger.hash,
                 from: name,
