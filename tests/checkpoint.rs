@@ -254,7 +254,7 @@ fn a_rank_killed_while_saving_leaves_no_checkpoint_behind() {
     let ckpts = output_dir(&path).join("checkpoints");
     let mut children = spawn_ranks_with(&path, 2, &[], &[]);
     // Kill rank 1 as soon as a save has started (a step directory exists) and before rank
-    // 1 has confirmed its shard, once steps 1 and 2 had their chance to commit.
+    // 1 has confirmed its object, once steps 1 and 2 had their chance to commit.
     let start = Instant::now();
     let killed_at = loop {
         assert!(

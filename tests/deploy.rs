@@ -46,6 +46,16 @@ impl Daemon {
         }
     }
 
+    /// What the daemon says in the file `log` its output goes to (see [`announced`]).
+    pub fn announced(
+        &mut self,
+        log: &Path,
+        what: &str,
+        find: impl Fn(&str) -> Option<String>,
+    ) -> String {
+        announced(self.child.as_mut().expect("running"), log, what, find)
+    }
+
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_proto::manifest::Manifest;
+use kiln_proto::manifest::DatasetManifest;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::{LoaderOptions, TokenDataset, Tokenizer};
 
@@ -23,8 +23,8 @@ fn write_corpus(dir: &Path) -> Vec<String> {
     serde_json::from_str(&expected).unwrap()
 }
 
-fn manifest(dir: &Path) -> Manifest {
-    Manifest::load(dir).unwrap()
+fn manifest(dir: &Path) -> DatasetManifest {
+    DatasetManifest::load(dir).unwrap()
 }
 
 #[test]

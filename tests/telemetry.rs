@@ -306,14 +306,6 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.").then(|| body.to_string())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Prometheus, stopped when dropped.
 struct Prometheus(Child);
 
@@ -359,8 +351,20 @@ fn values(answer: &serde_json::Value) -> Vec<(serde_json::Value, f64)> {
 fn prometheus_scrapes_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let job = tiny_job_with(dir.path(), "scraped", 8, 4, "", "every = 20", 60);
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let web = format!("127.0.0.1:{}", free_port());
+    // Every server here binds port 0 and says which port it got.
+    let local_log = dir.path().join("kiln-local.log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["local", path_str(&job), "--workers", "2"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&local_log).unwrap())
+        .spawn()
+        .expect("kiln starts");
+    let metrics = announced(&mut run, &local_log, "the metrics address", |line| {
+        line.strip_prefix("metrics on http://")
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .map(str::to_owned)
+    });
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -369,21 +373,32 @@ fn prometheus_scrapes_the_coordinator() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-    let _prometheus = Prometheus(
+    let prometheus_log = dir.path().join("prometheus.log");
+    let mut prometheus = Prometheus(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("tsdb").display()
             ))
-            .arg(format!("--web.listen-address={web}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(&prometheus_log).unwrap())
             .spawn()
             .expect("prometheus is installed (scripts/test-deps.sh)"),
     );
-    let run = kiln_local(&job, &[], &["--metrics-listen", &metrics]);
+    // Its log line `msg="Listening on" address=127.0.0.1:PORT` has the bound port.
+    let web = announced(
+        &mut prometheus.0,
+        &prometheus_log,
+        "Prometheus's address",
+        |line| {
+            line.contains("msg=\"Listening on\"")
+                .then(|| line.split("address=").nth(1))
+                .flatten()
+                .map(|a| a.split_whitespace().next().unwrap_or(a).to_owned())
+        },
+    );
 
     // The endpoint itself, while the job runs.
     let start = Instant::now();
@@ -429,9 +444,13 @@ fn prometheus_scrapes_the_coordinator() {
     );
     assert_eq!(labels["job"], "kiln-coordinator");
     println!("Prometheus: kiln_job_throughput_per_second{labels} = {tokens_per_s:.0}");
-    let out = finished(run);
+    let out = run.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("completed"), "{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("completed"),
+        "kiln local failed:\n{stdout}\n{}",
+        std::fs::read_to_string(&local_log).unwrap_or_default()
+    );
     // What Prometheus stored agrees with the run: 2 workers, steps up to 60 at most.
     let workers = values(&query(&web, "max_over_time(kiln_job_workers[10m])"));
     assert_eq!(workers.first().map(|w| w.1), Some(2.0), "{workers:?}");
@@ -502,7 +521,9 @@ fn a_collector_that_is_down_is_reported_once_and_training_goes_on() {
         text.replace("[train]\n", "[train]\npeak_tflops = 0.5\n"),
     )
     .unwrap();
-    let closed = format!("http://127.0.0.1:{}", free_port());
+    // A port nothing listens on for as long as `_held` lives.
+    let (_held, closed) = refusing_addr();
+    let closed = format!("http://{closed}");
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", path_str(&job)])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &closed)

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kiln_proto::manifest::Manifest;
+use kiln_proto::manifest::DatasetManifest;
 use kiln_shard_loader::shard::read_shard;
 use kiln_shard_loader::Tokenizer;
 
@@ -40,7 +40,7 @@ fn tokenizer_json_matches_the_tokenizers_library() {
         "--val-fraction",
         "0",
     ]);
-    let m = Manifest::load(&data).unwrap();
+    let m = DatasetManifest::load(&data).unwrap();
     assert_eq!(m.tokenizer.kind, "huggingface");
     assert_eq!(m.tokenizer.sha256.as_deref().map(str::len), Some(64));
     assert_eq!(m.eos_id, eos);

@@ -117,7 +117,7 @@ pub struct Mesh {
 
 /// `manifest.json`: a checkpoint exists exactly when this object does and parses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct CheckpointManifest {
     pub format: String,
     pub version: u32,
     pub step: u64,
@@ -214,7 +214,7 @@ pub fn shard_name(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
-/// Rank `rank`'s confirmation, written after its shard is complete.
+/// Rank `rank`'s confirmation, written after its object is complete.
 pub fn report_name(rank: usize) -> String {
     format!("rank-{rank:05}.json")
 }

@@ -9,8 +9,8 @@
 pub mod layout;
 pub mod store;
 
-pub use layout::{Dtype, Manifest, Mesh, ObjectInfo, Piece, Region, TensorInfo};
-pub use store::{CheckpointStore, Listed, ShardWriter, Verified};
+pub use layout::{CheckpointManifest, Dtype, Mesh, ObjectInfo, Piece, Region, TensorInfo};
+pub use store::{CheckpointStore, Listed, RankObjectWriter, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

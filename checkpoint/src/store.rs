@@ -1,4 +1,4 @@
-//! Checkpoints in an object store: writing a rank's shard and its confirmation, the commit
+//! Checkpoints in an object store: writing a rank's object and its confirmation, the commit
 //! that makes a checkpoint exist, listing, reading regions at any layout, verification and
 //! retention. Blocking API; the async IO runs on a private runtime.
 
@@ -15,12 +15,12 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::layout::{
-    parse_step_dir, report_name, step_dir, to_delete, Manifest, Mesh, ObjectInfo, TensorInfo,
-    FORMAT, MANIFEST, VERSION,
+    parse_step_dir, report_name, step_dir, to_delete, CheckpointManifest, Mesh, ObjectInfo,
+    TensorInfo, FORMAT, MANIFEST, VERSION,
 };
 use crate::CheckpointError;
 
-pub use write::{Fill, ShardWriter};
+pub use write::{Fill, RankObjectWriter};
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
@@ -35,7 +35,7 @@ pub struct CheckpointStore {
 #[derive(Debug, Clone)]
 pub enum Listed {
     /// A manifest that parses: the checkpoint exists (its objects are not read here).
-    Committed(Box<Manifest>),
+    Committed(Box<CheckpointManifest>),
     /// No manifest (a save in progress, or one that never finished).
     Uncommitted,
     /// A manifest that cannot be used, and why.
@@ -110,7 +110,7 @@ impl CheckpointStore {
         tensors: BTreeMap<String, TensorInfo>,
         train_state: serde_json::Value,
         timeout: Duration,
-    ) -> Result<Manifest> {
+    ) -> Result<CheckpointManifest> {
         let deadline = Instant::now() + timeout;
         let mut objects: Vec<Option<ObjectInfo>> = vec![None; mesh.world];
         loop {
@@ -153,7 +153,7 @@ impl CheckpointStore {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let manifest = Manifest {
+        let manifest = CheckpointManifest {
             format: FORMAT.into(),
             version: VERSION,
             step,
@@ -223,8 +223,8 @@ impl CheckpointStore {
     }
 
     /// The committed checkpoints, newest first.
-    pub fn committed(&self) -> Result<Vec<Manifest>> {
-        let mut out: Vec<Manifest> = self
+    pub fn committed(&self) -> Result<Vec<CheckpointManifest>> {
+        let mut out: Vec<CheckpointManifest> = self
             .list()?
             .into_iter()
             .filter_map(|(_, l)| match l {
@@ -237,7 +237,7 @@ impl CheckpointStore {
     }
 
     /// Step `step`'s manifest, checked for format and version.
-    pub fn manifest(&self, step: u64) -> Result<Manifest> {
+    pub fn manifest(&self, step: u64) -> Result<CheckpointManifest> {
         let got = self.rt.block_on(async {
             self.loc
                 .store
@@ -259,7 +259,8 @@ impl CheckpointStore {
             object: self.display(step, MANIFEST),
             message,
         };
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let m: CheckpointManifest =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
         if m.format != FORMAT {
             return Err(invalid(format!("format {:?}, not {FORMAT:?}", m.format)));
         }
@@ -281,7 +282,7 @@ impl CheckpointStore {
 
     /// Checks that every object of `m` is there at its recorded size (a truncated or
     /// missing shard is caught before anything is read).
-    pub fn check_sizes(&self, m: &Manifest) -> Result<()> {
+    pub fn check_sizes(&self, m: &CheckpointManifest) -> Result<()> {
         for o in &m.objects {
             let meta = self
                 .rt

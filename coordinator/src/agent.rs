@@ -526,7 +526,7 @@ fn follow(line: &str, seen: &std::sync::Mutex<Seen>) -> bool {
             p.val_step = count(step);
             false
         }
-        Event::ShardWritten { step } => {
+        Event::RankObjectWritten { step } => {
             s.written = s.written.max(step);
             true
         }
@@ -654,7 +654,10 @@ mod tests {
     #[test]
     fn follow_counts_shards_written_and_checkpoints_committed() {
         let seen = std::sync::Mutex::new(Seen::default());
-        assert!(follow(&printed(&Event::ShardWritten { step: 4 }), &seen));
+        assert!(follow(
+            &printed(&Event::RankObjectWritten { step: 4 }),
+            &seen
+        ));
         assert!(follow(r#"{"step":2,"type":"shard_written"}"#, &seen));
         let checkpoint = |url: &str| Event::Checkpoint {
             step: 4,

@@ -2,7 +2,7 @@
 //!
 //! - [`Event`]: one JSON object per line, tagged by `"type"`, that the trainer appends to its
 //!   metrics log (`metrics.jsonl`) and prints to a supervising agent (which also gets
-//!   [`Event::ShardWritten`] lines);
+//!   [`Event::RankObjectWritten`] lines);
 //! - [`Phase`] and [`Phases`]: the parts a step's time is split into, the one list every
 //!   phase name (logs, heartbeats, metrics, reports) derives from;
 //! - [`TrainState`] and [`DataCursor`]: what a checkpoint records of the run besides its
@@ -110,9 +110,12 @@ pub enum Event {
         #[serde(default)]
         deleted: Vec<u64>,
     },
-    /// This rank's checkpoint shard of step `step` is written (only to a supervising agent,
-    /// which then tells the coordinator; never in the metrics log).
-    ShardWritten {
+    /// This rank's object of step `step`'s checkpoint is written (only to a supervising
+    /// agent, which then tells the coordinator; never in the metrics log). `shard_written` on
+    /// the wire, the name it had before checkpoints' rank objects and datasets' shards were
+    /// told apart.
+    #[serde(rename = "shard_written")]
+    RankObjectWritten {
         step: u64,
     },
 }
@@ -438,7 +441,7 @@ mod tests {
                 bytes: 123_456,
                 deleted: vec![5, 10],
             },
-            Event::ShardWritten { step: 20 },
+            Event::RankObjectWritten { step: 20 },
         ]
     }
 

@@ -8,7 +8,7 @@
 //! form the validation split.
 
 use futures::TryStreamExt;
-use kiln_proto::manifest::{self, Manifest, ShardInfo, Split, TokenizerInfo};
+use kiln_proto::manifest::{self, DatasetManifest, ShardInfo, Split, TokenizerInfo};
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::ParquetMetaDataReader;
@@ -37,7 +37,7 @@ fn store_err(location: &StoreLocation, name: &str, e: object_store::Error) -> Sh
 }
 
 /// Indexes the files and writes the manifest; returns it.
-pub fn index(options: &IndexOptions) -> Result<Manifest, DatasetError> {
+pub fn index(options: &IndexOptions) -> Result<DatasetManifest, DatasetError> {
     let location = store::open(&options.url)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -128,7 +128,7 @@ pub fn index(options: &IndexOptions) -> Result<Manifest, DatasetError> {
         tokens: shards.iter().map(|s| s.tokens).sum(),
         shards,
     };
-    let manifest = Manifest {
+    let manifest = DatasetManifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         tokenizer: TokenizerInfo {

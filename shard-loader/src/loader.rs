@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use kiln_proto::manifest::{Manifest, ShardInfo};
+use kiln_proto::manifest::{DatasetManifest, ShardInfo};
 use object_store::path::Path;
 use object_store::ObjectStore;
 use object_store::ObjectStoreExt;
@@ -321,7 +321,7 @@ impl StreamingLoader {
     pub fn open(
         runtime: Arc<tokio::runtime::Runtime>,
         location: &StoreLocation,
-        manifest: &Manifest,
+        manifest: &DatasetManifest,
         split: SplitName,
         options: LoaderOptions,
     ) -> Result<Option<Self>, ShardError> {

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use kiln_checkpoint::layout::parse_step_dir;
-use kiln_checkpoint::{CheckpointStore, Listed, Manifest};
+use kiln_checkpoint::{CheckpointManifest, CheckpointStore, Listed};
 
 #[derive(Subcommand)]
 pub enum Commands {
@@ -76,7 +76,7 @@ pub enum CheckpointCommand {
 
 /// The checkpoint a URL names: `.../step-N`, or the newest committed one under a checkpoint
 /// directory.
-pub(crate) fn open_checkpoint(url: &str) -> Result<(CheckpointStore, Manifest)> {
+pub(crate) fn open_checkpoint(url: &str) -> Result<(CheckpointStore, CheckpointManifest)> {
     let trimmed = url.trim_end_matches('/');
     if let Some((root, last)) = trimmed.rsplit_once('/') {
         if let Some(step) = parse_step_dir(last) {

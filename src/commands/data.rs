@@ -231,7 +231,7 @@ pub enum DataCommand {
 /// The tokenizer named on the command line, else the one recorded beside the weights, else a
 /// `tokenizer.json` in the model directory.
 /// The summary line of a written dataset.
-fn print_prepared(url: &str, m: &kiln_proto::manifest::Manifest) {
+fn print_prepared(url: &str, m: &kiln_proto::manifest::DatasetManifest) {
     let p = m.prepared.clone().unwrap_or_default();
     let mut left_out = Vec::new();
     if p.dedup.is_some() {

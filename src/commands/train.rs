@@ -206,7 +206,7 @@ fn print_event(e: &Event) {
             }
         ),
         // Only a supervising agent reads these, from a supervised rank's stdout.
-        Event::ShardWritten { .. } => {}
+        Event::RankObjectWritten { .. } => {}
     }
 }
 

@@ -248,7 +248,7 @@ pub const CHECKPOINT_SAVE_DURATION: Metric = m(
     Histogram,
     Rank,
     &[],
-    "Time to write this rank's checkpoint shard (and, on rank 0, to commit the manifest).",
+    "Time to write this rank's checkpoint object (and, on rank 0, to commit the manifest).",
 );
 pub const CHECKPOINT_PAUSE_DURATION: Metric = m(
     "kiln.checkpoint.pause.duration",
@@ -264,7 +264,7 @@ pub const CHECKPOINT_SIZE: Metric = m(
     Counter,
     Rank,
     &[],
-    "Bytes of checkpoint shards this rank wrote.",
+    "Bytes of checkpoint objects this rank wrote.",
 );
 pub const CHECKPOINT_SAVES: Metric = m(
     "kiln.checkpoint.saves",

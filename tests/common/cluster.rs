@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use kiln_proto::client::Target;
 use kiln_proto::rpc;
 
-use crate::common::{free_peers, path_str, tiny_job_with};
+use crate::common::{announced, coordinator_listening, path_str, tiny_job_with};
 
 /// A coordinator process and worker processes, killed when dropped.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// The coordinator's port: 0 until its first start, which binds port 0 and says which
+    /// port it got; a restarted coordinator binds that port again, as a real one would.
     pub port: u16,
     pub token: String,
     pub heartbeat_timeout_s: &'static str,
@@ -42,15 +44,9 @@ impl Cluster {
         extra: &[&str],
         env: Vec<(String, String)>,
     ) -> Cluster {
-        let port = free_peers(1)[0]
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .parse()
-            .unwrap();
         let mut c = Cluster {
             dir: dir.to_owned(),
-            port,
+            port: 0,
             token: "test-token-1234".into(),
             heartbeat_timeout_s,
             coordinator: None,
@@ -76,8 +72,10 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
-        let log = File::create(self.dir.join("coordinator.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        // Its output and errors in one file: the first line says where it listens.
+        let said = self.dir.join("coordinator.log");
+        let log = File::create(&said).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args([
                 "coordinator",
                 "--listen",
@@ -89,10 +87,19 @@ impl Cluster {
             .args(["--heartbeat-interval-ms", "200"])
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
+        if self.port == 0 {
+            let addr = announced(
+                &mut child,
+                &said,
+                "the coordinator's address",
+                coordinator_listening,
+            );
+            self.port = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+        }
         self.coordinator = Some(child);
         // Ready once it answers.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -3,8 +3,11 @@
 //! by scripts/fetch-shakespeare.sh).
 #![allow(dead_code)]
 
+pub mod ports;
 pub mod ranks;
 
+#[allow(unused_imports)]
+pub use ports::*;
 #[allow(unused_imports)]
 pub use ranks::*;
 

@@ -1,99 +1,10 @@
 //! Multi-process runs: several `kiln train --rank R` processes on loopback, and what their
 //! metrics and ledger say.
 
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use kiln_worker::collective::tcp::LISTEN_FD_ENV;
-use socket2::{Domain, SockRef, Socket, Type};
-
-use super::{four_plays, path_str, read_metrics};
-
-/// The addresses of the ranks of a multi-process run on loopback, each with its socket
-/// already listening in this process; [`Peers::hand_to`] gives rank `r` its socket.
-///
-/// Why not pick free ports and let the ranks bind them: a port found free (bound to port 0,
-/// read, released) can be taken by any other process on the machine before the rank binds
-/// it, and the run then fails at the rendezvous. Here each port is held from its choice
-/// until the rank listens on it, by the same socket: the rank inherits it across `exec` and
-/// adopts it ([`LISTEN_FD_ENV`]) instead of binding its address. Nothing changes for users:
-/// without that variable a rank binds its address as always.
-pub struct Peers {
-    listeners: Vec<TcpListener>,
-}
-
-impl Peers {
-    /// `n` listening sockets on ports the system picks.
-    pub fn bind(n: usize) -> Peers {
-        Peers {
-            listeners: (0..n)
-                .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-                .collect(),
-        }
-    }
-
-    pub fn addrs(&self) -> Vec<String> {
-        self.listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect()
-    }
-
-    /// The value of `--peers`: every address, in rank order.
-    pub fn list(&self) -> String {
-        self.addrs().join(",")
-    }
-
-    /// Makes the process `cmd` starts inherit rank `r`'s listening socket and adopt it.
-    /// The socket must stay open here until the process has started (keep `self` alive
-    /// until after `spawn`).
-    #[allow(unsafe_code)]
-    pub fn hand_to<'c>(&self, r: usize, cmd: &'c mut Command) -> &'c mut Command {
-        let fd = self.listeners[r].as_raw_fd();
-        cmd.env(LISTEN_FD_ENV, fd.to_string());
-        // SAFETY: the closure runs in the child between fork and exec, where `fd` is open (a
-        // copy of this process's socket, which outlives the spawn), and makes only `fcntl`
-        // calls, which are async-signal-safe. The child alone keeps the socket across exec;
-        // this process's descriptor stays close-on-exec for every other child.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = BorrowedFd::borrow_raw(fd);
-                SockRef::from(&fd).set_cloexec(false)
-            })
-        }
-    }
-}
-
-/// An address on loopback that refuses connections for as long as the returned socket
-/// lives: bound, never listening, so no other process can listen on it meanwhile.
-pub fn refusing_addr() -> (Socket, String) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let addr = socket
-        .local_addr()
-        .unwrap()
-        .as_socket()
-        .unwrap()
-        .to_string();
-    (socket, addr)
-}
-
-/// Free ports for a process that binds them itself (a coordinator's `--listen`): bound,
-/// read and released, so another process can take one in between. Ranks take [`Peers`].
-pub fn free_peers(n: usize) -> Vec<String> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
-}
+use super::{four_plays, path_str, read_metrics, Peers};
 
 /// Starts `kiln train JOB` as `world` ranks on loopback, each with `extra` arguments and
 /// environment `env`.

@@ -297,13 +297,13 @@ fn the_slurm_batch_script_trains_a_two_worker_job() {
     let slurm = Slurm::start(&slurm_dir);
     let script = root().join("deploy/slurm/kiln.sbatch");
     let job = tiny_job_with(dir.path(), "slurm-job", 8, 2, "", "every = 6", 12);
-    let port = free_peers(1)[0].rsplit_once(':').unwrap().1.to_owned();
     let work = dir.path().join("work");
     let env = |extra: &[(&'static str, String)]| {
         let mut env = vec![
             ("KILN_BIN", env!("CARGO_BIN_EXE_kiln").to_owned()),
             ("KILN_WORKERS_PER_NODE", "2".to_owned()),
-            ("KILN_PORT", port.clone()),
+            // A port the coordinator binds and reads back: none is picked here to be taken.
+            ("KILN_PORT", "0".to_owned()),
             ("KILN_BIND", "127.0.0.1".to_owned()),
             ("KILN_COORDINATOR_HOST", "127.0.0.1".to_owned()),
             ("KILN_WORKER_HOST", "127.0.0.1".to_owned()),
@@ -357,6 +357,17 @@ fn the_slurm_batch_script_trains_a_two_worker_job() {
     );
     assert!(
         batch.contains("for 2 workers (1 node(s), 2 worker process(es) each)"),
+        "{batch}"
+    );
+    // KILN_PORT=0: the coordinator said which port it got, and that is where all went.
+    let listening = batch
+        .lines()
+        .find_map(coordinator_listening)
+        .unwrap_or_else(|| panic!("no 'listening on' line:\n{batch}"));
+    let port = listening.rsplit_once(':').unwrap().1;
+    assert_ne!(port, "0", "{batch}");
+    assert!(
+        batch.contains(&format!("at http://127.0.0.1:{port}\n")),
         "{batch}"
     );
     assert!(batch.contains("[completed] completed 12 steps"), "{batch}");

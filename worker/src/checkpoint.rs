@@ -40,7 +40,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_checkpoint::{
-    CheckpointError, CheckpointStore, Dtype, Manifest, Mesh, Region, ShardWriter, TensorInfo,
+    CheckpointError, CheckpointManifest, CheckpointStore, Dtype, Mesh, RankObjectWriter, Region,
+    TensorInfo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -217,11 +218,11 @@ pub struct Saved {
 }
 
 /// The coordinator's part in a commit, when a coordinator runs the job: each rank reports
-/// its shard written (phase one), and rank 0 writes the manifest only once the coordinator
+/// its object written (phase one), and rank 0 writes the manifest only once the coordinator
 /// has seen every rank's report and said so (phase two). Without a gate, rank 0 commits
 /// when every rank's confirmation object is in the store.
 pub trait CommitGate: Send + Sync {
-    /// This rank's shard of `step` (and its confirmation) is written.
+    /// This rank's object of `step` (and its confirmation) is written.
     fn written(&self, step: u64);
     /// Blocks until `step` may be committed; an error gives the save up.
     fn wait_commit(&self, step: u64, timeout: Duration) -> Result<(), String>;
@@ -362,10 +363,10 @@ impl Saver {
             };
             let mut spare = spare.lock().unwrap_or_else(|p| p.into_inner());
             let info = tch::no_grad(|| {
-                store.write_shard(
+                store.write_rank_object(
                     step,
                     rank,
-                    ShardWriter {
+                    RankObjectWriter {
                         pieces,
                         fill: &mut |i, range, dst| {
                             copy_out(plan.locate(&sources, i, range, packed), &from, dst)
@@ -506,7 +507,7 @@ impl Saver {
 /// whatever the checkpoint's was): reads only the regions this rank holds.
 pub fn load(
     store: &CheckpointStore,
-    m: &Manifest,
+    m: &CheckpointManifest,
     model: &Llama,
     optimizer: &mut AdamW,
 ) -> Result<(), CheckpointError> {

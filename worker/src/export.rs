@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_checkpoint::{CheckpointError, CheckpointStore, Manifest, Region};
+use kiln_checkpoint::{CheckpointError, CheckpointManifest, CheckpointStore, Region};
 use kiln_proto::run::TrainState;
 use serde_json::json;
 
@@ -43,7 +43,7 @@ pub struct Exported {
 /// `bf16` (else fp32), in files of at most `max_shard_bytes`.
 pub fn export_hf(
     store: &CheckpointStore,
-    m: &Manifest,
+    m: &CheckpointManifest,
     dir: &Path,
     bf16: bool,
     max_shard_bytes: u64,

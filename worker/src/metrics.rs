@@ -103,7 +103,7 @@ impl RankMetrics {
                 self.checkpoint_size.add(*bytes, &[]);
                 self.checkpoint_saves.add(1, &[]);
             }
-            Event::Saved { .. } | Event::Resumed { .. } | Event::ShardWritten { .. } => {}
+            Event::Saved { .. } | Event::Resumed { .. } | Event::RankObjectWritten { .. } => {}
         }
     }
 }

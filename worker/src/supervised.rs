@@ -2,7 +2,7 @@
 //! speaks to it over its standard streams:
 //!
 //! - stdout: one JSON object per line: every [`Event`] of this rank, and
-//!   [`Event::ShardWritten`] (`{"type":"shard_written","step":N}`) when its checkpoint shard
+//!   [`Event::RankObjectWritten`] (`{"type":"shard_written","step":N}`) when its checkpoint object
 //!   of step N is written;
 //! - stdin: `commit N` lines (rank 0 may write step N's manifest: phase two of the commit).
 //!   End of input means the supervisor is gone: the process aborts at once, so no rank
@@ -70,7 +70,7 @@ impl StdinGate {
 
 impl CommitGate for StdinGate {
     fn written(&self, step: u64) {
-        print_event(&Event::ShardWritten { step });
+        print_event(&Event::RankObjectWritten { step });
     }
 
     fn wait_commit(&self, step: u64, timeout: Duration) -> Result<(), String> {

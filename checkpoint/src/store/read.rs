@@ -9,7 +9,7 @@ use futures::stream::StreamExt;
 use object_store::ObjectStoreExt;
 
 use super::{CheckpointStore, Result};
-use crate::layout::{runs, step_dir, Manifest, ObjectInfo, Region, Run};
+use crate::layout::{runs, step_dir, CheckpointManifest, ObjectInfo, Region, Run};
 use crate::CheckpointError;
 
 /// Reads from a remote store are made in chunks of this size, this many at once.
@@ -23,7 +23,7 @@ type Fetch = (usize, Range<u64>, Vec<(usize, Run)>);
 impl CheckpointStore {
     /// Reads `regions` of checkpoint `m`, each into a buffer of its own (row-major over its
     /// flat range). See [`CheckpointStore::read_into`].
-    pub fn read(&self, m: &Manifest, regions: &[Region]) -> Result<Vec<Vec<u8>>> {
+    pub fn read(&self, m: &CheckpointManifest, regions: &[Region]) -> Result<Vec<Vec<u8>>> {
         let mut out: Vec<Vec<u8>> = regions
             .iter()
             .map(|r| {
@@ -42,7 +42,7 @@ impl CheckpointStore {
     /// remote store; a piece read whole is checked against its CRC.
     pub fn read_into(
         &self,
-        m: &Manifest,
+        m: &CheckpointManifest,
         regions: &[Region],
         dsts: &mut [&mut [u8]],
     ) -> Result<()> {
@@ -70,7 +70,11 @@ impl CheckpointStore {
     /// Per object of `m`, the pieces to fetch for `regions` (each piece's byte span the
     /// union of what the regions need of it); and per region, how many of its bytes the
     /// stored pieces cover.
-    fn plan_reads(&self, m: &Manifest, regions: &[Region]) -> Result<(Vec<Vec<Fetch>>, Vec<u64>)> {
+    fn plan_reads(
+        &self,
+        m: &CheckpointManifest,
+        regions: &[Region],
+    ) -> Result<(Vec<Vec<Fetch>>, Vec<u64>)> {
         let mut filled = vec![0u64; regions.len()];
         // Per object: (piece, fetched byte span within the object, region copies).
         let mut plan: Vec<Vec<Fetch>> = vec![Vec::new(); m.objects.len()];

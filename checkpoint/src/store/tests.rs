@@ -5,7 +5,7 @@ use std::ops::Range;
 use super::*;
 use crate::layout::{Dtype, Region};
 
-/// A rank's shard of a `N x 4` f32 matrix `m` (`m[r][c] = r * 4 + c`): rows `mine`,
+/// A rank's object holding a `N x 4` f32 matrix `m` (`m[r][c] = r * 4 + c`): rows `mine`,
 /// written by `rank`, with a host budget.
 fn write(
     store: &CheckpointStore,
@@ -18,10 +18,10 @@ fn write(
     let first = mine.start * 4;
     let mut copied = 0;
     let info = store
-        .write_shard(
+        .write_rank_object(
             step,
             rank,
-            ShardWriter {
+            RankObjectWriter {
                 pieces: vec![(region, Dtype::F32)],
                 fill: &mut |_, range, dst| {
                     for (k, out) in dst.chunks_exact_mut(4).enumerate() {

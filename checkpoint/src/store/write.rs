@@ -1,4 +1,4 @@
-//! Writing a rank's shard: the safetensors object produced part by part from the rank's
+//! Writing a rank's object: the safetensors object produced part by part from the rank's
 //! tensors and uploaded while it is produced, within a host-memory budget, then the rank's
 //! confirmation (the object's size and the CRC of every piece).
 
@@ -22,8 +22,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// Fills `dst` with bytes `range` (relative to the piece's start) of piece `i`.
 pub type Fill<'a> = &'a mut dyn FnMut(usize, Range<u64>, &mut [u8]);
 
-/// How a rank's shard is produced and uploaded.
-pub struct ShardWriter<'a> {
+/// How a rank's object is produced and uploaded.
+pub struct RankObjectWriter<'a> {
     /// The pieces, in the order they are laid out after the safetensors header.
     pub pieces: Vec<(Region, Dtype)>,
     /// Fills `dst` with bytes `range` (relative to the piece's start) of piece `i`. Called
@@ -43,7 +43,7 @@ pub struct ShardWriter<'a> {
 }
 
 /// The bytes of a shard object, produced in order: the safetensors header, then each piece
-/// from [`ShardWriter::fill`], its CRC computed on the way.
+/// from [`RankObjectWriter::fill`], its CRC computed on the way.
 struct ShardBytes<'a> {
     header: Vec<u8>,
     ranges: Vec<Range<u64>>,
@@ -79,10 +79,15 @@ impl ShardBytes<'_> {
 }
 
 impl CheckpointStore {
-    /// Writes a rank's shard, then its confirmation (the object's size and the CRC of
+    /// Writes a rank's object, then its confirmation (the object's size and the CRC of
     /// every piece). The object is produced part by part from `w.fill` and uploaded while
     /// it is produced (several parts at once), with at most `w.host_budget` bytes in memory.
-    pub fn write_shard(&self, step: u64, rank: usize, w: ShardWriter<'_>) -> Result<ObjectInfo> {
+    pub fn write_rank_object(
+        &self,
+        step: u64,
+        rank: usize,
+        w: RankObjectWriter<'_>,
+    ) -> Result<ObjectInfo> {
         let name = shard_name(rank);
         let path = self.path(step, &name);
         let (header, ranges) = safetensors_header(&w.pieces);

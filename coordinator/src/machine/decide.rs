@@ -276,7 +276,7 @@ fn rank_states(job: &Job, workers: &BTreeMap<String, Worker>) -> RankStates {
 }
 
 /// The two-phase checkpoint commit, from every rank's report of the current generation:
-/// phase one once every rank has written its shard of the same step, then rank 0's commit.
+/// phase one once every rank has written its object of the same step, then rank 0's commit.
 /// A committed checkpoint is where the job may change size: returns whether it re-forms.
 fn advance_commit(
     job: &mut Job,

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use kiln_proto::manifest::{self, Manifest, Prepared, Split, TokenizerInfo};
+use kiln_proto::manifest::{self, DatasetManifest, Prepared, Split, TokenizerInfo};
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -394,7 +394,7 @@ pub(crate) fn merge_if_complete(
     plan: &Plan,
     plan_sha: &str,
     progress: bool,
-) -> Result<Result<Manifest, String>, PrepareError> {
+) -> Result<Result<DatasetManifest, String>, PrepareError> {
     let records = match records(io, plan, plan_sha)? {
         Ok(r) => r,
         Err((missing, _)) => {
@@ -422,7 +422,7 @@ pub(crate) fn merge_if_complete(
 }
 
 /// `kiln data merge`: writes the manifest of a preparation whose units are all finished.
-pub fn merge(output: &str, progress: bool) -> Result<Manifest, PrepareError> {
+pub fn merge(output: &str, progress: bool) -> Result<DatasetManifest, PrepareError> {
     let runtime = super::runtime()?;
     let location = store::open(output)?;
     let io = Io::new(&location, runtime.handle());
@@ -451,7 +451,7 @@ fn write_manifest(
     plan: &Plan,
     records: Vec<UnitRecord>,
     progress: bool,
-) -> Result<Manifest, PrepareError> {
+) -> Result<DatasetManifest, PrepareError> {
     let mut train = Split::default();
     let mut validation = Split::default();
     let mut prepared = Prepared {
@@ -519,7 +519,7 @@ fn write_manifest(
             every: plan.every(),
         });
     }
-    let manifest = Manifest {
+    let manifest = DatasetManifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         tokenizer: plan.tokenizer.clone(),

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_proto::manifest::{self, Manifest};
+use kiln_proto::manifest::{self, DatasetManifest};
 use sha2::{Digest, Sha256};
 
 use crate::shard::ShardError;
@@ -197,13 +197,13 @@ pub struct PrepareSummary {
     pub seconds: f64,
     pub threads: usize,
     /// The manifest, when this call wrote it (the merge).
-    pub manifest: Option<Manifest>,
+    pub manifest: Option<DatasetManifest>,
     /// Why the merge was left to another part or to `kiln data merge`.
     pub merge_note: Option<String>,
 }
 
 /// A dataset's identity: the SHA-256 of its manifest (which holds every shard's checksum).
-pub fn fingerprint(manifest: &Manifest) -> String {
+pub fn fingerprint(manifest: &DatasetManifest) -> String {
     hex(&Sha256::digest(manifest.to_json().as_bytes()))
 }
 

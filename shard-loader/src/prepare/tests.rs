@@ -40,7 +40,7 @@ fn options(inputs: Vec<String>, output: &Path) -> PrepareOptions {
     }
 }
 
-fn prepare_parts(base: &PrepareOptions, parts: u32) -> Manifest {
+fn prepare_parts(base: &PrepareOptions, parts: u32) -> DatasetManifest {
     let mut manifest = None;
     for part in 0..parts {
         let s = prepare(&PrepareOptions {

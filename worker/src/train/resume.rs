@@ -1,7 +1,7 @@
 //! Continuing a run from a checkpoint: finding the one `--resume` names, checking that it was
 //! written by a run of the same model, data stream and batch ([`compatible`]), and loading it.
 
-use kiln_checkpoint::{CheckpointStore, Manifest};
+use kiln_checkpoint::{CheckpointManifest, CheckpointStore};
 use kiln_proto::job::JobConfig;
 use kiln_proto::run::TrainState;
 use tch::Tensor;
@@ -106,7 +106,7 @@ pub(super) fn resume(
 }
 
 /// The training state checkpoint `m` records.
-fn read_state(m: &Manifest) -> Result<TrainState, TrainError> {
+fn read_state(m: &CheckpointManifest) -> Result<TrainState, TrainError> {
     TrainState::from_value(&m.train_state).map_err(|e| {
         TrainError::Resume(format!(
             "checkpoint step-{} has a training state this version cannot read: {e}",
