@@ -309,3 +309,140 @@ fn tls_when_certificates_are_given() {
     println!("plain text against TLS: {err}");
     assert!(!plain.status.success(), "{err}");
 }
+
+/// Each job `kiln train` refuses before its first step is refused by `kiln submit` with the
+/// same message, and no worker is needed to find out: the coordinator runs the trainer's
+/// checks (`kiln_proto::preflight`) and reads the datasets' manifests itself.
+#[test]
+fn jobs_kiln_train_refuses_are_refused_at_submit_with_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // A store nothing answers at, for the coordinator and for `kiln train` alike.
+    let (_held, refusing) = refusing_addr();
+    let store_env: Vec<(String, String)> = [
+        ("AWS_ENDPOINT", format!("http://{refusing}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "AK".into()),
+        ("AWS_SECRET_ACCESS_KEY", "SK".into()),
+        ("KILN_STORE_RETRIES", "1".into()),
+        ("KILN_STORE_RETRY_TIMEOUT_S", "2".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let cluster = Cluster::with_env(dir.path(), "10", &[], store_env.clone());
+    let data = four_plays().display().to_string();
+    let no_data = dir.path().join("no-data").display().to_string();
+    let cases: [(&str, &str, String); 6] = [
+        (
+            "seq-too-long",
+            "max_seq_len",
+            "preset = \"tiny\"\nmax_seq_len = 32".into(),
+        ),
+        ("no-data", "no dataset", no_data),
+        (
+            "small-vocab",
+            "vocab_size",
+            "preset = \"tiny\"\nvocab_size = 1000".into(),
+        ),
+        (
+            "no-heads",
+            "n_heads",
+            "preset = \"tiny\"\nn_heads = 0".into(),
+        ),
+        (
+            "kv-heads",
+            "n_kv_heads",
+            "preset = \"tiny\"\nn_kv_heads = 3".into(),
+        ),
+        ("unreachable", "s3://", "s3://kiln-test/unreachable".into()),
+    ];
+    for (name, about, change) in cases {
+        let job = twin(dir.path(), name, 8, 2, "", 4);
+        let text = std::fs::read_to_string(&job).unwrap();
+        let text = if change.starts_with("preset") {
+            text.replace("preset = \"tiny\"", &change)
+        } else {
+            text.replace(
+                &format!("path = \"{data}\""),
+                &format!("path = \"{change}\""),
+            )
+        };
+        std::fs::write(&job, text).unwrap();
+
+        let train = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["train", path_str(&job)])
+            .envs(store_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let train_err = String::from_utf8_lossy(&train.stderr);
+        assert!(!train.status.success(), "{name}: kiln train ran");
+        let message = train_err
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or_else(|| panic!("{name}: no error line from kiln train:\n{train_err}"));
+        assert!(message.contains(about), "{name}: {message}");
+
+        let submit = cluster.kiln(&["submit", path_str(&job), "--workers", "1"]);
+        let submit_err = String::from_utf8_lossy(&submit.stderr);
+        assert!(!submit.status.success(), "{name}: the job was accepted");
+        assert!(
+            submit_err.contains(message),
+            "{name}: kiln train said\n  {message}\nkiln submit said\n  {submit_err}"
+        );
+        println!("{name}: kiln submit: {}", submit_err.trim());
+    }
+    // Nothing was registered.
+    let status = cluster.kiln_ok(&["status"]);
+    assert!(!status.contains("no-heads"), "{status}");
+}
+
+/// The same job file submitted twice: the second is refused, naming the first, as long as
+/// the first is unfinished; once it is stopped the place is free again.
+#[test]
+fn the_same_job_twice_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(dir.path(), "10");
+    let job = twin(dir.path(), "twice", 8, 2, "", 4);
+    // No workers: the first stays pending, which holds its output as much as running does.
+    let first = cluster.submit(&job, 1);
+    let out = cluster.kiln(&["submit", path_str(&job), "--workers", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second submit was accepted");
+    assert!(
+        err.contains(&format!("where job {first} writes (pending)"))
+            && err.contains(&format!("kiln stop {first}")),
+        "{err}"
+    );
+    println!("second submit: {}", err.trim());
+    cluster.kiln_ok(&["stop", &first]);
+    let again = cluster.submit(&job, 1);
+    assert_ne!(again, first);
+}
+
+/// A second coordinator started on the state a running one holds exits at start with a
+/// message naming the holder; the first keeps its jobs and keeps serving.
+#[test]
+fn a_second_coordinator_on_a_held_state_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(dir.path(), "10");
+    let job = cluster.submit(&twin(dir.path(), "held", 8, 2, "", 4), 1);
+    let holder = cluster.coordinator.as_ref().unwrap().id();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--token", "x"])
+        .args(["--state", path_str(&dir.path().join("state"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second coordinator started:\n{err}"
+    );
+    assert!(
+        err.contains("is held by a running coordinator")
+            && err.contains(&format!("pid {holder} on ")),
+        "{err}"
+    );
+    println!("second coordinator: {}", err.trim());
+    assert_eq!(cluster.status(&job).job_id, job);
+}

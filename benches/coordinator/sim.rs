@@ -33,6 +33,8 @@ impl Coordinator {
             heartbeat_interval: interval,
             tls: None,
             metrics_listen: None,
+            // The simulated jobs name no real data.
+            data_check: kiln_coordinator::preflight::DataCheck::Skip,
         };
         let running = rt.block_on(service::start(config))?;
         Ok(Coordinator {

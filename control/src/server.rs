@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use kiln_coordinator::machine::Policy;
 use kiln_coordinator::ops;
+use kiln_coordinator::preflight::DataCheck;
 use kiln_coordinator::service::{self, Config};
 
 use crate::runtime;
@@ -42,6 +43,10 @@ pub struct CoordinatorArgs {
     /// 0.0.0.0:9464).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Do not read a submitted job's datasets (their manifests) at submit, only check its
+    /// file: for a coordinator that cannot see the data its workers read.
+    #[arg(long)]
+    no_data_check: bool,
 }
 
 /// Runs a coordinator until it fails or Ctrl-C.
@@ -72,6 +77,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(50)),
         tls: args.tls_cert.zip(args.tls_key),
         metrics_listen: args.metrics_listen,
+        data_check: if args.no_data_check {
+            DataCheck::Skip
+        } else {
+            DataCheck::Read
+        },
     };
     runtime()?.block_on(async {
         let running = service::start(config).await?;

@@ -13,8 +13,10 @@
 //!   `local`).
 
 pub mod agent;
+pub mod lease;
 pub mod machine;
 pub mod observe;
 pub mod ops;
+pub mod preflight;
 pub mod service;
 pub mod state;

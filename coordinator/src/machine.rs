@@ -103,6 +103,9 @@ pub enum Refusal {
     Invalid(String),
     #[error("{0}")]
     Finished(String),
+    /// Another unfinished job writes where this one would.
+    #[error("{0}")]
+    OutputInUse(String),
 }
 
 /// Everything the coordinator knows.
@@ -200,6 +203,29 @@ impl Machine {
             )));
         }
         spec.check_workers(workers).map_err(Refusal::Invalid)?;
+        // One writer per output: two runs into one directory tear each other's logs and
+        // checkpoints.
+        let holder = self
+            .jobs
+            .values()
+            .filter(|j| !j.phase.finished())
+            .find_map(|j| {
+                spec.shared_output(&j.spec)
+                    .map(|(mine, theirs)| (j, mine, theirs))
+            });
+        if let Some((job, mine, theirs)) = holder {
+            let place = if mine == theirs {
+                format!("{mine} is also where job {} writes", job.id)
+            } else {
+                format!("{mine} overlaps {theirs}, where job {} writes", job.id)
+            };
+            return Err(Refusal::OutputInUse(format!(
+                "{place} ({}): two runs would write into one place; stop it first \
+                 (kiln stop {}) or give this job another output.dir or checkpoint.dir",
+                job.phase.name(),
+                job.id
+            )));
+        }
         self.next_job += 1;
         let id = format!("{}-{}", sanitize(&spec.name), self.next_job);
         let mut job = Job {

@@ -369,6 +369,7 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         heartbeat_interval: Duration::from_millis(500),
         tls: None,
         metrics_listen: options.metrics_listen,
+        data_check: crate::preflight::DataCheck::Read,
     })
     .await?;
     let url = format!("http://{}", running.addr);

@@ -17,8 +17,10 @@ use tokio_stream::Stream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
+use crate::lease::{Lease, LeaseError, LeaseTimes};
 use crate::machine::{JobSpec, Machine, Policy, Refusal};
 use crate::observe::{self, Observer};
+use crate::preflight::{self, DataCheck};
 use crate::state::{StateError, StateStore};
 
 /// How the coordinator runs.
@@ -35,12 +37,18 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve job-level metrics in the Prometheus text format at `/metrics` here.
     pub metrics_listen: Option<SocketAddr>,
+    /// Whether a submitted job's datasets are read at submit (see [`preflight::check`]).
+    pub data_check: DataCheck,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Store(#[from] kiln_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -69,6 +77,7 @@ struct Shared {
     interval_ms: u32,
     /// Set when the state can no longer be written: the coordinator must stop.
     fatal: watch::Sender<Option<String>>,
+    data_check: DataCheck,
 }
 
 impl Shared {
@@ -95,7 +104,9 @@ fn refusal(r: Refusal) -> Status {
     match r {
         Refusal::UnknownJob(_) | Refusal::UnknownWorker(_) => Status::not_found(r.to_string()),
         Refusal::Invalid(_) => Status::invalid_argument(r.to_string()),
-        Refusal::Finished(_) => Status::failed_precondition(r.to_string()),
+        Refusal::Finished(_) | Refusal::OutputInUse(_) => {
+            Status::failed_precondition(r.to_string())
+        }
     }
 }
 
@@ -109,8 +120,9 @@ struct Service {
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<rpc::LogEntry, Status>> + Send>>;
 
-/// The job a submission describes, checked.
-pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32), Status> {
+/// The job a submission describes, checked on its own (its datasets are checked by
+/// [`preflight::check`]).
+pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32, JobConfig), Status> {
     if req.job_toml.len() > MAX_JOB_BYTES {
         return Err(invalid(format!(
             "job_toml: {} bytes, more than {MAX_JOB_BYTES}",
@@ -142,9 +154,33 @@ pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32), Status> {
             checkpoint_every: job.checkpoint.every as u64,
             min_workers: req.min_workers.max(1),
             max_workers: req.max_workers,
+            outputs: vec![
+                location_key(&job.output.dir.to_string_lossy()),
+                location_key(&job.checkpoint_dir()),
+            ],
         },
         workers,
+        job,
     ))
+}
+
+/// A place a job writes to, as the one-writer check compares places: a local path (given
+/// as a path or a `file://` URL) or a store URL, its path lexically normalized.
+fn location_key(location: &str) -> String {
+    let normalized = |p: &str| {
+        kiln_proto::path::normalize(Path::new(p))
+            .to_string_lossy()
+            .into_owned()
+    };
+    match location.split_once("://") {
+        None => normalized(location),
+        Some(("file", path)) => normalized(path),
+        Some((scheme, rest)) => {
+            let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let path = normalized(&format!("/{path}"));
+            format!("{scheme}://{bucket}{}", path.trim_end_matches('/'))
+        }
+    }
 }
 
 fn job_id(field: &'static str, id: &str) -> Result<(), Status> {
@@ -164,7 +200,11 @@ impl rpc::coordinator_server::Coordinator for Service {
         &self,
         request: Request<rpc::SubmitRequest>,
     ) -> Result<Response<rpc::SubmitReply>, Status> {
-        let (spec, workers) = job_spec(request.get_ref())?;
+        let (spec, workers, job) = job_spec(request.get_ref())?;
+        // What `kiln train` would refuse is refused here, before any worker starts.
+        preflight::check(&job, self.shared.data_check)
+            .await
+            .map_err(invalid)?;
         let id = self
             .shared
             .with(|m, now| m.submit(spec, workers, now))
@@ -412,6 +452,8 @@ impl Running {
 /// Opens the state, binds `config.listen` and serves until [`Running::shutdown`] or a
 /// fatal state error.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
+    // One coordinator per state: a second one is refused here, before it reads anything.
+    let lease = Lease::acquire(kiln_store::open(&config.state_url)?, LeaseTimes::default()).await?;
     let (store, state) = StateStore::open(&config.state_url).await?;
     let epoch = format!("{:x}", (now() * 1000.0) as u64 % 0xff_ffff);
     let machine = match state {
@@ -432,6 +474,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         observer: std::sync::Mutex::new(Observer::new()),
         interval_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
         fatal,
+        data_check: config.data_check,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -512,6 +555,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         None => None,
     };
     let state_url = config.state_url.clone();
+    let keeper = shared.clone();
+    tokio::spawn(lease.keep(
+        move |message| {
+            keeper.fatal.send_replace(Some(message));
+        },
+        shutdown_rx.clone(),
+    ));
     let done = tokio::spawn(async move {
         // `Server::tcp_nodelay` does not reach sockets from a given listener: without
         // this, small replies wait for delayed ACKs (about 40 ms each).

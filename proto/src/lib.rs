@@ -19,7 +19,9 @@ pub mod control;
 pub mod job;
 pub mod json;
 pub mod manifest;
+pub mod model;
 pub mod path;
+pub mod preflight;
 pub mod run;
 
 /// The generated gRPC types and services. Only the coordinator's service and the clients

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The value of [`Manifest::format`].
+/// The value of [`DatasetManifest::format`].
 pub const FORMAT: &str = "kiln-token-shards";
 /// The version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -30,7 +30,7 @@ pub enum ManifestError {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
+pub struct DatasetManifest {
     pub format: String,
     pub version: u32,
     pub tokenizer: TokenizerInfo,
@@ -108,7 +108,7 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
-impl Manifest {
+impl DatasetManifest {
     /// Reads `DIR/manifest.json` and checks its format and version.
     pub fn load(dir: &Path) -> Result<Self, ManifestError> {
         let path = dir.join(FILE_NAME);
@@ -131,7 +131,7 @@ impl Manifest {
             path: path.to_owned(),
             message,
         };
-        let m: Manifest = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let m: DatasetManifest = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if m.format != FORMAT {
             return Err(invalid(format!(
                 "format is {:?}, expected {FORMAT:?}",
@@ -177,4 +177,34 @@ impl Manifest {
         // A manifest is plain data; serialization cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// A dataset whose token ids a model's vocabulary does not cover.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the dataset {dir} uses token ids up to {dataset_vocab} ({tokenizer}) but the model's vocab_size is {model_vocab}; set model.vocab_size to at least {dataset_vocab}"
+)]
+pub struct VocabTooSmall {
+    pub dir: String,
+    pub tokenizer: String,
+    pub dataset_vocab: u32,
+    pub model_vocab: i64,
+}
+
+/// Refuses a model whose vocabulary is smaller than the dataset's (`dir`: the dataset's URL,
+/// for the message).
+pub fn check_vocab(
+    dir: &str,
+    manifest: &DatasetManifest,
+    model_vocab: i64,
+) -> Result<(), VocabTooSmall> {
+    if i64::from(manifest.vocab_size) > model_vocab {
+        return Err(VocabTooSmall {
+            dir: dir.to_owned(),
+            tokenizer: manifest.tokenizer.kind.clone(),
+            dataset_vocab: manifest.vocab_size,
+            model_vocab,
+        });
+    }
+    Ok(())
 }

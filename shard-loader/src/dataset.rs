@@ -4,10 +4,9 @@
 //! a [`StreamingLoader`] over one split; [`TokenDataset::verify`] re-reads every shard whole,
 //! checking its SHA-256, its counts and every token id; [`TokenDataset::stats`] summarizes.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_proto::manifest::{self, Manifest, ManifestError, Split};
+use kiln_proto::manifest::{DatasetManifest, ManifestError, Split};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -87,7 +86,7 @@ impl Batch {
 
 pub struct TokenDataset {
     location: StoreLocation,
-    manifest: Manifest,
+    manifest: DatasetManifest,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -140,33 +139,7 @@ impl TokenDataset {
             .enable_all()
             .build()
             .map_err(|e| DatasetError::Runtime(e.to_string()))?;
-        let name = PathBuf::from(location.display(manifest::FILE_NAME));
-        let got = runtime.block_on(async {
-            let obj = location
-                .store
-                .get(&location.child(manifest::FILE_NAME))
-                .await?;
-            obj.bytes().await
-        });
-        let bytes = match got {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(ManifestError::Missing {
-                    dir: PathBuf::from(url),
-                    file: name,
-                }
-                .into())
-            }
-            Err(e) => {
-                return Err(ManifestError::Read {
-                    path: name,
-                    source: std::io::Error::other(e.to_string()),
-                }
-                .into())
-            }
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        let manifest = Manifest::parse(&text, &name)?;
+        let manifest = runtime.block_on(location.dataset_manifest())?;
         Ok(TokenDataset {
             location,
             manifest,
@@ -174,7 +147,7 @@ impl TokenDataset {
         })
     }
 
-    pub fn manifest(&self) -> &Manifest {
+    pub fn manifest(&self) -> &DatasetManifest {
         &self.manifest
     }
 

@@ -15,13 +15,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use kiln_proto::manifest::{self, DatasetManifest, ManifestError};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -97,6 +98,34 @@ fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
         .entry(name.to_owned())
         .or_insert_with(|| Arc::new(InMemory::new()))
         .clone()
+}
+
+impl StoreLocation {
+    /// The dataset manifest under the prefix (`manifest.json`), read and checked; a missing
+    /// one is [`ManifestError::Missing`], which tells the user to run `kiln prepare`.
+    pub async fn dataset_manifest(&self) -> Result<DatasetManifest, ManifestError> {
+        let name = std::path::PathBuf::from(self.display(manifest::FILE_NAME));
+        let got = match self.store.get(&self.child(manifest::FILE_NAME)).await {
+            Ok(obj) => obj.bytes().await,
+            Err(e) => Err(e),
+        };
+        let bytes = match got {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ManifestError::Missing {
+                    dir: std::path::PathBuf::from(&self.url),
+                    file: name,
+                })
+            }
+            Err(e) => {
+                return Err(ManifestError::Read {
+                    path: name,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+        };
+        DatasetManifest::parse(&String::from_utf8_lossy(&bytes), &name)
+    }
 }
 
 /// Opens the store a URL or path names.

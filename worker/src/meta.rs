@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_proto::manifest::Manifest;
+use kiln_proto::manifest::DatasetManifest;
 use serde::{Deserialize, Serialize};
 
 /// The file name of [`ModelMeta`] in a model directory.
@@ -52,7 +52,7 @@ pub enum MetaError {
 
 impl ModelMeta {
     /// What a model trained on `dataset` (at `url`) records.
-    pub fn of_dataset(manifest: &Manifest, url: &str) -> ModelMeta {
+    pub fn of_dataset(manifest: &DatasetManifest, url: &str) -> ModelMeta {
         ModelMeta {
             tokenizer: Some(manifest.tokenizer.kind.clone()),
             tokenizer_sha256: manifest.tokenizer.sha256.clone(),
@@ -83,31 +83,7 @@ impl ModelMeta {
     }
 }
 
-/// A dataset whose token ids a model's vocabulary does not cover.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the dataset {dir} uses token ids up to {dataset_vocab} ({tokenizer}) but the model's vocab_size is {model_vocab}; set model.vocab_size to at least {dataset_vocab}"
-)]
-pub struct VocabTooSmall {
-    pub dir: String,
-    pub tokenizer: String,
-    pub dataset_vocab: u32,
-    pub model_vocab: i64,
-}
-
-/// Refuses a model whose vocabulary is smaller than the dataset's (`dir`: the dataset's URL,
-/// for the message).
-pub fn check_vocab(dir: &str, manifest: &Manifest, model_vocab: i64) -> Result<(), VocabTooSmall> {
-    if i64::from(manifest.vocab_size) > model_vocab {
-        return Err(VocabTooSmall {
-            dir: dir.to_owned(),
-            tokenizer: manifest.tokenizer.kind.clone(),
-            dataset_vocab: manifest.vocab_size,
-            model_vocab,
-        });
-    }
-    Ok(())
-}
+pub use kiln_proto::manifest::{check_vocab, VocabTooSmall};
 
 #[cfg(test)]
 mod tests {

@@ -91,20 +91,7 @@ impl Llama {
 
     /// Whether `config` splits over `tp` tensor-parallel ranks.
     pub fn check_tensor_parallel(config: &LlamaConfig, tp: usize) -> Result<(), ConfigError> {
-        let (c, n) = (config, tp as i64);
-        if c.n_heads % n != 0 || c.n_kv_heads % n != 0 || c.ffn_dim % n != 0 {
-            return Err(ConfigError::Shape(format!(
-                "parallel.tp = {n} must divide n_heads ({}), n_kv_heads ({}) and ffn_dim ({})",
-                c.n_heads, c.n_kv_heads, c.ffn_dim
-            )));
-        }
-        if c.vocab_size < n {
-            return Err(ConfigError::Shape(format!(
-                "parallel.tp = {n} exceeds vocab_size {}",
-                c.vocab_size
-            )));
-        }
-        Ok(())
+        config.check_tensor_parallel(tp)
     }
 
     fn build(

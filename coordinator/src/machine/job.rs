@@ -63,9 +63,30 @@ pub struct JobSpec {
     pub min_workers: u32,
     /// 0: no upper bound.
     pub max_workers: u32,
+    /// Where the job writes (its output directory and its checkpoint location, lexically
+    /// normalized): no two unfinished jobs may share one or have one inside the other.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 impl JobSpec {
+    /// The first of this job's outputs that is, contains or lies inside one of `other`'s,
+    /// with that one.
+    pub fn shared_output<'a>(&'a self, other: &'a JobSpec) -> Option<(&'a str, &'a str)> {
+        let inside = |a: &str, b: &str| {
+            a == b
+                || a.strip_prefix(b)
+                    .is_some_and(|rest| rest.starts_with('/') || b.ends_with('/'))
+        };
+        self.outputs.iter().find_map(|mine| {
+            other
+                .outputs
+                .iter()
+                .find(|theirs| inside(mine, theirs) || inside(theirs, mine))
+                .map(|theirs| (mine.as_str(), theirs.as_str()))
+        })
+    }
+
     /// Whether `world` workers can run this job: whole tensor-parallel groups, and a batch
     /// that splits evenly over the data-parallel ranks' micro-batches.
     pub fn fits(&self, world: u32) -> bool {

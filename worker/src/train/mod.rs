@@ -50,16 +50,11 @@ pub enum TrainError {
     Shard(#[from] ShardError),
     #[error(transparent)]
     Hf(#[from] HfError),
+    /// What the coordinator also checks at submit (`kiln_proto::preflight`).
     #[error(transparent)]
-    VocabTooSmall(#[from] crate::meta::VocabTooSmall),
-    #[error(
-        "the mixture's datasets {first} and {other} use different tokenizers (vocabulary size or end-of-document id differ)"
-    )]
-    MixedTokenizers { first: String, other: String },
+    Unrunnable(#[from] kiln_proto::preflight::Unrunnable),
     #[error("{0}")]
     Precision(String),
-    #[error("train.seq_len {seq_len} exceeds the model's max_seq_len {max}")]
-    SeqTooLong { seq_len: i64, max: i64 },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,

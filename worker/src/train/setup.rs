@@ -4,7 +4,8 @@
 
 use kiln_checkpoint::Mesh;
 use kiln_proto::job::JobConfig;
-use kiln_proto::manifest::Manifest as DatasetManifest;
+use kiln_proto::manifest::DatasetManifest;
+use kiln_proto::preflight;
 use kiln_shard_loader::dataset::SplitName;
 use kiln_shard_loader::mixture::MixtureLoader;
 use kiln_shard_loader::{LoaderOptions, TokenDataset};
@@ -66,11 +67,17 @@ impl Setup {
                 dp,
                 micro: job.micro_batch_size(),
             })?;
-        let config = match &job.model.init_from {
-            Some(dir) => hf::load_config(dir)?,
-            None => LlamaConfig::from_spec(&job.model)?,
+        // The same checks, in the same order, as the coordinator's at submit
+        // (`kiln_proto::preflight`).
+        let config = match (preflight::model(job)?, &job.model.init_from) {
+            (Some(config), _) => config,
+            (None, Some(dir)) => {
+                let config = hf::load_config(dir)?;
+                Llama::check_tensor_parallel(&config, dims.tp)?;
+                config
+            }
+            (None, None) => unreachable!("preflight::model reads a shape without init_from"),
         };
-        Llama::check_tensor_parallel(&config, dims.tp)?;
         let device = device::resolve_device_for_rank(&t.device, launch.local_rank())?;
         let groups = if world == 1 {
             ProcessGroups::single()
@@ -94,7 +101,7 @@ impl Setup {
             Some(dir) => hf::load_weights(&model, dir)?,
             None => model.init(t.seed),
         }
-        check_fits(job, &config, &manifest)?;
+        preflight::fits(job, &config, &manifest)?;
         let (train_data, val_data) = loaders(job, &datasets)?;
 
         let o = &job.optimizer;
@@ -161,35 +168,9 @@ fn open_datasets(job: &JobConfig) -> Result<Vec<TokenDataset>, TrainError> {
         .iter()
         .map(|s| TokenDataset::open(&s.path))
         .collect::<Result<Vec<_>, _>>()?;
-    let manifest = datasets[0].manifest();
-    for (source, other) in sources.iter().zip(&datasets).skip(1) {
-        let m = other.manifest();
-        if (m.vocab_size, m.eos_id) != (manifest.vocab_size, manifest.eos_id) {
-            return Err(TrainError::MixedTokenizers {
-                first: sources[0].path.clone(),
-                other: source.path.clone(),
-            });
-        }
-    }
+    let manifests: Vec<DatasetManifest> = datasets.iter().map(|d| d.manifest().clone()).collect();
+    preflight::tokenizers(job, &manifests)?;
     Ok(datasets)
-}
-
-/// Refuses a dataset whose token ids the model cannot embed, and sequences longer than it
-/// was built for.
-fn check_fits(
-    job: &JobConfig,
-    config: &LlamaConfig,
-    manifest: &DatasetManifest,
-) -> Result<(), TrainError> {
-    let t = &job.train;
-    crate::meta::check_vocab(&job.data.sources()[0].path, manifest, config.vocab_size)?;
-    if t.seq_len > config.max_seq_len {
-        return Err(TrainError::SeqTooLong {
-            seq_len: t.seq_len,
-            max: config.max_seq_len,
-        });
-    }
-    Ok(())
 }
 
 /// The training mixture's loader, and the validation mixture's when evaluation is on and

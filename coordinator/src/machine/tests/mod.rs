@@ -18,6 +18,7 @@ fn spec(tp: u32, batch: u64, micro: u64) -> JobSpec {
         checkpoint_every: 10,
         min_workers: 1,
         max_workers: 0,
+        outputs: Vec::new(),
     }
 }
 

@@ -106,3 +106,36 @@ fn job_ids_are_sanitized_and_numbered() {
     s.name = String::new();
     assert_eq!(m.submit(s, 1, 0.0).unwrap(), "job-2");
 }
+
+#[test]
+fn a_second_job_writing_where_an_unfinished_one_writes_is_refused() {
+    let writes = |outputs: &[&str]| JobSpec {
+        outputs: outputs.iter().map(|o| o.to_string()).collect(),
+        ..spec(1, 4, 1)
+    };
+    let mut m = machine();
+    let first = m
+        .submit(writes(&["/runs/a", "/runs/a/checkpoints"]), 1, 0.0)
+        .unwrap();
+    // The same place, a place inside it, a place that holds it: refused, naming the job.
+    for outputs in [
+        &["/runs/a", "/runs/a/checkpoints"][..],
+        &["/runs/b", "/runs/a/checkpoints/more"],
+        &["/runs", "s3://bucket/ckpt"],
+    ] {
+        let err = m.submit(writes(outputs), 1, 1.0).unwrap_err();
+        assert!(matches!(err, Refusal::OutputInUse(_)), "{err}");
+        assert!(err.to_string().contains(&first), "{err}");
+        assert!(err.to_string().contains("kiln stop"), "{err}");
+    }
+    // Neighbours with a common prefix are not nested.
+    let other = m.submit(writes(&["/runs/ab", "s3://bucket/ckpt"]), 1, 2.0);
+    assert!(other.is_ok(), "{other:?}");
+    let err = m
+        .submit(writes(&["/elsewhere", "s3://bucket/ckpt/x"]), 1, 3.0)
+        .unwrap_err();
+    assert!(matches!(err, Refusal::OutputInUse(_)), "{err}");
+    // Once the first job is finished, its place is free again.
+    m.stop(&first, 4.0).unwrap();
+    assert!(m.submit(writes(&["/runs/a"]), 1, 5.0).is_ok());
+}
