@@ -191,16 +191,9 @@ impl Lease {
     }
 
     async fn read(&self) -> Result<Option<Holder>, LeaseError> {
-        let got = match self.loc.store.get(&self.loc.child(NAME)).await {
-            Ok(obj) => obj.bytes().await,
-            Err(e) => Err(e),
-        };
-        match got {
-            // A lease that does not parse is no one's.
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.io(e)),
-        }
+        let bytes = self.loc.read(NAME).await.map_err(|e| self.io(e))?;
+        // A lease that does not parse is no one's.
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     async fn write(&self, holder: &Holder) -> Result<(), LeaseError> {

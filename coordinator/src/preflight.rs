@@ -17,19 +17,23 @@ pub enum DataCheck {
 
 /// `Err` holds the message `kiln train` would print for the same job.
 pub async fn check(job: &JobConfig, data: DataCheck) -> Result<(), String> {
-    let text = |e: &dyn std::fmt::Display| e.to_string();
-    let config = preflight::model(job).map_err(|e| text(&e))?;
+    let config = preflight::model(job).map_err(|e| e.to_string())?;
     if data == DataCheck::Skip {
         return Ok(());
     }
     let mut manifests = Vec::new();
     for source in job.data.sources() {
-        let location = kiln_store::open(&source.path).map_err(|e| text(&e))?;
-        manifests.push(location.dataset_manifest().await.map_err(|e| text(&e))?);
+        let location = kiln_store::open(&source.path).map_err(|e| e.to_string())?;
+        manifests.push(
+            location
+                .dataset_manifest()
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
-    preflight::tokenizers(job, &manifests).map_err(|e| text(&e))?;
+    preflight::tokenizers(job, &manifests).map_err(|e| e.to_string())?;
     if let (Some(config), Some(first)) = (config, manifests.first()) {
-        preflight::fits(job, &config, first).map_err(|e| text(&e))?;
+        preflight::fits(job, &config, first).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -40,12 +40,16 @@ pub fn model(job: &JobConfig) -> Result<Option<LlamaConfig>, Unrunnable> {
 
 /// Every source of the data mixture uses the first one's tokenizer (`manifests` in the
 /// order of [`crate::job::DataSpec::sources`]).
-pub fn tokenizers(job: &JobConfig, manifests: &[DatasetManifest]) -> Result<(), Unrunnable> {
+pub fn tokenizers<'a>(
+    job: &JobConfig,
+    manifests: impl IntoIterator<Item = &'a DatasetManifest>,
+) -> Result<(), Unrunnable> {
     let sources = job.data.sources();
-    let Some(first) = manifests.first() else {
+    let mut manifests = manifests.into_iter();
+    let Some(first) = manifests.next() else {
         return Ok(());
     };
-    for (source, m) in sources.iter().zip(manifests).skip(1) {
+    for (source, m) in sources.iter().skip(1).zip(manifests) {
         if (m.vocab_size, m.eos_id) != (first.vocab_size, first.eos_id) {
             return Err(Unrunnable::MixedTokenizers {
                 first: sources[0].path.clone(),

@@ -105,26 +105,30 @@ impl StoreLocation {
     /// one is [`ManifestError::Missing`], which tells the user to run `kiln prepare`.
     pub async fn dataset_manifest(&self) -> Result<DatasetManifest, ManifestError> {
         let name = std::path::PathBuf::from(self.display(manifest::FILE_NAME));
-        let got = match self.store.get(&self.child(manifest::FILE_NAME)).await {
+        match self.read(manifest::FILE_NAME).await {
+            Ok(Some(bytes)) => DatasetManifest::parse(&String::from_utf8_lossy(&bytes), &name),
+            Ok(None) => Err(ManifestError::Missing {
+                dir: std::path::PathBuf::from(&self.url),
+                file: name,
+            }),
+            Err(e) => Err(ManifestError::Read {
+                path: name,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
+    /// The whole object `name` under the prefix, or `None` when there is no such object.
+    pub async fn read(&self, name: &str) -> Result<Option<bytes::Bytes>, object_store::Error> {
+        let got = match self.store.get(&self.child(name)).await {
             Ok(obj) => obj.bytes().await,
             Err(e) => Err(e),
         };
-        let bytes = match got {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(ManifestError::Missing {
-                    dir: std::path::PathBuf::from(&self.url),
-                    file: name,
-                })
-            }
-            Err(e) => {
-                return Err(ManifestError::Read {
-                    path: name,
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
-        };
-        DatasetManifest::parse(&String::from_utf8_lossy(&bytes), &name)
+        match got {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

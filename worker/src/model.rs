@@ -85,13 +85,8 @@ impl Llama {
         device: Device,
         tp: Arc<dyn Collective>,
     ) -> Result<Self, ConfigError> {
-        Self::check_tensor_parallel(config, tp.size())?;
+        config.check_tensor_parallel(tp.size())?;
         Ok(Self::build(config, decay, device, tp))
-    }
-
-    /// Whether `config` splits over `tp` tensor-parallel ranks.
-    pub fn check_tensor_parallel(config: &LlamaConfig, tp: usize) -> Result<(), ConfigError> {
-        config.check_tensor_parallel(tp)
     }
 
     fn build(

@@ -73,7 +73,7 @@ impl Setup {
             (Some(config), _) => config,
             (None, Some(dir)) => {
                 let config = hf::load_config(dir)?;
-                Llama::check_tensor_parallel(&config, dims.tp)?;
+                config.check_tensor_parallel(dims.tp)?;
                 config
             }
             (None, None) => unreachable!("preflight::model reads a shape without init_from"),
@@ -168,8 +168,7 @@ fn open_datasets(job: &JobConfig) -> Result<Vec<TokenDataset>, TrainError> {
         .iter()
         .map(|s| TokenDataset::open(&s.path))
         .collect::<Result<Vec<_>, _>>()?;
-    let manifests: Vec<DatasetManifest> = datasets.iter().map(|d| d.manifest().clone()).collect();
-    preflight::tokenizers(job, &manifests)?;
+    preflight::tokenizers(job, datasets.iter().map(TokenDataset::manifest))?;
     Ok(datasets)
 }
 
