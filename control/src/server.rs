@@ -33,6 +33,14 @@ pub struct CoordinatorArgs {
     /// Evict a worker that straggles (computes 1.5x slower than the median) this long.
     #[arg(long)]
     evict_stragglers_after_s: Option<f64>,
+    /// Keep a finished (completed, failed or stopped) job in the state, for `kiln status`
+    /// and `kiln logs`, this many hours ...
+    #[arg(long, default_value_t = 168.0)]
+    retain_finished_hours: f64,
+    /// ... and keep at most this many finished jobs: the state holds the unfinished jobs
+    /// and these, however many were ever submitted.
+    #[arg(long, default_value_t = 100)]
+    retain_finished_jobs: usize,
     /// Serve TLS with this certificate (PEM) ...
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -64,6 +72,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if !(args.heartbeat_timeout_s.is_finite() && args.heartbeat_timeout_s > 0.0) {
         bail!("--heartbeat-timeout-s must be a positive number of seconds");
     }
+    if !(args.retain_finished_hours.is_finite() && args.retain_finished_hours >= 0.0) {
+        bail!("--retain-finished-hours must be a number of hours, 0 or more");
+    }
     let config = Config {
         listen: args.listen,
         token,
@@ -72,6 +83,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             heartbeat_timeout_s: args.heartbeat_timeout_s,
             max_restarts: args.max_restarts,
             evict_stragglers_after_s: args.evict_stragglers_after_s,
+            retain_finished_s: args.retain_finished_hours * 3600.0,
+            retain_finished_jobs: args.retain_finished_jobs,
             ..Policy::default()
         },
         heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms.max(50)),

@@ -33,6 +33,10 @@ pub use job::{Job, JobSpec, LogEntry, Phase};
 
 /// How many failures in a row (without a new checkpoint committed between them) fail a job.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+/// Finished jobs are kept a week ...
+pub const DEFAULT_RETAIN_FINISHED_S: f64 = 7.0 * 24.0 * 3600.0;
+/// ... and at most this many of them.
+pub const DEFAULT_RETAIN_FINISHED_JOBS: usize = 100;
 
 /// A registered worker. Not persisted: after a restart, workers register again.
 #[derive(Debug, Clone)]
@@ -78,6 +82,11 @@ pub struct Policy {
     /// Evict a worker that straggles for this long (and re-form without it); `None`:
     /// report only.
     pub evict_stragglers_after_s: Option<f64>,
+    /// A finished job stays in the state (for `kiln status` and `kiln logs`) this long
+    /// after it finished ...
+    pub retain_finished_s: f64,
+    /// ... and only the newest this many finished jobs stay at all.
+    pub retain_finished_jobs: usize,
 }
 
 impl Default for Policy {
@@ -88,6 +97,8 @@ impl Default for Policy {
             straggler_factor: 1.5,
             straggler_grace_s: 10.0,
             evict_stragglers_after_s: None,
+            retain_finished_s: DEFAULT_RETAIN_FINISHED_S,
+            retain_finished_jobs: DEFAULT_RETAIN_FINISHED_JOBS,
         }
     }
 }
@@ -118,7 +129,31 @@ pub struct Machine {
     /// Distinguishes this coordinator's worker ids from an earlier one's.
     pub epoch: String,
     next_worker: u64,
-    dirty: bool,
+    changes: Changes,
+}
+
+/// What changed in the persisted state since the last [`Machine::take_changes`]: what the
+/// state store writes, and nothing else.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    /// `next_job` moved (a submission).
+    pub head: bool,
+    /// Jobs whose record changed, new ones included.
+    pub jobs: BTreeSet<String>,
+    /// Finished jobs dropped from the state after their retention.
+    pub dropped: BTreeSet<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        !self.head && self.jobs.is_empty() && self.dropped.is_empty()
+    }
+
+    fn job(&mut self, id: &str) {
+        if !self.jobs.contains(id) {
+            self.jobs.insert(id.to_owned());
+        }
+    }
 }
 
 /// What the state store holds.
@@ -166,6 +201,10 @@ impl Machine {
                     );
                 }
             }
+            if job.phase.finished() && job.finished_unix_s == 0.0 {
+                // Written before the finish time was kept: its last entry is its end.
+                job.finished_unix_s = job.log.last().map_or(now, |e| e.unix_s);
+            }
             let phase = job.phase;
             log(
                 &mut job,
@@ -185,9 +224,43 @@ impl Machine {
         }
     }
 
-    /// Whether persisted state changed since the last call.
-    pub fn take_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.dirty)
+    /// What changed in the persisted state since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Drops finished jobs past their retention: those finished more than
+    /// [`Policy::retain_finished_s`] ago, and all but the newest
+    /// [`Policy::retain_finished_jobs`]. The state therefore holds the unfinished jobs and at
+    /// most that many finished ones, whatever the number ever submitted.
+    fn compact(&mut self, now: f64) {
+        let mut finished: Vec<(f64, &str)> = self
+            .jobs
+            .values()
+            .filter(|j| j.phase.finished())
+            .map(|j| (j.finished_unix_s, j.id.as_str()))
+            .collect();
+        let keep = self.policy.retain_finished_jobs;
+        if finished.len() <= keep
+            && finished
+                .iter()
+                .all(|(t, _)| now - t <= self.policy.retain_finished_s)
+        {
+            return;
+        }
+        // Newest first; ties by id, so the choice does not depend on the map's order.
+        finished.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| b.1.cmp(a.1)));
+        let drop: Vec<String> = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (t, _))| *i >= keep || now - t > self.policy.retain_finished_s)
+            .map(|(_, (_, id))| (*id).to_owned())
+            .collect();
+        for id in drop {
+            self.jobs.remove(&id);
+            self.changes.jobs.remove(&id);
+            self.changes.dropped.insert(id);
+        }
     }
 
     pub fn submit(&mut self, spec: JobSpec, workers: u32, now: f64) -> Result<String, Refusal> {
@@ -244,6 +317,7 @@ impl Machine {
             excluded: BTreeSet::new(),
             log: Vec::new(),
             next_seq: 0,
+            finished_unix_s: 0.0,
         };
         log(
             &mut job,
@@ -252,7 +326,8 @@ impl Machine {
             format!("submitted for {workers} workers"),
         );
         self.jobs.insert(id.clone(), job);
-        self.dirty = true;
+        self.changes.head = true;
+        self.changes.job(&id);
         self.decide(now);
         Ok(id)
     }
@@ -280,7 +355,7 @@ impl Machine {
         };
         let phase = job.phase;
         log(job, now, phase, message.clone());
-        self.dirty = true;
+        self.changes.job(job_id);
         self.decide(now);
         Ok(message)
     }
@@ -294,7 +369,7 @@ impl Machine {
             )));
         }
         set_phase(job, now, Phase::Stopped, "stopped by the user".into());
-        self.dirty = true;
+        self.changes.job(job_id);
         Ok(format!("job {job_id} stopped"))
     }
 
@@ -389,11 +464,12 @@ impl Machine {
                         now,
                         format!("worker {id} (rank {rank}) {what} ({timeout:.0} s)"),
                     );
-                    self.dirty = true;
+                    self.changes.job(&job.id);
                 }
             }
         }
         self.decide(now);
+        self.compact(now);
     }
 
     fn job_mut(&mut self, job_id: &str) -> Result<&mut Job, Refusal> {

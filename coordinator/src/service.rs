@@ -86,8 +86,9 @@ impl Shared {
         let mut guard = self.machine.lock().await;
         let (machine, store) = &mut *guard;
         let out = f(machine, now());
-        if machine.take_dirty() {
-            if let Err(e) = store.save(&machine.persisted()).await {
+        let changes = machine.take_changes();
+        if !changes.is_empty() {
+            if let Err(e) = store.save(machine, &changes).await {
                 let message = e.to_string();
                 tracing::error!("{message}");
                 self.fatal.send_replace(Some(message.clone()));
@@ -458,12 +459,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let epoch = format!("{:x}", (now() * 1000.0) as u64 % 0xff_ffff);
     let machine = match state {
         Some(state) => {
-            tracing::info!(
-                "picked up {} jobs from {} (version {})",
-                state.jobs.len(),
-                store.url(),
-                store.version()
-            );
+            tracing::info!("picked up {} jobs from {}", state.jobs.len(), store.url());
             Machine::restore(config.policy.clone(), epoch, state, now())
         }
         None => Machine::new(config.policy.clone(), epoch),

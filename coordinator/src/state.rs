@@ -1,22 +1,37 @@
 //! The coordinator's state, kept in an object store (a local directory by default) so a
 //! coordinator killed at any moment and started again picks its jobs up.
 //!
-//! Each change is a new object `state/v{N:020}.json` written with a conditional put
-//! (`PutMode::Create`): it succeeds only if no object of that name exists. A write is
-//! therefore whole or absent, never torn, and a second coordinator on the same state
-//! (whose versions would collide) is refused instead of silently overwriting the first's.
-//! Reading takes the newest version that parses; the two before it are kept, older ones
-//! deleted.
+//! A change costs what changed, not the whole state. Under `STATE/state/`:
+//!
+//! ```text
+//! head/v{N:020}.json        {"next_job": ...}: written when a job is submitted
+//! jobs/{id}/spec.json       the job as submitted (its job file included): written once
+//! jobs/{id}/v{M:020}.json   the job's record without its spec: a new version at each change
+//! ```
+//!
+//! Each version is a new object written with a conditional put (`PutMode::Create`): it
+//! succeeds only if no object of that name exists. A write is therefore whole or absent,
+//! never torn, and a second coordinator on the same state (whose versions would collide) is
+//! refused instead of silently overwriting the first's. Reading takes the newest version
+//! that parses; the one before it is kept, older ones deleted. A job dropped after its
+//! retention ([`crate::machine::Policy::retain_finished_s`]) has its folder deleted.
+//!
+//! State written before this layout (`state/v{N}.json`, the whole state in each version)
+//! is read once and rewritten in it.
+
+use std::collections::{BTreeMap, HashMap};
 
 use futures::TryStreamExt;
 use kiln_store::{self as store, StoreLocation};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::machine::Persisted;
+use crate::machine::{Changes, Job, Machine, Persisted};
 
 const DIR: &str = "state";
-const KEEP: u64 = 3;
+/// Versions kept of the head and of each job: the newest, and the one before it in case
+/// the newest is damaged.
+const KEEP: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -30,47 +45,117 @@ pub enum StateError {
     #[error("state store {url}: {message}")]
     Io { url: String, message: String },
     #[error(
-        "state store {url}: version {version} was written by another coordinator; two coordinators must not share one state store"
+        "state store {url}: {object} was written by another coordinator; two coordinators must not share one state store"
     )]
-    Fenced { url: String, version: u64 },
+    Fenced { url: String, object: String },
 }
 
 pub struct StateStore {
     loc: StoreLocation,
+    /// The head's newest version.
     version: u64,
+    /// Each stored job's newest record version.
+    jobs: HashMap<String, u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Head {
+    next_job: u64,
+}
+
+/// What one listing of `state/` found.
+#[derive(Default)]
+struct Listing {
+    head: Vec<u64>,
+    legacy: Vec<u64>,
+    /// Per job: whether its spec exists, and its record versions.
+    jobs: BTreeMap<String, (bool, Vec<u64>)>,
+}
+
+fn version_of(name: &str) -> Option<u64> {
+    name.strip_prefix('v')?.strip_suffix(".json")?.parse().ok()
 }
 
 impl StateStore {
-    /// Opens the state under `url` and reads its newest version, if any.
+    /// Opens the state under `url` and reads it, if there is any.
     pub async fn open(url: &str) -> Result<(Self, Option<Persisted>), StateError> {
         let loc = store::open(url)?;
         if let Some(dir) = &loc.local_dir {
             let path = dir.join(DIR);
             std::fs::create_dir_all(&path).map_err(|source| StateError::Create { path, source })?;
         }
-        let mut s = StateStore { loc, version: 0 };
-        let mut versions = s.versions().await?;
-        versions.sort_unstable();
-        s.version = versions.last().copied().unwrap_or(0);
-        for &v in versions.iter().rev() {
-            match s.read(v).await {
-                Ok(p) => return Ok((s, Some(p))),
-                Err(e) => tracing::warn!("skipping state version {v}: {e}"),
+        let mut s = StateStore {
+            loc,
+            version: 0,
+            jobs: HashMap::new(),
+        };
+        let listing = s.list().await?;
+        if listing.head.is_empty() && listing.jobs.is_empty() {
+            if listing.legacy.is_empty() {
+                return Ok((s, None));
+            }
+            return s.migrate(listing.legacy).await;
+        }
+        let mut next_job = 0;
+        s.version = listing.head.iter().copied().max().unwrap_or(0);
+        for &v in listing.head.iter().rev() {
+            match s.read::<Head>(&s.head_name(v)).await {
+                Ok(head) => {
+                    next_job = head.next_job;
+                    break;
+                }
+                Err(e) => tracing::warn!("skipping state head version {v}: {e}"),
             }
         }
-        Ok((s, None))
+        let mut jobs = Vec::new();
+        for (id, (has_spec, versions)) in listing.jobs {
+            if let Some(v) = versions.iter().copied().max() {
+                s.jobs.insert(id.clone(), v);
+            }
+            if !has_spec || versions.is_empty() {
+                // Submitted while the coordinator died: the submission was never answered.
+                tracing::warn!("skipping job {id}: its state was not completely written");
+                continue;
+            }
+            match s.read_job(&id, &versions).await {
+                Ok(job) => jobs.push(job),
+                Err(e) => tracing::warn!("skipping job {id}: {e}"),
+            }
+        }
+        // A head older than its newest job (the coordinator died between the two writes)
+        // must not hand that job's number out again.
+        let numbered = jobs
+            .iter()
+            .filter_map(|j| j.id.rsplit_once('-')?.1.parse::<u64>().ok());
+        next_job = numbered.fold(next_job, u64::max);
+        Ok((s, Some(Persisted { next_job, jobs })))
     }
 
     pub fn url(&self) -> &str {
         &self.loc.url
     }
 
+    /// The head's version: how many times a job was submitted on this state (since the
+    /// older versions were deleted, not how many objects there are).
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    fn name(&self, version: u64) -> Path {
+    fn head_name(&self, version: u64) -> Path {
+        self.loc.child(&format!("{DIR}/head/v{version:020}.json"))
+    }
+
+    fn legacy_name(&self, version: u64) -> Path {
         self.loc.child(&format!("{DIR}/v{version:020}.json"))
+    }
+
+    fn spec_name(&self, id: &str) -> Path {
+        self.loc.child(&format!("{DIR}/jobs/{id}/spec.json"))
+    }
+
+    fn job_name(&self, id: &str, version: u64) -> Path {
+        self.loc
+            .child(&format!("{DIR}/jobs/{id}/v{version:020}.json"))
     }
 
     fn io(&self, e: impl std::fmt::Display) -> StateError {
@@ -80,7 +165,7 @@ impl StateStore {
         }
     }
 
-    async fn versions(&self) -> Result<Vec<u64>, StateError> {
+    async fn list(&self) -> Result<Listing, StateError> {
         let prefix = self.loc.child(DIR);
         let listed: Vec<_> = self
             .loc
@@ -89,32 +174,71 @@ impl StateStore {
             .try_collect()
             .await
             .map_err(|e| self.io(e))?;
-        Ok(listed
-            .iter()
-            .filter_map(|o| {
-                let name = o.location.filename()?;
-                name.strip_prefix('v')?.strip_suffix(".json")?.parse().ok()
-            })
-            .collect())
+        let mut listing = Listing::default();
+        for object in listed {
+            let Some(rest) = object.location.prefix_match(&prefix) else {
+                continue;
+            };
+            let parts: Vec<String> = rest.map(|p| p.as_ref().to_owned()).collect();
+            match parts.as_slice() {
+                [name] => listing.legacy.extend(version_of(name)),
+                [head, name] if head == "head" => listing.head.extend(version_of(name)),
+                [jobs, id, name] if jobs == "jobs" => {
+                    let entry = listing.jobs.entry(id.clone()).or_default();
+                    if name == "spec.json" {
+                        entry.0 = true;
+                    } else {
+                        entry.1.extend(version_of(name));
+                    }
+                }
+                _ => {}
+            }
+        }
+        listing.head.sort_unstable();
+        listing.legacy.sort_unstable();
+        for (_, versions) in listing.jobs.values_mut() {
+            versions.sort_unstable();
+        }
+        Ok(listing)
     }
 
-    async fn read(&self, version: u64) -> Result<Persisted, StateError> {
+    async fn read<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T, StateError> {
         let bytes = self
             .loc
             .store
-            .get(&self.name(version))
+            .get(path)
             .await
             .map_err(|e| self.io(e))?
             .bytes()
             .await
             .map_err(|e| self.io(e))?;
-        serde_json::from_slice(&bytes).map_err(|e| self.io(format!("version {version}: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| self.io(format!("{path}: {e}")))
     }
 
-    /// Writes `state` as the next version.
-    pub async fn save(&mut self, state: &Persisted) -> Result<(), StateError> {
-        let next = self.version + 1;
-        let bytes = serde_json::to_vec(state).map_err(|e| self.io(e))?;
+    /// A job from its spec and its newest record that parses (`versions` ascending).
+    async fn read_job(&self, id: &str, versions: &[u64]) -> Result<Job, StateError> {
+        let spec: serde_json::Value = self.read(&self.spec_name(id)).await?;
+        let mut last = None;
+        for &v in versions.iter().rev() {
+            match self.read::<serde_json::Value>(&self.job_name(id, v)).await {
+                Ok(mut record) => {
+                    if let Some(fields) = record.as_object_mut() {
+                        fields.insert("spec".into(), spec);
+                    }
+                    return serde_json::from_value(record)
+                        .map_err(|e| self.io(format!("job {id} version {v}: {e}")));
+                }
+                Err(e) => {
+                    tracing::warn!("skipping job {id}'s version {v}: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| self.io(format!("job {id} has no record"))))
+    }
+
+    /// Puts `bytes` at `path` only if nothing is there yet.
+    async fn create(&self, path: &Path, bytes: Vec<u8>) -> Result<(), StateError> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -122,81 +246,125 @@ impl StateStore {
         match self
             .loc
             .store
-            .put_opts(&self.name(next), PutPayload::from(bytes), opts)
+            .put_opts(path, PutPayload::from(bytes), opts)
             .await
         {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(StateError::Fenced {
-                    url: self.loc.url.clone(),
-                    version: next,
-                })
-            }
-            Err(e) => return Err(self.io(e)),
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StateError::Fenced {
+                url: self.loc.url.clone(),
+                object: path.to_string(),
+            }),
+            Err(e) => Err(self.io(e)),
         }
+    }
+
+    /// Writes what `changes` names of `machine`'s state: each changed job's record (and a
+    /// new job's spec), the head when a job was submitted, and deletes dropped jobs.
+    pub async fn save(&mut self, machine: &Machine, changes: &Changes) -> Result<(), StateError> {
+        for id in &changes.jobs {
+            if let Some(job) = machine.jobs.get(id) {
+                self.save_job(job).await?;
+            }
+        }
+        if changes.head {
+            self.save_head(machine.next_job).await?;
+        }
+        for id in &changes.dropped {
+            self.drop_job(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn save_head(&mut self, next_job: u64) -> Result<(), StateError> {
+        let next = self.version + 1;
+        let bytes = serde_json::to_vec(&Head { next_job }).map_err(|e| self.io(e))?;
+        self.create(&self.head_name(next), bytes).await?;
         self.version = next;
         if next > KEEP {
             // Best effort: an old version left behind is only clutter.
-            let _ = self.loc.store.delete(&self.name(next - KEEP)).await;
+            let _ = self.loc.store.delete(&self.head_name(next - KEEP)).await;
         }
         Ok(())
+    }
+
+    async fn save_job(&mut self, job: &Job) -> Result<(), StateError> {
+        let known = self.jobs.get(&job.id).copied();
+        if known.is_none() {
+            let spec = serde_json::to_vec(&job.spec).map_err(|e| self.io(e))?;
+            self.create(&self.spec_name(&job.id), spec).await?;
+        }
+        let mut record = serde_json::to_value(job).map_err(|e| self.io(e))?;
+        if let Some(fields) = record.as_object_mut() {
+            fields.remove("spec");
+        }
+        let bytes = serde_json::to_vec(&record).map_err(|e| self.io(e))?;
+        let next = known.unwrap_or(0) + 1;
+        self.create(&self.job_name(&job.id, next), bytes).await?;
+        self.jobs.insert(job.id.clone(), next);
+        if next > KEEP {
+            let _ = self
+                .loc
+                .store
+                .delete(&self.job_name(&job.id, next - KEEP))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn drop_job(&mut self, id: &str) -> Result<(), StateError> {
+        let prefix = self.loc.child(&format!("{DIR}/jobs/{id}"));
+        let listed: Vec<_> = self
+            .loc
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.io(e))?;
+        for object in listed {
+            match self.loc.store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.io(e)),
+            }
+        }
+        if let Some(dir) = &self.loc.local_dir {
+            // The local store leaves the emptied folder behind.
+            let _ = std::fs::remove_dir(dir.join(DIR).join("jobs").join(id));
+        }
+        self.jobs.remove(id);
+        Ok(())
+    }
+
+    /// Reads the newest whole-state version of the older layout, writes it in this one and
+    /// deletes the old versions.
+    async fn migrate(mut self, legacy: Vec<u64>) -> Result<(Self, Option<Persisted>), StateError> {
+        let mut found = None;
+        for &v in legacy.iter().rev() {
+            match self.read::<Persisted>(&self.legacy_name(v)).await {
+                Ok(p) => {
+                    found = Some(p);
+                    break;
+                }
+                Err(e) => tracing::warn!("skipping state version {v}: {e}"),
+            }
+        }
+        let Some(state) = found else {
+            return Ok((self, None));
+        };
+        for job in &state.jobs {
+            self.save_job(job).await?;
+        }
+        self.save_head(state.next_job).await?;
+        for v in legacy {
+            let _ = self.loc.store.delete(&self.legacy_name(v)).await;
+        }
+        tracing::info!(
+            "rewrote the state in {} as one object per job ({} jobs)",
+            self.loc.url,
+            state.jobs.len()
+        );
+        Ok((self, Some(state)))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state(next_job: u64) -> Persisted {
-        Persisted {
-            next_job,
-            jobs: Vec::new(),
-        }
-    }
-
-    #[tokio::test]
-    async fn versions_are_read_back_and_a_second_writer_is_fenced() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = dir.path().to_str().unwrap();
-        let (mut first, nothing) = StateStore::open(url).await.unwrap();
-        assert!(nothing.is_none());
-        for n in 1..=5 {
-            first.save(&state(n)).await.unwrap();
-        }
-        // A restarted coordinator reads the newest version; older ones beyond three are gone.
-        let (mut second, read) = StateStore::open(url).await.unwrap();
-        assert_eq!(read, Some(state(5)));
-        assert_eq!(second.version(), 5);
-        let mut kept = second.versions().await.unwrap();
-        kept.sort_unstable();
-        assert_eq!(kept, vec![3, 4, 5]);
-        // Two coordinators on one state: whoever writes a version second is refused, and
-        // the first one's version stands.
-        second.save(&state(6)).await.unwrap();
-        let err = first.save(&state(60)).await.unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("version 6 was written by another coordinator"),
-            "{err}"
-        );
-        let (_, read) = StateStore::open(url).await.unwrap();
-        assert_eq!(read, Some(state(6)));
-    }
-
-    #[tokio::test]
-    async fn a_torn_newest_version_falls_back_to_the_one_before() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = dir.path().to_str().unwrap();
-        let (mut s, _) = StateStore::open(url).await.unwrap();
-        s.save(&state(1)).await.unwrap();
-        std::fs::write(
-            dir.path().join("state").join(format!("v{:020}.json", 2)),
-            b"{\"next_job\": 2, \"jo",
-        )
-        .unwrap();
-        let (s, read) = StateStore::open(url).await.unwrap();
-        assert_eq!(read, Some(state(1)));
-        // The next write does not reuse the damaged version's name.
-        assert_eq!(s.version(), 2);
-    }
-}
+mod tests;

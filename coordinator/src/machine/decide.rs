@@ -47,7 +47,7 @@ impl Machine {
                 job.committed_step,
             )
         {
-            self.dirty = true;
+            self.changes.job(id);
         }
     }
 

@@ -168,10 +168,16 @@ pub struct Job {
     pub excluded: BTreeSet<String>,
     pub log: Vec<LogEntry>,
     pub next_seq: u64,
+    /// When it finished (completed, failed or was stopped); 0 while it has not.
+    #[serde(default)]
+    pub finished_unix_s: f64,
 }
 
 pub(super) fn set_phase(job: &mut Job, now: f64, phase: Phase, message: String) {
     job.phase = phase;
+    if phase.finished() {
+        job.finished_unix_s = now;
+    }
     log(job, now, phase, message.clone());
     job.message = message;
 }

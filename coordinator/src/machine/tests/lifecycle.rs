@@ -8,8 +8,16 @@ fn two_worker_job_runs_to_completion() {
     let mut s = spec(1, 2, 1);
     s.min_workers = 2;
     let job = m.submit(s, 2, 0.0).unwrap();
-    assert!(m.take_dirty());
-    assert!(!m.take_dirty());
+    // A submission writes the head (the job counter) and the new job's record, no more.
+    assert_eq!(
+        m.take_changes(),
+        Changes {
+            head: true,
+            jobs: [job.clone()].into(),
+            dropped: Default::default(),
+        }
+    );
+    assert!(m.take_changes().is_empty());
     assert_eq!(m.jobs[&job].phase, Phase::Pending);
     assert!(
         m.jobs[&job].message.contains("waiting for workers"),
@@ -30,7 +38,9 @@ fn two_worker_job_runs_to_completion() {
     assert_eq!(j.generation, 1);
     assert_eq!(j.ranks, vec![a.clone(), b.clone()]);
     assert_eq!(j.peers, vec![addr(1), addr(2)]);
-    assert!(m.take_dirty());
+    let changes = m.take_changes();
+    assert!(!changes.head);
+    assert_eq!(changes.jobs, [job.clone()].into());
 
     for (rank, id) in [&a, &b].into_iter().enumerate() {
         let reply = hb(&mut m, id, idle(&addr(rank + 1)), 2.0);

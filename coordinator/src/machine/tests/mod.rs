@@ -153,6 +153,7 @@ mod failures;
 mod lifecycle;
 mod pool;
 mod restore;
+mod retention;
 mod spec;
 mod stop;
 mod stragglers;

@@ -11,7 +11,7 @@ fn restored() -> (Machine, String, Vec<String>) {
     hb(&mut m, &ids[1], ckpt(running(&job, 1, 1), 4, 0), 1.0);
     hb(&mut m, &ids[0], ckpt(running(&job, 1, 0), 4, 4), 2.0);
     assert_eq!(m.jobs[&job].committed_step, 4);
-    assert!(m.take_dirty());
+    assert!(!m.take_changes().is_empty());
 
     let persisted = m.persisted();
     let json = serde_json::to_string(&persisted).unwrap();

@@ -93,7 +93,7 @@ fn submit_refuses_invalid_jobs() {
         "{e}"
     );
     assert!(m.jobs.is_empty());
-    assert!(!m.take_dirty());
+    assert!(m.take_changes().is_empty());
 }
 
 #[test]

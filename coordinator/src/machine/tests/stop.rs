@@ -6,10 +6,10 @@ use super::*;
 fn stop_aborts_the_ranks_and_is_final() {
     let mut m = machine();
     let (job, ids) = start(&mut m, spec(1, 2, 1), 2, 2, 0.0);
-    m.take_dirty();
+    m.take_changes();
     let msg = m.stop(&job, 1.0).unwrap();
     assert!(msg.contains("stopped"), "{msg}");
-    assert!(m.take_dirty());
+    assert!(!m.take_changes().is_empty());
     assert_eq!(m.jobs[&job].phase, Phase::Stopped);
     let why = abort_of(&hb(&mut m, &ids[0], running(&job, 1, 0), 2.0)).to_owned();
     assert!(why.contains("stopped"), "{why}");
