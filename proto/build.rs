@@ -3,7 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = protox::compile(["kiln.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(files)?;
+    // Undecodable bytes are the caller's error: `crate::codec` answers INVALID_ARGUMENT.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::KilnCodec")
+        .compile_fds(files)?;
     println!("cargo:rerun-if-changed=proto/kiln.proto");
     Ok(())
 }

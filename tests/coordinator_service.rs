@@ -227,8 +227,16 @@ async fn refuses_undecodable_and_oversized_messages(target: &Target) {
         .await
         .unwrap_err();
     println!("malformed: {malformed:?}");
+    assert_eq!(
+        malformed.code(),
+        tonic::Code::InvalidArgument,
+        "{malformed:?}"
+    );
     assert!(
-        malformed.message().contains("failed to decode"),
+        malformed
+            .message()
+            .contains("malformed message: failed to decode Protobuf message")
+            && malformed.message().contains("it is not a SubmitRequest"),
         "{malformed:?}"
     );
     let mut request = tonic::Request::new(Garbage {
@@ -395,6 +403,30 @@ fn jobs_kiln_train_refuses_are_refused_at_submit_with_its_message() {
     // Nothing was registered.
     let status = cluster.kiln_ok(&["status"]);
     assert!(!status.contains("no-heads"), "{status}");
+
+    // `kiln local` is refused the same way, and stops its workers: none leaves its
+    // temporary folder behind.
+    let job = twin(dir.path(), "local-refused", 8, 2, "", 4);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("preset = \"tiny\"", "preset = \"tiny\"\nmax_seq_len = 32"),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["local", path_str(&job), "--workers", "2"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kiln local ran:\n{err}");
+    assert!(err.contains("exceeds the model's max_seq_len 32"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "kiln local left {left:?} in its TMPDIR");
 }
 
 /// The same job file submitted twice: the second is refused, naming the first, as long as

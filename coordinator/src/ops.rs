@@ -405,25 +405,29 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
         token,
         tls_ca: None,
     };
-    let mut client: Client = target.connect().await?;
-    let id = client
-        .submit(rpc::SubmitRequest {
-            job_toml: text,
-            workers: options.workers,
-            min_workers: 1,
-            max_workers: 0,
-        })
-        .await
-        .map_err(refused)?
-        .into_inner()
-        .job_id;
-    eprintln!("submitted {id}");
-    let outcome = tokio::select! {
-        outcome = watch(&target, &id) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(OpsError::Other(format!(
-            "interrupted; the workers are stopped, and {id} continues from its newest checkpoint when run again"
-        ))),
+    let run = async {
+        let mut client: Client = target.connect().await?;
+        let id = client
+            .submit(rpc::SubmitRequest {
+                job_toml: text,
+                workers: options.workers,
+                min_workers: 1,
+                max_workers: 0,
+            })
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .job_id;
+        eprintln!("submitted {id}");
+        tokio::select! {
+            outcome = watch(&target, &id) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(OpsError::Other(format!(
+                "interrupted; the workers are stopped, and {id} continues from its newest checkpoint when run again"
+            ))),
+        }
     };
+    // However it ends (a refused job included), the workers are stopped as below.
+    let outcome = run.await;
     // Closing a worker's stdin stops it (`--exit-with-stdin`): it removes its temporary
     // folder and exits. One that has not within 10 s is killed, and its folder removed here.
     let pids: Vec<Option<u32>> = children.iter().map(|c| c.id()).collect();

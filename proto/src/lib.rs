@@ -6,7 +6,7 @@
 //! - [`path`]: the one lexical path normalizer (`.` and `..` without the file system);
 //!   [`json`]: how messages name JSON values.
 //! - [`rpc`]: the coordinator's gRPC service (`proto/kiln.proto`), generated at build time
-//!   without `protoc`; [`control`]: its messages as checked Kiln types; [`client`]: how a
+//!   without `protoc`, with [`codec`]'s error codes; [`control`]: its messages as checked Kiln types; [`client`]: how a
 //!   worker or a client connects (token, TLS).
 //! - [`run`]: a training run's record: the events it logs, the phases of a step, and the
 //!   state its checkpoints carry.
@@ -15,6 +15,7 @@
 //! these documents, and knows nothing of libtorch or Parquet.
 
 pub mod client;
+pub mod codec;
 pub mod control;
 pub mod job;
 pub mod json;
