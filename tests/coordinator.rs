@@ -170,6 +170,31 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
     let s = cluster.wait_done(&job);
     assert!(s.restarts >= 1, "{s:?}");
     assert!(s.generation >= 2, "{s:?}");
+    // Every committed folder holds what its manifest names and nothing the killed rank
+    // left (a cut-short upload, `NAME#N`, included).
+    let ckpts = output_dir(&job_path).join("checkpoints");
+    for entry in std::fs::read_dir(&ckpts).unwrap().flatten() {
+        let folder = entry.path();
+        let Ok(text) = std::fs::read(folder.join("manifest.json")) else {
+            continue;
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let objects = manifest["objects"].as_array().unwrap();
+        let mut expected: Vec<String> = objects
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_owned())
+            .chain((0..objects.len()).map(|r| format!("rank-{r:05}.json")))
+            .chain(["manifest.json".to_owned()])
+            .collect();
+        expected.sort();
+        let mut held: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        held.sort();
+        assert_eq!(held, expected, "{}", folder.display());
+    }
     let logs = cluster.logs(&job);
     assert!(
         logs.contains("recovering from the newest checkpoint"),

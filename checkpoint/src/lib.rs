@@ -10,7 +10,7 @@ pub mod layout;
 pub mod store;
 
 pub use layout::{CheckpointManifest, Dtype, Mesh, ObjectInfo, Piece, Region, TensorInfo};
-pub use store::{CheckpointStore, Listed, RankObjectWriter, Verified};
+pub use store::{CheckpointStore, Listed, RankObjectWriter, Strays, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

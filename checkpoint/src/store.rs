@@ -5,7 +5,7 @@
 mod read;
 mod write;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +23,18 @@ use crate::CheckpointError;
 pub use write::{Fill, RankObjectWriter};
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// What a commit does with whatever else its `step-N/` folder holds (what a rank killed in
+/// an earlier attempt at the same step left: an object, a confirmation, a cut-short upload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strays {
+    /// Leave it: a rank of this attempt may still be writing, since nothing has said that
+    /// every rank finished (ranks started by hand).
+    Keep,
+    /// Delete it: every rank of this attempt is known to have written its object (the
+    /// coordinator's two-phase commit says so), so anything else is an earlier attempt's.
+    Remove,
+}
 
 /// A directory of checkpoints (`step-N/` under one URL).
 #[derive(Debug, Clone)]
@@ -101,8 +113,9 @@ impl CheckpointStore {
     }
 
     /// Commits step `step`: waits (up to `timeout`) until all `mesh.world` ranks have
-    /// confirmed their shards, then writes the manifest. Until the manifest is written the
-    /// checkpoint does not exist.
+    /// confirmed their objects, then writes the manifest. Until the manifest is written the
+    /// checkpoint does not exist. With [`Strays::Remove`], what else the folder holds goes
+    /// first.
     pub fn commit(
         &self,
         step: u64,
@@ -110,6 +123,7 @@ impl CheckpointStore {
         tensors: BTreeMap<String, TensorInfo>,
         train_state: serde_json::Value,
         timeout: Duration,
+        strays: Strays,
     ) -> Result<CheckpointManifest> {
         let deadline = Instant::now() + timeout;
         let mut objects: Vec<Option<ObjectInfo>> = vec![None; mesh.world];
@@ -153,6 +167,20 @@ impl CheckpointStore {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        if strays == Strays::Remove {
+            // What a writer killed in an earlier attempt at this step left here is not part
+            // of the checkpoint: it goes before the manifest makes the folder a checkpoint.
+            let mut keep: BTreeSet<String> = (0..mesh.world).map(report_name).collect();
+            keep.extend(objects.iter().flatten().map(|o| o.name.clone()));
+            let removed = self.remove_strays(step, &keep)?;
+            if !removed.is_empty() {
+                tracing::warn!(
+                    "{}: removed what an earlier attempt left: {}",
+                    self.display(step, ""),
+                    removed.join(", ")
+                );
+            }
+        }
         let manifest = CheckpointManifest {
             format: FORMAT.into(),
             version: VERSION,
@@ -175,6 +203,48 @@ impl CheckpointStore {
             )
             .map_err(|e| self.io(step, MANIFEST, e))?;
         Ok(manifest)
+    }
+
+    /// Deletes what `step-N/` holds besides `keep` (and its manifest): the objects and
+    /// confirmations of ranks an earlier generation had and this one does not, and, on a
+    /// file system, the staging files (`NAME#N`) of uploads cut short, which a listing does
+    /// not show. Returns their names.
+    fn remove_strays(&self, step: u64, keep: &BTreeSet<String>) -> Result<Vec<String>> {
+        let prefix = self.loc.child(&step_dir(step));
+        let store = self.loc.store.clone();
+        let listed: Vec<Path> = self
+            .rt
+            .block_on(
+                store
+                    .list(Some(&prefix))
+                    .map_ok(|o| o.location)
+                    .try_collect(),
+            )
+            .map_err(|e| self.io(step, "", e))?;
+        let mut removed = Vec::new();
+        for path in listed {
+            let name = path.filename().unwrap_or_default().to_owned();
+            if name == MANIFEST || keep.contains(&name) {
+                continue;
+            }
+            match self.rt.block_on(store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(name),
+                Err(e) => return Err(self.io(step, &name, e)),
+            }
+        }
+        if let Some(dir) = &self.loc.local_dir {
+            let dir = dir.join(step_dir(step));
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let staged = name
+                    .rsplit_once('#')
+                    .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                if staged && std::fs::remove_file(entry.path()).is_ok() {
+                    removed.push(name);
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Every `step-N/` directory, oldest first, with what it holds.

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use kiln_checkpoint::{
     CheckpointError, CheckpointManifest, CheckpointStore, Dtype, Mesh, RankObjectWriter, Region,
-    TensorInfo,
+    Strays, TensorInfo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -397,7 +397,15 @@ impl Saver {
                         }
                     })?;
                 }
-                store.commit(step, mesh, infos, train_state, commit_timeout())?;
+                // Under a coordinator every rank of this generation has written (it said so
+                // before `wait_commit` returned), so anything else in the folder is an
+                // earlier attempt's; ranks started by hand have no such word.
+                let strays = if gate.is_some() {
+                    Strays::Remove
+                } else {
+                    Strays::Keep
+                };
+                store.commit(step, mesh, infos, train_state, commit_timeout(), strays)?;
                 committed = Some(store.display(step, kiln_checkpoint::layout::MANIFEST));
                 deleted = store.retain(step, keep_last, keep_every)?;
             }

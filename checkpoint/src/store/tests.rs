@@ -70,6 +70,7 @@ fn a_checkpoint_exists_once_every_rank_has_confirmed() {
             infos(10),
             serde_json::Value::Null,
             Duration::from_millis(100),
+            Strays::Keep,
         )
         .unwrap_err();
     assert!(
@@ -90,6 +91,7 @@ fn a_checkpoint_exists_once_every_rank_has_confirmed() {
             infos(10),
             serde_json::Value::Null,
             Duration::from_secs(5),
+            Strays::Keep,
         )
         .unwrap();
     assert_eq!(store.committed().unwrap(), vec![m.clone()]);
@@ -123,6 +125,7 @@ fn large_shards_go_up_in_parts_within_the_host_budget() {
             infos(rows),
             serde_json::Value::Null,
             Duration::from_secs(5),
+            Strays::Keep,
         )
         .unwrap();
     assert_eq!(m.objects[0].size, info.size);
@@ -132,4 +135,50 @@ fn large_shards_go_up_in_parts_within_the_host_budget() {
         .unwrap();
     let last = f32::from_le_bytes(got[0][12..16].try_into().unwrap());
     assert_eq!(last, (rows * 4 - 1) as f32);
+}
+
+/// A step saved again after a rank died mid-save (and with fewer ranks): the new commit
+/// holds its own objects only, not the old rank's object, confirmation or cut-short upload.
+#[test]
+fn a_commit_removes_what_an_earlier_attempt_left_in_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    // The earlier attempt: 3 ranks; rank 2 confirmed, rank 1 was killed mid-upload.
+    write(&store, 7, 2, 6..10, None);
+    let folder = dir.path().join("step-7");
+    let staged = folder.join("rank-00001.bin#1");
+    std::fs::write(&staged, b"half an upload").unwrap();
+    let before: BTreeSet<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+    // The next generation, 2 ranks, saves step 7 again and commits it.
+    let a = write(&store, 7, 0, 0..4, None);
+    let b = write(&store, 7, 1, 4..10, None);
+    let m = store
+        .commit(
+            7,
+            MESH,
+            infos(10),
+            serde_json::Value::Null,
+            Duration::from_secs(5),
+            Strays::Remove,
+        )
+        .unwrap();
+    let after: BTreeSet<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let expected: BTreeSet<String> = [
+        a.name,
+        b.name,
+        report_name(0),
+        report_name(1),
+        MANIFEST.to_owned(),
+    ]
+    .into();
+    assert_eq!(after, expected);
+    assert_eq!(store.verify(7).unwrap().objects, 2);
+    assert_eq!(m.objects.len(), 2);
 }
