@@ -122,6 +122,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         ready_addr: String::new(),
         wake: wake.clone(),
         lost_since: None,
+        hurry_until: None,
     };
     agent.ready_addr = free_addr(&agent.options.host);
     agent.register().await?;
@@ -129,7 +130,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         if let Some(reply) = agent.heartbeat().await? {
             agent.act(reply).await?;
         }
-        let interval = agent.interval;
+        let interval = agent.next_heartbeat();
         let exited = async {
             match agent.running.as_mut() {
                 Some(r) => {
@@ -158,9 +159,49 @@ struct Agent {
     ready_addr: String,
     wake: Arc<Notify>,
     lost_since: Option<tokio::time::Instant>,
+    /// Until when to heartbeat at [`Agent::quick`] intervals: a rank here just ended, and
+    /// the coordinator's next decision (a new generation) is awaited.
+    hurry_until: Option<tokio::time::Instant>,
 }
 
+/// How long after its rank ends a worker heartbeats quickly.
+const HURRY: Duration = Duration::from_secs(3);
+
 impl Agent {
+    /// A tenth of the interval (at least 50 ms): how often to ask while a decision of the
+    /// coordinator is awaited.
+    fn quick(&self) -> Duration {
+        (self.interval / 10).max(Duration::from_millis(50))
+    }
+
+    /// When to heartbeat next. Sooner than the interval while this worker waits for the
+    /// coordinator: rank 0 holding a checkpoint that may be ready to commit (the coordinator
+    /// tells it in a heartbeat reply; the other ranks report theirs at once), or a worker
+    /// whose rank just ended, for the next generation's assignment. The coordinator cannot
+    /// call a worker, so this is what bounds the commit and the re-forming of a job by about
+    /// a tenth of the interval instead of a whole one.
+    fn next_heartbeat(&mut self) -> Duration {
+        let commit_pending = self.running.as_ref().is_some_and(|r| {
+            let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+            r.assignment.rank == 0 && seen.written > seen.committed
+        });
+        let hurrying = self
+            .hurry_until
+            .is_some_and(|t| tokio::time::Instant::now() < t && self.running.is_none());
+        if !hurrying {
+            self.hurry_until = None;
+        }
+        if commit_pending || hurrying {
+            self.quick()
+        } else {
+            self.interval
+        }
+    }
+
+    fn hurry(&mut self) {
+        self.hurry_until = Some(tokio::time::Instant::now() + HURRY);
+    }
+
     fn report(&self) -> WorkerReport {
         match &self.running {
             Some(r) => {
@@ -301,6 +342,7 @@ impl Agent {
                         ..WorkerReport::default()
                     };
                     self.ready_addr = free_addr(&self.options.host);
+                    self.hurry();
                     self.wake.notify_one();
                 }
             }
@@ -472,6 +514,7 @@ impl Agent {
         };
         drop(seen);
         self.ready_addr = free_addr(&self.options.host);
+        self.hurry();
         self.wake.notify_one();
     }
 }
