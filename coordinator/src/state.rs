@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use futures::TryStreamExt;
 use kiln_store::{self as store, StoreLocation};
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::machine::{Changes, Job, Machine, Persisted};
 
@@ -165,15 +165,19 @@ impl StateStore {
         }
     }
 
-    async fn list(&self) -> Result<Listing, StateError> {
-        let prefix = self.loc.child(DIR);
-        let listed: Vec<_> = self
-            .loc
+    /// Every object under `prefix`.
+    async fn objects(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, StateError> {
+        self.loc
             .store
-            .list(Some(&prefix))
+            .list(Some(prefix))
             .try_collect()
             .await
-            .map_err(|e| self.io(e))?;
+            .map_err(|e| self.io(e))
+    }
+
+    async fn list(&self) -> Result<Listing, StateError> {
+        let prefix = self.loc.child(DIR);
+        let listed = self.objects(&prefix).await?;
         let mut listing = Listing::default();
         for object in listed {
             let Some(rest) = object.location.prefix_match(&prefix) else {
@@ -313,14 +317,7 @@ impl StateStore {
 
     async fn drop_job(&mut self, id: &str) -> Result<(), StateError> {
         let prefix = self.loc.child(&format!("{DIR}/jobs/{id}"));
-        let listed: Vec<_> = self
-            .loc
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.io(e))?;
-        for object in listed {
+        for object in self.objects(&prefix).await? {
             match self.loc.store.delete(&object.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.io(e)),

