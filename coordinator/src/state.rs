@@ -107,6 +107,13 @@ impl StateStore {
                 Err(e) => tracing::warn!("skipping state head version {v}: {e}"),
             }
         }
+        // No job number found in the store is handed out again, not even one whose state
+        // was not completely written (its spec would then collide with the new job's).
+        let numbered = listing
+            .jobs
+            .keys()
+            .filter_map(|id| id.rsplit_once('-')?.1.parse::<u64>().ok());
+        next_job = numbered.fold(next_job, u64::max);
         let mut jobs = Vec::new();
         for (id, (has_spec, versions)) in listing.jobs {
             if let Some(v) = versions.iter().copied().max() {
@@ -122,12 +129,6 @@ impl StateStore {
                 Err(e) => tracing::warn!("skipping job {id}: {e}"),
             }
         }
-        // A head older than its newest job (the coordinator died between the two writes)
-        // must not hand that job's number out again.
-        let numbered = jobs
-            .iter()
-            .filter_map(|j| j.id.rsplit_once('-')?.1.parse::<u64>().ok());
-        next_job = numbered.fold(next_job, u64::max);
         Ok((s, Some(Persisted { next_job, jobs })))
     }
 

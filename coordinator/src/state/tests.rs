@@ -107,6 +107,30 @@ async fn a_torn_newest_record_falls_back_to_the_one_before() {
     assert_eq!(s.jobs[&a], 2);
 }
 
+/// A submission cut short after its spec was written and before its record and the head:
+/// the job is not read back, and its number is not handed out again.
+#[tokio::test]
+async fn a_job_written_in_part_is_skipped_and_its_number_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap();
+    let (mut s, _) = StateStore::open(url).await.unwrap();
+    let mut m = Machine::new(Policy::default(), "e".into());
+    let a = m.submit(spec(0, 10), 1, 0.0).unwrap();
+    save(&mut m, &mut s).await;
+    let cut = dir.path().join("state/jobs/job-2");
+    std::fs::create_dir_all(&cut).unwrap();
+    std::fs::write(cut.join("spec.json"), b"{}").unwrap();
+    let (mut s, read) = StateStore::open(url).await.unwrap();
+    let read = read.unwrap();
+    assert_eq!(read.jobs.len(), 1);
+    assert_eq!(read.next_job, 2);
+    let mut r = Machine::restore(Policy::default(), "e2".into(), read, 1.0);
+    let b = r.submit(spec(1, 10), 1, 1.0).unwrap();
+    assert_ne!(b, "job-2");
+    assert_ne!(b, a);
+    save(&mut r, &mut s).await;
+}
+
 #[tokio::test]
 async fn a_state_of_the_older_layout_is_read_and_rewritten() {
     let dir = tempfile::tempdir().unwrap();
