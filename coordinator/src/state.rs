@@ -280,15 +280,28 @@ impl StateStore {
         Ok(())
     }
 
-    async fn save_head(&mut self, next_job: u64) -> Result<(), StateError> {
-        let next = self.version + 1;
-        let bytes = serde_json::to_vec(&Head { next_job }).map_err(|e| self.io(e))?;
-        self.create(&self.head_name(next), bytes).await?;
-        self.version = next;
+    /// Writes `bytes` as the version after `newest` of the object `name` names, and deletes
+    /// the version [`KEEP`] before it (best effort: an old version left behind is only
+    /// clutter). Returns the new version.
+    async fn put_version(
+        &self,
+        name: impl Fn(u64) -> Path,
+        newest: u64,
+        bytes: Vec<u8>,
+    ) -> Result<u64, StateError> {
+        let next = newest + 1;
+        self.create(&name(next), bytes).await?;
         if next > KEEP {
-            // Best effort: an old version left behind is only clutter.
-            let _ = self.loc.store.delete(&self.head_name(next - KEEP)).await;
+            let _ = self.loc.store.delete(&name(next - KEEP)).await;
         }
+        Ok(next)
+    }
+
+    async fn save_head(&mut self, next_job: u64) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(&Head { next_job }).map_err(|e| self.io(e))?;
+        self.version = self
+            .put_version(|v| self.head_name(v), self.version, bytes)
+            .await?;
         Ok(())
     }
 
@@ -303,16 +316,10 @@ impl StateStore {
             fields.remove("spec");
         }
         let bytes = serde_json::to_vec(&record).map_err(|e| self.io(e))?;
-        let next = known.unwrap_or(0) + 1;
-        self.create(&self.job_name(&job.id, next), bytes).await?;
+        let next = self
+            .put_version(|v| self.job_name(&job.id, v), known.unwrap_or(0), bytes)
+            .await?;
         self.jobs.insert(job.id.clone(), next);
-        if next > KEEP {
-            let _ = self
-                .loc
-                .store
-                .delete(&self.job_name(&job.id, next - KEEP))
-                .await;
-        }
         Ok(())
     }
 

@@ -42,15 +42,23 @@ fn files(dir: &FsPath) -> BTreeMap<String, u64> {
     out
 }
 
-#[tokio::test]
-async fn jobs_are_read_back_and_a_second_writer_is_fenced() {
+/// A new state in a temporary folder, with one job submitted and saved.
+async fn one_job() -> (tempfile::TempDir, StateStore, Machine, String) {
     let dir = tempfile::tempdir().unwrap();
-    let url = dir.path().to_str().unwrap();
-    let (mut first, nothing) = StateStore::open(url).await.unwrap();
+    let (mut s, nothing) = StateStore::open(dir.path().to_str().unwrap())
+        .await
+        .unwrap();
     assert!(nothing.is_none());
     let mut m = Machine::new(Policy::default(), "e".into());
     let a = m.submit(spec(0, 10), 1, 0.0).unwrap();
-    save(&mut m, &mut first).await;
+    save(&mut m, &mut s).await;
+    (dir, s, m, a)
+}
+
+#[tokio::test]
+async fn jobs_are_read_back_and_a_second_writer_is_fenced() {
+    let (dir, mut first, mut m, a) = one_job().await;
+    let url = dir.path().to_str().unwrap();
     for n in 1..=4 {
         m.scale(&a, 1, n as f64).unwrap();
         save(&mut m, &mut first).await;
@@ -90,12 +98,8 @@ async fn jobs_are_read_back_and_a_second_writer_is_fenced() {
 
 #[tokio::test]
 async fn a_torn_newest_record_falls_back_to_the_one_before() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, mut s, mut m, a) = one_job().await;
     let url = dir.path().to_str().unwrap();
-    let (mut s, _) = StateStore::open(url).await.unwrap();
-    let mut m = Machine::new(Policy::default(), "e".into());
-    let a = m.submit(spec(0, 10), 1, 0.0).unwrap();
-    save(&mut m, &mut s).await;
     let before = m.jobs[&a].clone();
     m.stop(&a, 1.0).unwrap();
     save(&mut m, &mut s).await;
@@ -111,12 +115,8 @@ async fn a_torn_newest_record_falls_back_to_the_one_before() {
 /// the job is not read back, and its number is not handed out again.
 #[tokio::test]
 async fn a_job_written_in_part_is_skipped_and_its_number_not_reused() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _, _, a) = one_job().await;
     let url = dir.path().to_str().unwrap();
-    let (mut s, _) = StateStore::open(url).await.unwrap();
-    let mut m = Machine::new(Policy::default(), "e".into());
-    let a = m.submit(spec(0, 10), 1, 0.0).unwrap();
-    save(&mut m, &mut s).await;
     let cut = dir.path().join("state/jobs/job-2");
     std::fs::create_dir_all(&cut).unwrap();
     std::fs::write(cut.join("spec.json"), b"{}").unwrap();
