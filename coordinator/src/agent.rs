@@ -180,17 +180,15 @@ impl Agent {
     /// whose rank just ended, for the next generation's assignment. The coordinator cannot
     /// call a worker, so this is what bounds the commit and the re-forming of a job by about
     /// a tenth of the interval instead of a whole one.
-    fn next_heartbeat(&mut self) -> Duration {
+    fn next_heartbeat(&self) -> Duration {
         let commit_pending = self.running.as_ref().is_some_and(|r| {
             let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
             r.assignment.rank == 0 && seen.written > seen.committed
         });
-        let hurrying = self
-            .hurry_until
-            .is_some_and(|t| tokio::time::Instant::now() < t && self.running.is_none());
-        if !hurrying {
-            self.hurry_until = None;
-        }
+        let hurrying = self.running.is_none()
+            && self
+                .hurry_until
+                .is_some_and(|t| tokio::time::Instant::now() < t);
         if commit_pending || hurrying {
             self.quick()
         } else {
