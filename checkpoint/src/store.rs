@@ -210,27 +210,14 @@ impl CheckpointStore {
     /// file system, the staging files (`NAME#N`) of uploads cut short, which a listing does
     /// not show. Returns their names.
     fn remove_strays(&self, step: u64, keep: &BTreeSet<String>) -> Result<Vec<String>> {
-        let prefix = self.loc.child(&step_dir(step));
-        let store = self.loc.store.clone();
-        let listed: Vec<Path> = self
-            .rt
-            .block_on(
-                store
-                    .list(Some(&prefix))
-                    .map_ok(|o| o.location)
-                    .try_collect(),
-            )
-            .map_err(|e| self.io(step, "", e))?;
         let mut removed = Vec::new();
-        for path in listed {
+        for path in self.step_objects(step)? {
             let name = path.filename().unwrap_or_default().to_owned();
             if name == MANIFEST || keep.contains(&name) {
                 continue;
             }
-            match self.rt.block_on(store.delete(&path)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => removed.push(name),
-                Err(e) => return Err(self.io(step, &name, e)),
-            }
+            self.delete_object(step, &path)?;
+            removed.push(name);
         }
         if let Some(dir) = &self.loc.local_dir {
             let dir = dir.join(step_dir(step));
@@ -245,6 +232,28 @@ impl CheckpointStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Every object in `step-N/`.
+    fn step_objects(&self, step: u64) -> Result<Vec<Path>> {
+        let prefix = self.loc.child(&step_dir(step));
+        self.rt
+            .block_on(
+                self.loc
+                    .store
+                    .list(Some(&prefix))
+                    .map_ok(|o| o.location)
+                    .try_collect(),
+            )
+            .map_err(|e| self.io(step, "", e))
+    }
+
+    /// Deletes one object of `step-N/`; one already gone is no error.
+    fn delete_object(&self, step: u64, path: &Path) -> Result<()> {
+        match self.rt.block_on(self.loc.store.delete(path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io(step, path.filename().unwrap_or_default(), e)),
+        }
     }
 
     /// Every `step-N/` directory, oldest first, with what it holds.
@@ -410,29 +419,10 @@ impl CheckpointStore {
     /// Deletes checkpoint `step`: the manifest first, so that a deletion cut short leaves
     /// an uncommitted directory, never a damaged checkpoint.
     pub fn delete(&self, step: u64) -> Result<()> {
-        let prefix = self.loc.child(&step_dir(step));
-        let manifest = self.path(step, MANIFEST);
-        let store = self.loc.store.clone();
-        self.rt
-            .block_on(async {
-                match store.delete(&manifest).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                let objects: Vec<Path> = store
-                    .list(Some(&prefix))
-                    .map_ok(|o| o.location)
-                    .try_collect()
-                    .await?;
-                for o in objects {
-                    match store.delete(&o).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|e| self.io(step, "", e))?;
+        self.delete_object(step, &self.path(step, MANIFEST))?;
+        for path in self.step_objects(step)? {
+            self.delete_object(step, &path)?;
+        }
         // A file system keeps the emptied directory; a store has nothing left to remove.
         if let Some(dir) = &self.loc.local_dir {
             let _ = std::fs::remove_dir(dir.join(step_dir(step)));
