@@ -196,6 +196,31 @@ fn launch_mistakes_are_refused_before_waiting_for_anyone() {
     );
     let err = train_err(&tp2, 2, 2, 2);
     assert!(err.contains("--rank 2 is outside --world-size 2"), "{err}");
+    // The sparse form `kiln worker` passes (this rank and its ring neighbours only).
+    let sparse_err = |rank: &str, peers: &str| {
+        kiln_err(&[
+            "train",
+            path_str(&tp2),
+            "--rank",
+            rank,
+            "--world-size",
+            "2",
+            "--peers",
+            peers,
+        ])
+    };
+    let err = sparse_err("0", "1=127.0.0.1:9");
+    assert!(
+        err.contains("--peers gives no address for this rank (0)"),
+        "{err}"
+    );
+    let err = sparse_err("0", "0=127.0.0.1:9,5=127.0.0.1:10");
+    assert!(err.contains("rank 5 is outside --world-size 2"), "{err}");
+    let err = sparse_err("0", "0=127.0.0.1:9,127.0.0.1:10");
+    assert!(
+        err.contains("--peers mixes `host:port` and `rank=host:port` entries"),
+        "{err}"
+    );
     // A peer that never comes: the rendezvous gives up and says whom it waited for.
     // Rank 0 gets its listening socket; rank 1's port is held but refuses connections.
     let first = Peers::bind(1);

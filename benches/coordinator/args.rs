@@ -16,6 +16,9 @@ pub struct Args {
     pub client_threads: usize,
     pub heartbeat: bool,
     pub rendezvous: bool,
+    pub lifecycle_workers: Vec<usize>,
+    pub lifecycle_poll: Duration,
+    pub machine_workers: Vec<usize>,
 }
 
 pub fn list<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Vec<T>, Error> {
@@ -43,6 +46,9 @@ pub fn parse_args() -> Result<Args, Error> {
         client_threads: 2,
         heartbeat: true,
         rendezvous: true,
+        lifecycle_workers: vec![4000, 16_384],
+        lifecycle_poll: Duration::from_millis(100),
+        machine_workers: vec![4000, 16_384, 65_536],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +67,13 @@ pub fn parse_args() -> Result<Args, Error> {
             "--client-threads" => a.client_threads = value()?.parse()?,
             "--skip-heartbeat" => a.heartbeat = false,
             "--skip-rendezvous" => a.rendezvous = false,
+            "--lifecycle-workers" => a.lifecycle_workers = list(&flag, &value()?)?,
+            "--lifecycle-poll-ms" => a.lifecycle_poll = Duration::from_millis(value()?.parse()?),
+            "--skip-lifecycle" => {
+                a.lifecycle_workers.clear();
+                a.machine_workers.clear();
+            }
+            "--machine-workers" => a.machine_workers = list(&flag, &value()?)?,
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }

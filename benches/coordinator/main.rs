@@ -11,17 +11,22 @@
 //!    Register; a job for all N is submitted; measured from the Submit call until every
 //!    worker has its `Run` assignment, until every worker's RUNNING report was answered,
 //!    and until `Status` says "running".
+//! 3. A job's life (`lifecycle.rs`): bring-up, a checkpoint commit and the recovery from a
+//!    failed rank of one job over N workers that heartbeat every 100 ms while they wait;
+//!    then the same phases on the decision machine alone (`--machine-workers`).
 //!
 //! ```text
 //! cargo bench -p kiln-coordinator --bench coordinator -- [--workers 1000,2000,4000]
 //!     [--connections 32] [--window 10] [--warmup 3] [--modes idle,running]
 //!     [--rendezvous-workers 1000] [--rendezvous-intervals 1000,200] [--rounds 3]
 //!     [--client-threads 2] [--skip-heartbeat] [--skip-rendezvous]
+//!     [--lifecycle-workers 4000,16384] [--lifecycle-poll-ms 100] [--skip-lifecycle]
 //! ```
 //!
 //! Prints Markdown tables; with `KILN_BENCH_OUT=PATH` also writes the results as JSON.
 mod args;
 mod heartbeat;
+mod lifecycle;
 mod rendezvous;
 mod sim;
 
@@ -122,8 +127,52 @@ fn main() -> Result<(), Error> {
         }
     }
 
+    let mut lifecycle_rows = Vec::new();
+    for &n in &args.lifecycle_workers {
+        let row = lifecycle::lifecycle(
+            &server_rt,
+            &client_rt,
+            n,
+            args.connections,
+            args.lifecycle_poll,
+        )?;
+        eprintln!("[lifecycle {n} workers] {row}");
+        lifecycle_rows.push(row);
+    }
+    let machine_rows: Vec<Value> = args
+        .machine_workers
+        .iter()
+        .map(|&n| {
+            let row = lifecycle::machine_lifecycle(n);
+            eprintln!("[machine {n} workers] {row}");
+            row
+        })
+        .collect();
+
     if !heartbeat_rows.is_empty() {
         print_heartbeats(&heartbeat_rows, &args, cores);
+    }
+    if !lifecycle_rows.is_empty() {
+        print_lifecycle(&lifecycle_rows);
+    }
+    if !machine_rows.is_empty() {
+        println!(
+            "\nThe same phases on the decision machine alone (`Machine` calls, each worker sending \
+             only the reports that move it; no gRPC).\n"
+        );
+        println!("| workers | reports | register | bring-up | commit | recovery |");
+        println!("|---|---|---|---|---|---|");
+        for r in &machine_rows {
+            println!(
+                "| {} | {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s |",
+                r["workers"],
+                r["heartbeats"],
+                f(r, "register_s"),
+                f(r, "bring_up_s"),
+                f(r, "commit_s"),
+                f(r, "recovery_s"),
+            );
+        }
     }
     if !rendezvous_rows.is_empty() {
         print_rendezvous(&rendezvous_rows, &args);
@@ -136,6 +185,8 @@ fn main() -> Result<(), Error> {
             "simulator_threads": args.client_threads,
             "heartbeat": heartbeat_rows,
             "rendezvous": rendezvous_rows,
+            "lifecycle": lifecycle_rows,
+            "machine": machine_rows,
         });
         std::fs::write(&path, serde_json::to_vec_pretty(&out)?)?;
         eprintln!("results written to {}", path.to_string_lossy());
@@ -180,6 +231,36 @@ fn print_heartbeats(rows: &[Value], args: &Args, cores: usize) {
             r["errors"],
             f(r, "coordinator_cpu_cores"),
             f(r, "simulator_cpu_cores"),
+        );
+    }
+}
+
+/// The lifecycle rows as a Markdown table.
+fn print_lifecycle(rows: &[Value]) {
+    println!(
+        "\nA job's life over N simulated workers (heartbeat every {} ms while waiting), each phase \
+         from its first request; coordinator CPU seconds in brackets.\n",
+        rows[0]["poll_ms"]
+    );
+    println!(
+        "| workers | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}) | {:.2} s ({:.2}) | {:.2} s | {:.2} s | {:.2} s ({:.2}) |",
+            r["workers"],
+            f(r, "register_s"),
+            f(r, "bring_up_all_run_s"),
+            f(r, "bring_up_all_running_acked_s"),
+            f(r, "bring_up_status_running_s"),
+            f(r, "bring_up_coordinator_cpu_s"),
+            f(r, "commit_status_committed_s"),
+            f(r, "commit_coordinator_cpu_s"),
+            f(r, "recovery_all_run_s"),
+            f(r, "recovery_all_running_acked_s"),
+            f(r, "recovery_status_running_s"),
+            f(r, "recovery_coordinator_cpu_s"),
         );
     }
 }

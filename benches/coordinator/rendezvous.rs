@@ -45,10 +45,17 @@ pub async fn agent_loop(
                 Some(Command::Run(a)) if out.run_at.is_none() => {
                     out.run_at = Some(Instant::now());
                     out.rank = Some(a.rank);
-                    if a.peers.len() != n || a.generation != 1 || a.job_toml.is_empty() {
+                    // Only the rank's ring neighbours' addresses, whatever the world.
+                    if a.world_size as usize != n
+                        || a.peers.len() > 7
+                        || a.peers.len() != a.peer_ranks.len()
+                        || a.generation != 1
+                        || a.job_toml.is_empty()
+                    {
                         out.bad.get_or_insert(format!(
-                            "assignment with {} peers, generation {}",
+                            "assignment with {} peers of a world of {}, generation {}",
                             a.peers.len(),
+                            a.world_size,
                             a.generation
                         ));
                     }

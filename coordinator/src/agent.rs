@@ -378,18 +378,14 @@ impl Agent {
         })?;
         eprintln!(
             "{}: starting rank {} of {} for {} generation {}",
-            self.options.label,
-            a.rank,
-            a.peers.len(),
-            a.job_id,
-            a.generation
+            self.options.label, a.rank, a.world_size, a.job_id, a.generation
         );
         let mut cmd = tokio::process::Command::new(&self.options.exe);
         cmd.arg("train")
             .arg(&job_path)
             .args(["--supervised", "--rank", &a.rank.to_string()])
-            .args(["--world-size", &a.peers.len().to_string()])
-            .args(["--peers", &a.peers.join(",")])
+            .args(["--world-size", &a.world_size.to_string()])
+            .args(["--peers", &a.peers_arg()])
             // The rank's telemetry resource names its job and generation.
             .env("KILN_JOB_ID", &a.job_id)
             .env("KILN_GENERATION", a.generation.to_string())

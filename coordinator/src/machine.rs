@@ -20,16 +20,18 @@
 
 mod decide;
 mod job;
+mod tally;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use kiln_proto::control::{Assignment, Command, Reply, WorkerReport, WorkerState};
+use kiln_proto::control::{ring_neighbours, Assignment, Command, Reply, WorkerReport, WorkerState};
 use serde::{Deserialize, Serialize};
 
 use decide::fail_generation;
 pub use decide::stragglers;
 use job::{log, sanitize, set_phase};
 pub use job::{Job, JobSpec, LogEntry, Phase};
+use tally::{standing, RankIndex, Tally};
 
 /// How many failures in a row (without a new checkpoint committed between them) fail a job.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
@@ -59,13 +61,10 @@ impl Worker {
         !self.placeholder && self.report.state != WorkerState::Running
     }
 
-    /// Whether `job` could give it a rank now: not running, offering a ring address, not
-    /// held by another live job (`busy`), and not evicted from this one.
-    fn free_for(&self, job: &Job, busy: &BTreeSet<String>) -> bool {
-        self.available()
-            && self.report.ready_addr.is_some()
-            && !busy.contains(&self.id)
-            && !job.excluded.contains(&self.id)
+    /// Not running and offering a ring address: a job could give it a rank unless another
+    /// live job holds it.
+    fn idle(&self) -> bool {
+        self.available() && self.report.ready_addr.is_some()
     }
 }
 
@@ -130,6 +129,12 @@ pub struct Machine {
     pub epoch: String,
     next_worker: u64,
     changes: Changes,
+    /// Derived from the above, kept up to date so that a heartbeat costs O(log world): the
+    /// rank each worker holds, each job's tally of its generation's reports, and how many
+    /// workers are [`Worker::idle`].
+    index: RankIndex,
+    tallies: HashMap<String, Tally>,
+    idle: usize,
 }
 
 /// What changed in the persisted state since the last [`Machine::take_changes`]: what the
@@ -180,6 +185,7 @@ impl Machine {
         m.next_job = state.next_job;
         for mut job in state.jobs {
             if job.phase.live() {
+                m.index.assign(&job);
                 for (rank, id) in job.ranks.iter().enumerate() {
                     m.workers.insert(
                         id.clone(),
@@ -328,7 +334,7 @@ impl Machine {
         self.jobs.insert(id.clone(), job);
         self.changes.head = true;
         self.changes.job(&id);
-        self.decide(now);
+        self.decide_job(&id, now, true);
         Ok(id)
     }
 
@@ -356,7 +362,7 @@ impl Machine {
         let phase = job.phase;
         log(job, now, phase, message.clone());
         self.changes.job(job_id);
-        self.decide(now);
+        self.decide_job(job_id, now, true);
         Ok(message)
     }
 
@@ -393,20 +399,52 @@ impl Machine {
             self.next_worker += 1;
             format!("w{}-{}", self.epoch, self.next_worker)
         };
-        self.workers.insert(
-            id.clone(),
-            Worker {
-                id: id.clone(),
-                host,
-                report,
-                last_seen: now,
-                placeholder: false,
-                straggling_since: None,
-                straggler_reported: false,
-            },
-        );
-        self.decide(now);
+        let worker = Worker {
+            id: id.clone(),
+            host,
+            report,
+            last_seen: now,
+            placeholder: false,
+            straggling_since: None,
+            straggler_reported: false,
+        };
+        self.idle += usize::from(worker.idle());
+        if let Some(old) = self.workers.insert(id.clone(), worker) {
+            self.idle -= usize::from(old.idle());
+        }
+        self.moved(&id, true, now);
         id
+    }
+
+    /// `worker` was added, removed or reported something that can move a job: its rank's
+    /// tally is brought up to date and its job decided, then (`freed`: it may have become
+    /// free) the jobs waiting for workers. O(log world) unless a job forms.
+    fn moved(&mut self, worker: &str, freed: bool, now: f64) {
+        let job = self.index.get(worker, &self.jobs).map(|(job, rank)| {
+            if let Some(t) = self
+                .tallies
+                .get_mut(&job.id)
+                .filter(|t| t.generation == job.generation)
+            {
+                t.set(rank, standing(job, rank, &self.workers));
+            }
+            job.id.clone()
+        });
+        if let Some(job) = &job {
+            self.decide_job(job, now, false);
+        }
+        if freed {
+            let waiting: Vec<String> = self
+                .jobs
+                .values()
+                .filter(|j| matches!(j.phase, Phase::Pending | Phase::Recovering))
+                .filter(|j| Some(&j.id) != job.as_ref())
+                .map(|j| j.id.clone())
+                .collect();
+            for id in waiting {
+                self.decide_job(&id, now, false);
+            }
+        }
     }
 
     /// A worker's heartbeat: record what it says, decide, and tell it what to do.
@@ -430,11 +468,15 @@ impl Machine {
             || r.generation != report.generation
             || r.checkpoint_written != report.checkpoint_written
             || r.checkpoint_committed != report.checkpoint_committed
-            || r.ready_addr != report.ready_addr;
+            || r.ready_addr != report.ready_addr
+            || r.error != report.error;
+        let was_idle = w.idle();
         w.report = report;
         w.last_seen = now;
+        let idle = w.idle();
+        self.idle = self.idle + usize::from(idle) - usize::from(was_idle);
         if moves {
-            self.decide(now);
+            self.moved(worker_id, idle && !was_idle, now);
         }
         Ok(self.command_for(worker_id))
     }
@@ -450,23 +492,30 @@ impl Machine {
             .collect();
         for id in gone {
             let w = self.workers.remove(&id).expect("listed above");
-            for job in self.jobs.values_mut() {
-                if job.phase.live() && job.ranks.contains(&id) {
-                    let rank = job.ranks.iter().position(|r| *r == id).unwrap_or(0);
-                    let what = if w.placeholder {
-                        "did not come back after the coordinator restarted"
-                    } else {
-                        "stopped sending heartbeats"
-                    };
-                    fail_generation(
-                        job,
-                        self.policy.max_restarts,
-                        now,
-                        format!("worker {id} (rank {rank}) {what} ({timeout:.0} s)"),
-                    );
-                    self.changes.job(&job.id);
-                }
+            self.idle -= usize::from(w.idle());
+            let held = self
+                .index
+                .get(&id, &self.jobs)
+                .filter(|(job, _)| job.phase.live())
+                .map(|(job, rank)| (job.id.clone(), rank));
+            if let Some((job_id, rank)) = held {
+                let what = if w.placeholder {
+                    "did not come back after the coordinator restarted"
+                } else {
+                    "stopped sending heartbeats"
+                };
+                let job = self.jobs.get_mut(&job_id).expect("indexed");
+                fail_generation(
+                    job,
+                    self.policy.max_restarts,
+                    now,
+                    format!("worker {id} (rank {rank}) {what} ({timeout:.0} s)"),
+                );
+                self.changes.job(&job_id);
             }
+            // Its rank (of a live job or one recovering) now counts as gone.
+            self.moved(&id, false, now);
+            self.index.forget(&id);
         }
         self.decide(now);
         self.compact(now);
@@ -476,6 +525,14 @@ impl Machine {
         self.jobs
             .get_mut(job_id)
             .ok_or_else(|| Refusal::UnknownJob(job_id.to_owned()))
+    }
+
+    /// The ranks of `job_id`'s generation reported as stragglers (as of the last tick).
+    pub fn stragglers_of(&self, job_id: &str) -> Vec<u32> {
+        self.tallies
+            .get(job_id)
+            .map(|t| t.stragglers.clone())
+            .unwrap_or_default()
     }
 
     /// What `worker_id` should do now.
@@ -519,25 +576,27 @@ impl Machine {
                 commit_step,
             };
         }
-        // Given a rank it has not started or finished yet: run it.
-        for job in self.jobs.values() {
-            if !job.phase.live() {
-                continue;
-            }
-            if let Some(rank) = job.ranks.iter().position(|id| *id == w.id) {
-                if r.finished(&job.id, job.generation).is_none() {
-                    return Reply {
-                        command: Command::Run(Assignment {
-                            job_id: job.id.clone(),
-                            generation: job.generation,
-                            rank: rank as u32,
-                            peers: job.peers.clone(),
-                            job_toml: job.spec.toml.clone(),
-                            resume: "latest".into(),
-                        }),
-                        commit_step: 0,
-                    };
-                }
+        // Given a rank it has not started or finished yet: run it. The assignment carries the
+        // addresses of its ring neighbours only, so its size does not grow with the world.
+        if let Some((job, rank)) = self.index.get(worker_id, &self.jobs) {
+            if job.phase.live() && r.finished(&job.id, job.generation).is_none() {
+                let world = job.ranks.len() as u32;
+                let peers = ring_neighbours(rank as u32, world, job.spec.tp)
+                    .into_iter()
+                    .map(|r| (r, job.peers[r as usize].clone()))
+                    .collect();
+                return Reply {
+                    command: Command::Run(Assignment {
+                        job_id: job.id.clone(),
+                        generation: job.generation,
+                        rank: rank as u32,
+                        world_size: world,
+                        peers,
+                        job_toml: job.spec.toml.clone(),
+                        resume: "latest".into(),
+                    }),
+                    commit_step: 0,
+                };
             }
         }
         Reply {

@@ -235,13 +235,7 @@ impl rpc::coordinator_server::Coordinator for Service {
                 let progress = rank0
                     .filter(|w| w.report.job_id == j.id)
                     .and_then(|w| w.report.progress);
-                let stragglers = j
-                    .ranks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, id)| m.workers.get(*id).is_some_and(|w| w.straggler_reported))
-                    .map(|(r, _)| r as u32)
-                    .collect();
+                let stragglers = m.stragglers_of(&j.id);
                 rpc::JobStatus {
                     job_id: j.id.clone(),
                     name: j.spec.name.clone(),

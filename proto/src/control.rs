@@ -99,9 +99,46 @@ pub struct Assignment {
     pub job_id: String,
     pub generation: u64,
     pub rank: u32,
-    pub peers: Vec<String>,
+    pub world_size: u32,
+    /// `(rank, host:port)` of the ranks this one connects to: itself and its neighbours on
+    /// every ring of the mesh ([`ring_neighbours`]), in rank order.
+    pub peers: Vec<(u32, String)>,
     pub job_toml: String,
     pub resume: String,
+}
+
+impl Assignment {
+    /// `--peers` of `kiln train`: `RANK=HOST:PORT` for each rank given.
+    pub fn peers_arg(&self) -> String {
+        self.peers
+            .iter()
+            .map(|(r, a)| format!("{r}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The ranks whose addresses `rank` needs in a `world`-rank mesh of tensor-parallel size `tp`
+/// (tensor-parallel innermost: rank = dp_rank * tp + tp_rank): itself, and the next and
+/// previous member of each ring it belongs to (the world, its data-parallel group, its
+/// tensor-parallel group). At most 7, sorted, whatever the world: the rendezvous connects
+/// to each ring's next member and accepts its previous one, and nothing else.
+pub fn ring_neighbours(rank: u32, world: u32, tp: u32) -> Vec<u32> {
+    let (world, tp) = (world.max(1), tp.clamp(1, world.max(1)));
+    let dp = world / tp;
+    let (d, t) = (rank / tp, rank % tp);
+    let mut out = vec![
+        rank,
+        (rank + 1) % world,
+        (rank + world - 1) % world,
+        ((d + 1) % dp) * tp + t,
+        ((d + dp - 1) % dp) * tp + t,
+        d * tp + (t + 1) % tp,
+        d * tp + (t + tp - 1) % tp,
+    ];
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// What the coordinator tells a worker in reply to a heartbeat.
@@ -391,7 +428,9 @@ impl From<Reply> for rpc::HeartbeatReply {
                 job_id: a.job_id,
                 generation: a.generation,
                 rank: a.rank,
-                peers: a.peers,
+                world_size: a.world_size,
+                peer_ranks: a.peers.iter().map(|(r, _)| *r).collect(),
+                peers: a.peers.into_iter().map(|(_, addr)| addr).collect(),
                 job_toml: a.job_toml,
                 resume: a.resume,
             }),
@@ -412,17 +451,50 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
             None | Some(C::Wait(_)) => Command::Wait,
             Some(C::Abort(a)) => Command::Abort(a.reason),
             Some(C::Run(a)) => {
-                if a.rank as usize >= a.peers.len() {
+                // Without `peer_ranks` (an older coordinator): every rank, in order.
+                let (world_size, peers): (u32, Vec<(u32, String)>) = if a.peer_ranks.is_empty() {
+                    let n = a.peers.len() as u32;
+                    (n, (0..n).zip(a.peers).collect())
+                } else {
+                    if a.peer_ranks.len() != a.peers.len() {
+                        return Err(field_error(
+                            "run.peer_ranks",
+                            format!(
+                                "{} ranks for {} addresses",
+                                a.peer_ranks.len(),
+                                a.peers.len()
+                            ),
+                        ));
+                    }
+                    (
+                        a.world_size,
+                        a.peer_ranks.into_iter().zip(a.peers).collect(),
+                    )
+                };
+                if a.rank >= world_size {
                     return Err(field_error(
                         "run.rank",
-                        format!("rank {} of {} peers", a.rank, a.peers.len()),
+                        format!("rank {} of a world of {world_size}", a.rank),
+                    ));
+                }
+                if let Some((r, _)) = peers.iter().find(|(r, _)| *r >= world_size) {
+                    return Err(field_error(
+                        "run.peer_ranks",
+                        format!("rank {r} of a world of {world_size}"),
+                    ));
+                }
+                if !peers.iter().any(|(r, _)| *r == a.rank) {
+                    return Err(field_error(
+                        "run.peers",
+                        format!("no address for the rank itself ({})", a.rank),
                     ));
                 }
                 Command::Run(Assignment {
                     job_id: a.job_id,
                     generation: a.generation,
                     rank: a.rank,
-                    peers: a.peers,
+                    world_size,
+                    peers,
                     job_toml: a.job_toml,
                     resume: a.resume,
                 })
@@ -437,7 +509,73 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::check_host_port;
+    use super::*;
+
+    #[test]
+    fn ring_neighbours_are_the_next_and_previous_member_of_each_ring() {
+        // dp 4 x tp 2: rank 3 is dp rank 1, tp rank 1.
+        assert_eq!(ring_neighbours(3, 8, 2), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ring_neighbours(0, 8, 2), vec![0, 1, 2, 6, 7]);
+        assert_eq!(ring_neighbours(0, 1, 1), vec![0]);
+        assert_eq!(ring_neighbours(1, 2, 1), vec![0, 1]);
+        // At most 7, whatever the world (the tensor-parallel ring's neighbours mostly are the
+        // world ring's).
+        assert_eq!(
+            ring_neighbours(8191, 16_384, 8),
+            vec![8183, 8184, 8190, 8191, 8192, 8199]
+        );
+        for rank in 0..64 {
+            assert!(ring_neighbours(rank, 64, 4).len() <= 7);
+        }
+        assert_eq!(ring_neighbours(5000, 16_384, 1), vec![4999, 5000, 5001]);
+    }
+
+    #[test]
+    fn an_assignment_crosses_the_wire_with_only_its_neighbours_addresses() {
+        let a = Assignment {
+            job_id: "j-1".into(),
+            generation: 2,
+            rank: 1,
+            world_size: 1000,
+            peers: vec![(0, "h0:1".into()), (1, "h1:1".into()), (2, "h2:1".into())],
+            job_toml: "name = \"j\"".into(),
+            resume: "latest".into(),
+        };
+        assert_eq!(a.peers_arg(), "0=h0:1,1=h1:1,2=h2:1");
+        let wire = rpc::HeartbeatReply::from(Reply {
+            command: Command::Run(a.clone()),
+            commit_step: 0,
+        });
+        let back = Reply::try_from(wire.clone()).unwrap();
+        assert_eq!(back.command, Command::Run(a));
+        // An older coordinator's full list still reads.
+        let mut old = wire.clone();
+        if let Some(rpc::heartbeat_reply::Command::Run(r)) = &mut old.command {
+            r.world_size = 0;
+            r.peer_ranks.clear();
+        }
+        match Reply::try_from(old).unwrap().command {
+            Command::Run(a) => {
+                assert_eq!(a.world_size, 3);
+                assert_eq!(a.peers[2], (2, "h2:1".to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A rank outside the world, or an assignment without the rank's own address, is
+        // refused with the field that is wrong.
+        let mut bad = wire.clone();
+        if let Some(rpc::heartbeat_reply::Command::Run(r)) = &mut bad.command {
+            r.peer_ranks = vec![0, 2, 3];
+        }
+        let e = Reply::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("no address for the rank itself (1)"), "{e}");
+        let mut bad = wire;
+        if let Some(rpc::heartbeat_reply::Command::Run(r)) = &mut bad.command {
+            r.peer_ranks = vec![0, 1, 1000];
+        }
+        let e = Reply::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("rank 1000 of a world of 1000"), "{e}");
+    }
 
     #[test]
     fn worker_addresses_must_be_host_port_peers_can_reach() {

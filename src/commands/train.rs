@@ -27,7 +27,9 @@ pub enum Commands {
         /// Number of processes in the run (data-parallel x tensor-parallel ranks).
         #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
         world_size: usize,
-        /// Where every rank listens, in rank order: `host:port,host:port,...`. Without it, a
+        /// Where every rank listens, in rank order: `host:port,host:port,...`; or only the
+        /// ranks this one connects to (itself and its ring neighbours), as
+        /// `rank=host:port,...`, which is what `kiln worker` passes. Without it, a
         /// multi-process run on one host uses MASTER_ADDR and ports MASTER_PORT + rank.
         #[arg(long, env = "KILN_PEERS", value_delimiter = ',')]
         peers: Vec<String>,
@@ -115,6 +117,8 @@ fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> 
         (0..world_size)
             .map(|r| format!("{addr}:{}", usize::from(port) + r))
             .collect()
+    } else if peers.iter().any(|p| p.contains('=')) {
+        sparse_peers(&peers, rank, world_size)?
     } else {
         peers
     };
@@ -132,6 +136,29 @@ fn launch(rank: usize, world_size: usize, peers: Vec<String>) -> Result<Launch> 
         peers,
         ..Launch::default()
     })
+}
+
+/// `rank=host:port` entries as one address per rank of the world, empty for the ranks not
+/// named (this rank never connects to them).
+fn sparse_peers(entries: &[String], rank: usize, world_size: usize) -> Result<Vec<String>> {
+    let mut peers = vec![String::new(); world_size];
+    for entry in entries {
+        let Some((r, addr)) = entry.split_once('=') else {
+            bail!("--peers mixes `host:port` and `rank=host:port` entries ({entry:?})");
+        };
+        let r: usize = r
+            .trim()
+            .parse()
+            .with_context(|| format!("--peers entry {entry:?}: {r:?} is not a rank"))?;
+        if r >= world_size {
+            bail!("--peers entry {entry:?}: rank {r} is outside --world-size {world_size}");
+        }
+        peers[r] = addr.trim().to_owned();
+    }
+    if peers.get(rank).is_some_and(|a| a.is_empty()) {
+        bail!("--peers gives no address for this rank ({rank})");
+    }
+    Ok(peers)
 }
 
 fn print_event(e: &Event) {

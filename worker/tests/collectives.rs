@@ -114,6 +114,53 @@ fn every_group_of_a_2x2_mesh_passes_the_suite() {
     }
 }
 
+/// What the coordinator gives each rank: the addresses of its ring neighbours only, the others
+/// left empty. A 4 x 2 mesh still forms every group, and each all-reduces correctly.
+#[test]
+fn a_mesh_forms_from_the_neighbours_addresses_alone() {
+    tch::set_num_threads(1);
+    let (dp, tp) = (4, 2);
+    let dims = ParallelDims::new(0, tp, dp * tp).unwrap();
+    let (listeners, peers) = listeners(dp * tp);
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, listener)| {
+            let given = kiln_proto::control::ring_neighbours(r as u32, 8, tp as u32);
+            let sparse: Vec<String> = (0..peers.len())
+                .map(|q| {
+                    if given.contains(&(q as u32)) {
+                        peers[q].clone()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            assert!(
+                sparse.iter().any(String::is_empty),
+                "rank {r} knows everyone"
+            );
+            std::thread::spawn(move || {
+                let g = ProcessGroups::tcp_on(listener, r, &sparse, dims, Duration::from_secs(30))
+                    .unwrap();
+                let sum = |c: &Arc<dyn Collective>| {
+                    let t = Tensor::from_slice(&[g.rank as f32]);
+                    c.all_reduce(&t, ReduceOp::Sum).unwrap();
+                    t.double_value(&[0])
+                };
+                (g.rank, sum(&g.world), sum(&g.dp), sum(&g.tp))
+            })
+        })
+        .collect();
+    for h in handles {
+        let (rank, world, dp_sum, tp_sum) = h.join().unwrap();
+        let (d, t) = (rank / tp, rank % tp);
+        assert_eq!(world, 28.0, "rank {rank}");
+        assert_eq!(dp_sum, (0..dp).map(|q| (q * tp + t) as f64).sum::<f64>());
+        assert_eq!(tp_sum, (0..tp).map(|q| (d * tp + q) as f64).sum::<f64>());
+    }
+}
+
 #[test]
 fn a_rank_that_disappears_fails_every_other_rank_with_its_name() {
     let mut rings = world(3);

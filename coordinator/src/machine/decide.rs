@@ -2,61 +2,116 @@
 //! (forming a generation, following a running one through its checkpoint commits to
 //! completion, failing it on a lost or slow rank).
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use kiln_proto::control::{WorkerReport, WorkerState};
+use std::collections::{BTreeMap, HashMap};
 
 use super::job::{log, set_message, set_phase, Job, Phase};
+use super::tally::{RankIndex, Tally};
 use super::{Machine, Policy, Worker};
 
 impl Machine {
-    /// Moves every job as far as what the workers report allows.
+    /// Moves every job as far as what the workers report allows, stragglers included.
     pub(super) fn decide(&mut self, now: f64) {
         let ids: Vec<String> = self.jobs.keys().cloned().collect();
         for id in ids {
-            self.decide_job(&id, now);
+            self.decide_job(&id, now, true);
         }
     }
 
-    fn decide_job(&mut self, id: &str, now: f64) {
-        let policy = self.policy.clone();
-        let busy = self.busy_elsewhere(id);
-        let workers = &mut self.workers;
-        let job = self.jobs.get_mut(id).expect("a job of the map");
+    /// Moves job `id` as far as its tally allows: O(log world), or O(workers) when it forms
+    /// a generation. `full` also looks at stragglers (a pass over the world, made on the
+    /// coordinator's tick rather than per heartbeat) and says exactly how many workers a
+    /// waiting job has.
+    pub(super) fn decide_job(&mut self, id: &str, now: f64, full: bool) {
+        // Taken out of the map while it is decided: the jobs left are the others, whose
+        // ranks are busy for it.
+        let Some(mut job) = self.jobs.remove(id) else {
+            return;
+        };
+        let stale = self
+            .tallies
+            .get(id)
+            .is_none_or(|t| t.generation != job.generation);
+        if stale && !job.ranks.is_empty() {
+            self.tallies
+                .insert(id.to_owned(), Tally::new(&job, &self.workers));
+        }
         let before = (
             job.phase,
             job.generation,
             job.commit_step,
             job.committed_step,
         );
+        let mut pool = Pool {
+            workers: &mut self.workers,
+            index: &self.index,
+            others: &self.jobs,
+            idle: self.idle,
+        };
         match job.phase {
             Phase::Completed | Phase::Failed | Phase::Stopped => {}
             Phase::Pending | Phase::Recovering => {
-                try_form(job, workers, now, &busy);
+                let tally = self.tallies.get(id);
+                if try_form(&mut job, &pool, tally, now, full) {
+                    self.index.assign(&job);
+                    self.tallies
+                        .insert(id.to_owned(), Tally::new(&job, &self.workers));
+                }
             }
             Phase::Rendezvous | Phase::Running | Phase::Checkpointing => {
-                decide_running(job, workers, &policy, now, &busy);
+                if let Some(tally) = self.tallies.get(id) {
+                    decide_running(&mut job, &mut pool, tally, &self.policy, now, full);
+                }
             }
         }
-        let job = &self.jobs[id];
-        if before
-            != (
-                job.phase,
-                job.generation,
-                job.commit_step,
-                job.committed_step,
-            )
-        {
+        if full && job.phase.live() {
+            // Kept for `Status`, which must not pass over the world under the lock.
+            if let Some(t) = self.tallies.get_mut(id) {
+                t.stragglers = job
+                    .ranks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| self.workers.get(*w).is_some_and(|w| w.straggler_reported))
+                    .map(|(rank, _)| rank as u32)
+                    .collect();
+            }
+        }
+        let after = (
+            job.phase,
+            job.generation,
+            job.commit_step,
+            job.committed_step,
+        );
+        if job.phase.finished() {
+            self.tallies.remove(id);
+        }
+        self.jobs.insert(id.to_owned(), job);
+        if before != after {
             self.changes.job(id);
         }
     }
+}
 
-    /// Workers held by other live jobs (a worker serves one job at a time).
-    fn busy_elsewhere(&self, except: &str) -> BTreeSet<String> {
-        self.jobs
+/// The workers as one job's decision sees them.
+struct Pool<'a> {
+    workers: &'a mut BTreeMap<String, Worker>,
+    index: &'a RankIndex,
+    /// The other jobs.
+    others: &'a BTreeMap<String, Job>,
+    /// How many workers are idle (an upper bound of those free for a job).
+    idle: usize,
+}
+
+impl Pool<'_> {
+    /// Whether `job` could give `w` a rank now: idle, not held by another live job, and not
+    /// evicted from this one.
+    fn free_for(&self, w: &Worker, job: &Job) -> bool {
+        w.idle() && !job.excluded.contains(&w.id) && !self.index.busy(&w.id, self.others)
+    }
+
+    fn free(&self, job: &Job) -> Vec<&Worker> {
+        self.workers
             .values()
-            .filter(|j| j.id != except && j.phase.live())
-            .flat_map(|j| j.ranks.iter().cloned())
+            .filter(|w| self.free_for(w, job))
             .collect()
     }
 }
@@ -79,24 +134,11 @@ pub fn stragglers(compute_s: &[(u32, f64)], factor: f64, min_gap_s: f64) -> Vec<
 }
 
 /// Starts a new generation of `job` if its previous one has stopped everywhere and enough
-/// workers are free.
-fn try_form(
-    job: &mut Job,
-    workers: &mut BTreeMap<String, Worker>,
-    now: f64,
-    busy: &BTreeSet<String>,
-) {
+/// workers are free; returns whether it did.
+fn try_form(job: &mut Job, pool: &Pool<'_>, tally: Option<&Tally>, now: f64, full: bool) -> bool {
     // The old generation must be gone before a new one starts: no rank of it may still
     // write a checkpoint or hold its ring port.
-    let old_running = job
-        .ranks
-        .iter()
-        .filter(|id| {
-            workers
-                .get(*id)
-                .is_some_and(|w| w.report.runs(&job.id, job.generation))
-        })
-        .count();
+    let old_running = tally.map_or(0, |t| t.running);
     if old_running > 0 {
         set_message(
             job,
@@ -105,23 +147,28 @@ fn try_form(
                 job.generation
             ),
         );
-        return;
+        return false;
     }
-    let free: Vec<&Worker> = workers.values().filter(|w| w.free_for(job, busy)).collect();
     // A job's first generation waits for all the workers it asked for; a recovery
     // continues on fewer (down to min_workers) rather than wait.
+    let need = if job.generation == 0 {
+        job.desired
+    } else {
+        (job.spec.min_workers.max(1)..=job.desired)
+            .find(|&w| job.spec.fits(w))
+            .unwrap_or(job.desired)
+    };
+    // Too few idle workers, let alone free ones: no pass over the pool (the tick's full
+    // decision says how many are free).
+    if !full && pool.idle < need as usize {
+        return false;
+    }
+    let free = pool.free(job);
     let planned = job
         .spec
         .plan_world(free.len(), job.desired)
         .filter(|&w| job.generation > 0 || w == job.desired);
     let Some(world) = planned else {
-        let need = if job.generation == 0 {
-            job.desired
-        } else {
-            (job.spec.min_workers.max(1)..=job.desired)
-                .find(|&w| job.spec.fits(w))
-                .unwrap_or(job.desired)
-        };
         set_message(
             job,
             format!(
@@ -129,16 +176,19 @@ fn try_form(
                 free.len()
             ),
         );
-        return;
+        return false;
     };
     // Prefer the workers of the previous generation (their data is warm), then by id.
+    let previous: HashMap<&str, usize> = job
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(rank, id)| (id.as_str(), rank))
+        .collect();
     let mut chosen: Vec<&Worker> = free;
     chosen.sort_by_key(|w| {
         (
-            job.ranks
-                .iter()
-                .position(|id| *id == w.id)
-                .unwrap_or(usize::MAX),
+            previous.get(w.id.as_str()).copied().unwrap_or(usize::MAX),
             w.id.clone(),
         )
     });
@@ -165,24 +215,26 @@ fn try_form(
         }
     );
     set_phase(job, now, Phase::Rendezvous, message);
+    true
 }
 
-/// Follows a live generation: completion, failures, the checkpoint commit, stragglers,
-/// and a re-form at a committed checkpoint when the worker count should change.
+/// Follows a live generation from its tally: completion, failures, the checkpoint commit,
+/// and a re-form at a committed checkpoint when the worker count should change; with
+/// `full`, stragglers.
 fn decide_running(
     job: &mut Job,
-    workers: &mut BTreeMap<String, Worker>,
+    pool: &mut Pool<'_>,
+    tally: &Tally,
     policy: &Policy,
     now: f64,
-    busy: &BTreeSet<String>,
+    full: bool,
 ) {
-    let ranks = rank_states(job, workers);
-    if let Some(why) = ranks.failed {
+    if let Some(why) = tally.first_failure(job, job.phase == Phase::Rendezvous) {
         fail_generation(job, policy.max_restarts, now, why);
         return;
     }
     let world = job.ranks.len();
-    if ranks.succeeded == world {
+    if tally.succeeded == world {
         job.committed_step = job.committed_step.max(job.commit_step);
         set_phase(
             job,
@@ -192,7 +244,7 @@ fn decide_running(
         );
         return;
     }
-    if job.phase == Phase::Rendezvous && ranks.running + ranks.succeeded == world {
+    if job.phase == Phase::Rendezvous && tally.running + tally.succeeded == world {
         set_phase(
             job,
             now,
@@ -200,97 +252,34 @@ fn decide_running(
             format!("all {world} ranks running"),
         );
     }
-    let g = job.generation;
-    let reports: Vec<&WorkerReport> = job
-        .ranks
-        .iter()
-        .filter_map(|id| workers.get(id))
-        .map(|w| &w.report)
-        .filter(|r| r.job_id == job.id && r.generation == g)
-        .collect();
-    if reports.len() == world && advance_commit(job, &reports, workers, now, busy) {
+    if let Some(written) = tally.written_by_all() {
+        if advance_commit(job, written, pool, now) {
+            return;
+        }
+    }
+    if !full {
         return;
     }
     // Stragglers, from the compute time each rank reports.
-    let times: Vec<(u32, f64)> = reports
+    let g = job.generation;
+    let times: Vec<(u32, f64)> = job
+        .ranks
         .iter()
-        .filter(|r| r.state == WorkerState::Running)
+        .filter_map(|id| pool.workers.get(id))
+        .map(|w| &w.report)
+        .filter(|r| r.runs(&job.id, g))
         .filter_map(|r| r.progress.map(|p| (r.rank, p.compute_s)))
         .collect();
     if times.len() == world {
-        watch_stragglers(job, workers, policy, now, &times);
+        watch_stragglers(job, pool.workers, policy, now, &times);
     }
 }
 
-/// What the ranks of a live generation report.
-struct RankStates {
-    running: usize,
-    succeeded: usize,
-    /// The first failure found, in rank order.
-    failed: Option<String>,
-}
-
-/// Counts the ranks of `job`'s generation that run and that succeeded, and finds the first
-/// that failed, is gone, or stopped without saying how.
-fn rank_states(job: &Job, workers: &BTreeMap<String, Worker>) -> RankStates {
-    let g = job.generation;
-    let mut states = RankStates {
-        running: 0,
-        succeeded: 0,
-        failed: None,
-    };
-    for (rank, id) in job.ranks.iter().enumerate() {
-        let Some(w) = workers.get(id) else {
-            states
-                .failed
-                .get_or_insert(format!("worker {id} (rank {rank}) is gone"));
-            continue;
-        };
-        match w.report.finished(&job.id, g) {
-            Some(WorkerState::Succeeded) => states.succeeded += 1,
-            Some(_) => {
-                let error = w.report.error.trim();
-                states.failed.get_or_insert(format!(
-                    "rank {rank} (worker {id}) failed: {}",
-                    if error.is_empty() {
-                        "no message"
-                    } else {
-                        error
-                    }
-                ));
-            }
-            None if w.report.runs(&job.id, g) => states.running += 1,
-            // Started, then stopped without saying how (its agent killed the process).
-            None if job.phase != Phase::Rendezvous
-                && w.report.job_id == job.id
-                && w.report.generation == g =>
-            {
-                states
-                    .failed
-                    .get_or_insert(format!("rank {rank} (worker {id}) stopped running"));
-            }
-            None => {}
-        }
-    }
-    states
-}
-
-/// The two-phase checkpoint commit, from every rank's report of the current generation:
-/// phase one once every rank has written its object of the same step, then rank 0's commit.
-/// A committed checkpoint is where the job may change size: returns whether it re-forms.
-fn advance_commit(
-    job: &mut Job,
-    reports: &[&WorkerReport],
-    workers: &BTreeMap<String, Worker>,
-    now: f64,
-    busy: &BTreeSet<String>,
-) -> bool {
+/// The two-phase checkpoint commit: phase one once every rank has written its object of the
+/// same step (`written`), then rank 0's commit. A committed checkpoint is where the job may
+/// change size: returns whether it re-forms.
+fn advance_commit(job: &mut Job, written: u64, pool: &Pool<'_>, now: f64) -> bool {
     let world = job.ranks.len();
-    let written = reports
-        .iter()
-        .map(|r| r.checkpoint_written)
-        .min()
-        .unwrap_or(0);
     if written > job.commit_step {
         job.commit_step = written;
         set_phase(
@@ -300,9 +289,12 @@ fn advance_commit(
             format!("every rank wrote step {written}: committing"),
         );
     }
-    let committed = reports
-        .iter()
-        .find(|r| r.rank == 0)
+    let committed = job
+        .ranks
+        .first()
+        .and_then(|id| pool.workers.get(id))
+        .map(|w| &w.report)
+        .filter(|r| r.job_id == job.id && r.generation == job.generation)
         .map_or(0, |r| r.checkpoint_committed);
     if committed > job.committed_step {
         job.committed_step = committed;
@@ -313,7 +305,11 @@ fn advance_commit(
             Phase::Running,
             format!("checkpoint step {committed} committed"),
         );
-        let free = workers.values().filter(|w| w.free_for(job, busy)).count();
+        let free = pool
+            .workers
+            .values()
+            .filter(|w| pool.free_for(w, job))
+            .count();
         let target = job.spec.plan_world(world + free, job.desired);
         if let Some(target) = target.filter(|&t| t as usize != world) {
             set_phase(

@@ -219,4 +219,36 @@ mod tests {
             assert_eq!(containing, 3);
         }
     }
+
+    /// The coordinator gives each rank only the addresses `ring_neighbours` names: they must
+    /// be every rank it connects to or accepts from on every ring of its mesh.
+    #[test]
+    fn the_coordinators_neighbours_cover_every_ring() {
+        for (world, tp) in [
+            (1, 1),
+            (2, 1),
+            (2, 2),
+            (4, 2),
+            (6, 2),
+            (8, 4),
+            (12, 3),
+            (5, 5),
+        ] {
+            let d = ParallelDims::new(0, tp, world).unwrap();
+            for r in 0..world {
+                let given = kiln_proto::control::ring_neighbours(r as u32, world as u32, tp as u32);
+                for g in d.groups().iter().filter(|g| g.members.contains(&r)) {
+                    let n = g.members.len();
+                    let i = g.members.iter().position(|&m| m == r).unwrap();
+                    for other in [g.members[(i + 1) % n], g.members[(i + n - 1) % n]] {
+                        assert!(
+                            given.contains(&(other as u32)),
+                            "world {world} tp {tp}: rank {r} needs rank {other} ({}), given {given:?}",
+                            g.tag
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -57,7 +57,7 @@ fn scale_up_waits_for_a_committed_checkpoint() {
     assert_eq!(run_of(&reply).rank, 1);
     let run = run_of(&hb(&mut m, c, idle(&addr(3)), 5.0)).clone();
     assert_eq!((run.generation, run.rank), (2, 2));
-    assert_eq!(run.peers, vec![addr(1), addr(2), addr(3)]);
+    assert_eq!(run.peers, vec![(0, addr(1)), (1, addr(2)), (2, addr(3))]);
 }
 
 #[test]
@@ -114,7 +114,9 @@ fn a_pending_job_says_what_it_waits_for() {
     for i in 1..=5 {
         m.register(format!("host-{i}"), "", idle(&addr(i)), 0.0);
     }
-    // 4 and 5 workers do not fit a batch of 6.
+    // 4 and 5 workers do not fit a batch of 6. (A registration does not count the free
+    // workers of a job that cannot form; the tick says how many there are.)
+    m.tick(0.5);
     let j = &m.jobs[&job];
     assert_eq!(j.phase, Phase::Pending);
     assert_eq!(j.generation, 0);

@@ -63,7 +63,7 @@ fn a_failed_rank_recovers_in_a_new_generation() {
     ))
     .clone();
     assert_eq!((run.generation, run.rank), (2, 1));
-    assert_eq!(run.peers, vec![a_addr, addr(91)]);
+    assert_eq!(run.peers, vec![(0, a_addr), (1, addr(91))]);
 }
 
 #[test]
@@ -108,7 +108,7 @@ fn a_silent_worker_is_removed_and_the_job_reforms_smaller() {
     assert_eq!(j.desired, 2, "the job still wants 2");
     let run = run_of(&reply);
     assert_eq!(run.rank, 0);
-    assert_eq!(run.peers, vec![addr(1)]);
+    assert_eq!(run.peers, vec![(0, addr(1))]);
 }
 
 /// While a job waits for the old generation to stop, its message should still say why

@@ -49,7 +49,8 @@ fn two_worker_job_runs_to_completion() {
         assert_eq!(run.job_id, job);
         assert_eq!(run.generation, 1);
         assert_eq!(run.rank, rank as u32);
-        assert_eq!(run.peers, vec![addr(1), addr(2)]);
+        assert_eq!(run.peers, vec![(0, addr(1)), (1, addr(2))]);
+        assert_eq!(run.world_size, 2);
         assert_eq!(run.resume, "latest");
         assert_eq!(run.job_toml, spec(1, 2, 1).toml);
     }

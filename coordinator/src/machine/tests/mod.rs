@@ -154,6 +154,7 @@ mod lifecycle;
 mod pool;
 mod restore;
 mod retention;
+mod scale;
 mod spec;
 mod stop;
 mod stragglers;

@@ -63,6 +63,8 @@ fn stragglers_are_only_reported_without_an_eviction_policy() {
     );
     assert_eq!(m.workers[&ids[2]].straggling_since, Some(10.0));
     assert_eq!(m.workers[&ids[0]].straggling_since, None);
+    // What `kiln status` lists, kept by the tick.
+    assert_eq!(m.stragglers_of(&job), vec![2]);
 }
 
 #[test]

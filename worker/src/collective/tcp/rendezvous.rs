@@ -236,6 +236,12 @@ fn greet_nexts(
             continue;
         }
         let next = m.spec.members[(m.index + 1) % n];
+        if peers[next].is_empty() {
+            return Err(CollectiveError::Rendezvous(format!(
+                "rank {rank} was given no address for rank {next}, the next member of group {}",
+                m.spec.tag
+            )));
+        }
         let mut stream = connect_retry(next, &peers[next], deadline, timeout)?;
         let mut hello = Vec::with_capacity(24);
         hello.extend_from_slice(MAGIC);

@@ -1,0 +1,348 @@
+//! Part 3, a job's life at scale: N simulated workers, each acting as an agent that hurries
+//! (a heartbeat every `poll` while it waits for something, as the agent does while a
+//! checkpoint or a new generation is under way), through
+//!
+//! 1. bring-up: a job for all N is submitted; until every worker has its `Run`, answered
+//!    RUNNING, and `Status` says "running";
+//! 2. commit: every rank reports step 10's checkpoint written at once; rank 0 waits for phase
+//!    two in its replies and reports it committed; until `Status` says step 10 is committed;
+//! 3. recovery: rank N/2 reports its process failed; every other rank is told to abort,
+//!    reports idle, and the next generation forms on all N (the failed worker's agent lives);
+//!    until every worker has its `Run` of generation 2, answered RUNNING, and `Status` says
+//!    "running" in generation 2.
+//!
+//! Each phase is timed from its first request; the coordinator's CPU time over it is kept.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto::rpc;
+use rpc::heartbeat_reply::Command;
+use serde_json::{json, Value};
+use tokio::runtime::Runtime;
+
+use crate::sim::{
+    connect, heartbeat_request, idle_report, job_phase, register, running_report, submit,
+    Coordinator, Sim,
+};
+use crate::{cpu_seconds, load_average, Error, SERVER_THREADS};
+
+/// The job's status: phase, generation, committed step.
+async fn status(
+    control: &mut kiln_proto::client::Client,
+    job_id: &str,
+) -> Result<(String, u64, u64), Error> {
+    let reply = control
+        .status(rpc::StatusRequest {
+            job_id: job_id.into(),
+        })
+        .await?
+        .into_inner();
+    let job = reply
+        .jobs
+        .into_iter()
+        .find(|j| j.job_id == job_id)
+        .ok_or("Status does not list the job")?;
+    Ok((job.phase, job.generation, job.committed_step))
+}
+
+/// Polls `Status` every 20 ms until `done` says yes (at most `limit`); the time it did.
+async fn until(
+    control: &mut kiln_proto::client::Client,
+    job_id: &str,
+    t0: Instant,
+    limit: Duration,
+    done: impl Fn(&(String, u64, u64)) -> bool,
+) -> Result<f64, Error> {
+    loop {
+        let s = status(control, job_id).await?;
+        if done(&s) {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > limit {
+            return Err(format!("job {job_id} still {s:?} after {limit:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Heartbeats `report` every `poll` until the reply is a `Run` of `generation`; answers it
+/// with RUNNING at once. The time the `Run` came, and the RUNNING report.
+async fn until_run(
+    sim: &mut Sim,
+    mut report: rpc::WorkerReport,
+    generation: u64,
+    poll: Duration,
+    t0: Instant,
+) -> Result<(f64, rpc::WorkerReport), Error> {
+    for _ in 0..3000 {
+        let reply = sim
+            .client
+            .heartbeat(heartbeat_request(sim, &report))
+            .await?
+            .into_inner();
+        match reply.command {
+            Some(Command::Run(a)) if a.generation == generation => {
+                let at = t0.elapsed().as_secs_f64();
+                let running = running_report(&a);
+                sim.client
+                    .heartbeat(heartbeat_request(sim, &running))
+                    .await?;
+                return Ok((at, running));
+            }
+            // Told to abort what it runs: it stops, and says so.
+            Some(Command::Abort(_)) => report = idle_report(sim.index),
+            _ => {}
+        }
+        tokio::time::sleep(poll).await;
+    }
+    Err(format!("worker {} was given no generation {generation}", sim.id).into())
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+/// The three phases for `n` workers on a fresh coordinator; a JSON row.
+pub fn lifecycle(
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    n: usize,
+    connections: usize,
+    poll: Duration,
+) -> Result<Value, Error> {
+    let coordinator = Coordinator::start(server_rt, Duration::from_secs(1))?;
+    let target = coordinator.target();
+    let connections = connections.min(n);
+    let load_before = load_average();
+    let limit = Duration::from_secs(600);
+    let row = client_rt.block_on(async {
+        let clients = connect(&target, connections).await?;
+        let mut control = target.connect().await?;
+        let (sims, registered) = register(&clients, n).await?;
+
+        // 1. Bring-up.
+        let cpu = cpu_seconds(SERVER_THREADS);
+        let t0 = Instant::now();
+        let job_id = submit(&mut control, n).await?;
+        let tasks: Vec<_> = sims
+            .iter()
+            .map(|sim| {
+                let mut sim = sim.clone();
+                tokio::spawn(async move {
+                    let idle = idle_report(sim.index);
+                    until_run(&mut sim, idle, 1, poll, t0).await
+                })
+            })
+            .collect();
+        let mut reports = Vec::with_capacity(n);
+        let mut run_at = Vec::with_capacity(n);
+        for t in tasks {
+            let (at, report) = t.await??;
+            run_at.push(at);
+            reports.push(report);
+        }
+        let all_acked = t0.elapsed().as_secs_f64();
+        let bring_up = until(&mut control, &job_id, t0, limit, |s| s.0 == "running").await?;
+        let bring_up_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+
+        // 2. Commit of step 10.
+        let cpu = cpu_seconds(SERVER_THREADS);
+        let t0 = Instant::now();
+        let tasks: Vec<_> = sims
+            .iter()
+            .zip(&reports)
+            .map(|(sim, report)| {
+                let mut sim = sim.clone();
+                let mut report = report.clone();
+                report.checkpoint_written = 10;
+                tokio::spawn(async move {
+                    for _ in 0..3000 {
+                        let reply = sim
+                            .client
+                            .heartbeat(heartbeat_request(&sim, &report))
+                            .await?
+                            .into_inner();
+                        if report.rank != 0 {
+                            return Ok::<_, Error>(report);
+                        }
+                        if reply.commit_step == 10 {
+                            report.checkpoint_committed = 10;
+                            sim.client
+                                .heartbeat(heartbeat_request(&sim, &report))
+                                .await?;
+                            return Ok(report);
+                        }
+                        tokio::time::sleep(poll).await;
+                    }
+                    Err("rank 0 was never told to commit step 10".into())
+                })
+            })
+            .collect();
+        let mut written = Vec::with_capacity(n);
+        for t in tasks {
+            written.push(t.await??);
+        }
+        let commit = until(&mut control, &job_id, t0, limit, |s| {
+            s.0 == "running" && s.2 == 10
+        })
+        .await?;
+        let commit_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+
+        // 3. Recovery from a failed rank.
+        let cpu = cpu_seconds(SERVER_THREADS);
+        let t0 = Instant::now();
+        let failed = n / 2;
+        let tasks: Vec<_> = sims
+            .iter()
+            .zip(&written)
+            .map(|(sim, report)| {
+                let mut sim = sim.clone();
+                let mut report = report.clone();
+                if sim.index == failed {
+                    report.state = rpc::WorkerState::Failed as i32;
+                    report.error = "simulated failure".into();
+                    report.ready_addr = crate::sim::ready_addr(sim.index);
+                }
+                tokio::spawn(async move { until_run(&mut sim, report, 2, poll, t0).await })
+            })
+            .collect();
+        let mut rerun_at = Vec::with_capacity(n);
+        for t in tasks {
+            rerun_at.push(t.await??.0);
+        }
+        let re_acked = t0.elapsed().as_secs_f64();
+        let recovery = until(&mut control, &job_id, t0, limit, |s| {
+            s.0 == "running" && s.1 == 2
+        })
+        .await?;
+        let recovery_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+        let (phase, generation) = job_phase(&mut control, &job_id).await?;
+        drop((sims, clients, control));
+        Ok::<_, Error>(json!({
+            "workers": n,
+            "connections": connections,
+            "poll_ms": poll.as_millis() as u64,
+            "register_s": registered.as_secs_f64(),
+            "bring_up_all_run_s": max(&run_at),
+            "bring_up_all_running_acked_s": all_acked,
+            "bring_up_status_running_s": bring_up,
+            "bring_up_coordinator_cpu_s": bring_up_cpu,
+            "commit_status_committed_s": commit,
+            "commit_coordinator_cpu_s": commit_cpu,
+            "recovery_all_run_s": max(&rerun_at),
+            "recovery_all_running_acked_s": re_acked,
+            "recovery_status_running_s": recovery,
+            "recovery_coordinator_cpu_s": recovery_cpu,
+            "job_after": format!("{phase}, generation {generation}"),
+            "load_before": load_before,
+            "load_after": load_average(),
+        }))
+    })?;
+    coordinator.stop(server_rt);
+    Ok(row)
+}
+
+/// The same three phases driven on a [`Machine`] directly, each worker sending only the
+/// reports that move it (no gRPC, no polling): the coordinator's decisions alone. Seconds
+/// per phase, as a JSON row.
+pub fn machine_lifecycle(n: usize) -> Value {
+    use kiln_coordinator::machine::{JobSpec, Machine, Policy};
+    use kiln_proto::control::{Command as C, WorkerReport, WorkerState};
+
+    let mut m = Machine::new(Policy::default(), "bench".into());
+    let idle = |i: usize| WorkerReport {
+        ready_addr: Some(crate::sim::ready_addr(i)),
+        ..WorkerReport::default()
+    };
+    let running = |job: &str, generation: u64, rank: u32| WorkerReport {
+        state: WorkerState::Running,
+        job_id: job.into(),
+        generation,
+        rank,
+        ..WorkerReport::default()
+    };
+    let t = Instant::now();
+    let ids: Vec<String> = (0..n)
+        .map(|i| m.register(format!("host-{i}"), "", idle(i), 0.0))
+        .collect();
+    let register = t.elapsed().as_secs_f64();
+    let spec = JobSpec {
+        name: "bench".into(),
+        toml: crate::sim::job_toml(n),
+        tp: 1,
+        batch_size: n as u64,
+        micro_batch_size: 1,
+        steps: 1000,
+        checkpoint_every: 10,
+        min_workers: 1,
+        max_workers: 0,
+        outputs: Vec::new(),
+    };
+    let run = |m: &mut Machine, id: &str, report: WorkerReport, now: f64| -> u32 {
+        match m.heartbeat(id, report, now).expect("registered").command {
+            C::Run(a) => a.rank,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    };
+
+    let t = Instant::now();
+    let job = m.submit(spec, n as u32, 1.0).expect("a valid job");
+    let ranks: Vec<u32> = (0..n).map(|i| run(&mut m, &ids[i], idle(i), 1.0)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        m.heartbeat(id, running(&job, 1, ranks[i]), 1.0).unwrap();
+    }
+    let bring_up = t.elapsed().as_secs_f64();
+    assert_eq!(m.jobs[&job].phase.name(), "running");
+
+    let t = Instant::now();
+    let mut rank0 = None;
+    for (i, id) in ids.iter().enumerate() {
+        let mut r = running(&job, 1, ranks[i]);
+        r.checkpoint_written = 10;
+        let reply = m.heartbeat(id, r.clone(), 2.0).unwrap();
+        if ranks[i] == 0 {
+            rank0 = Some((id.clone(), r));
+        } else {
+            assert_eq!(reply.commit_step, 0);
+        }
+    }
+    let (id0, mut r0) = rank0.expect("a rank 0");
+    assert_eq!(m.heartbeat(&id0, r0.clone(), 2.0).unwrap().commit_step, 10);
+    r0.checkpoint_committed = 10;
+    m.heartbeat(&id0, r0, 2.0).unwrap();
+    let commit = t.elapsed().as_secs_f64();
+    assert_eq!(m.jobs[&job].committed_step, 10);
+
+    let t = Instant::now();
+    let failed = n / 2;
+    let mut f = running(&job, 1, ranks[failed]);
+    f.state = WorkerState::Failed;
+    f.error = "simulated failure".into();
+    f.ready_addr = Some(crate::sim::ready_addr(failed));
+    m.heartbeat(&ids[failed], f.clone(), 3.0).unwrap();
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != failed) {
+        let reply = m.heartbeat(id, running(&job, 1, ranks[i]), 3.0).unwrap();
+        assert!(matches!(reply.command, C::Abort(_)), "{reply:?}");
+        m.heartbeat(id, idle(i), 3.0).unwrap();
+    }
+    let ranks: Vec<u32> = (0..n)
+        .map(|i| {
+            let report = if i == failed { f.clone() } else { idle(i) };
+            run(&mut m, &ids[i], report, 3.0)
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        m.heartbeat(id, running(&job, 2, ranks[i]), 3.0).unwrap();
+    }
+    let recovery = t.elapsed().as_secs_f64();
+    let j = &m.jobs[&job];
+    assert_eq!((j.phase.name(), j.generation), ("running", 2));
+    json!({
+        "workers": n,
+        "register_s": register,
+        "bring_up_s": bring_up,
+        "commit_s": commit,
+        "recovery_s": recovery,
+        "heartbeats": 2 * n + (n + 2) + (1 + 2 * (n - 1) + 2 * n),
+    })
+}
