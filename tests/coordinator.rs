@@ -133,7 +133,10 @@ fn nothing_outlives_a_killed_kiln_local() {
 }
 
 /// SIGKILL a worker mid-run: the job recovers from its last committed checkpoint on the
-/// spare worker and finishes with the curve and the samples of an uninterrupted run.
+/// spare worker and finishes with the curve and the samples of an uninterrupted run. The
+/// killed worker's agent dies with its rank, as with a lost host: rank 0, the only rank
+/// connected to it, reports it lost, and the coordinator gives it up at once instead of
+/// waiting out its heartbeat timeout (60 s here, longer than the whole test takes otherwise).
 #[test]
 fn a_killed_worker_is_replaced_and_the_curve_continues() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,7 +145,7 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
 
     // The coordinator exports its metrics and spans to a receiver here.
     let receiver = otlp::Receiver::start();
-    let mut cluster = Cluster::with_env(dir.path(), "3", &[], receiver.env());
+    let mut cluster = Cluster::with_env(dir.path(), "60", &[], receiver.env());
     for _ in 0..3 {
         cluster.add_worker(1);
     }
@@ -200,6 +203,11 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
         logs.contains("recovering from the newest checkpoint"),
         "{logs}"
     );
+    assert!(
+        logs.contains("(rank 1) given up: every rank connected to it lost it"),
+        "{logs}"
+    );
+    assert!(!logs.contains("stopped sending heartbeats"), "{logs}");
     // The recovery is a span, from the failure to generation 2 running, and a count.
     let deadline = Instant::now() + Duration::from_secs(20);
     let recovery = loop {

@@ -220,6 +220,8 @@ fn number(v: f64) -> String {
 pub struct Observer {
     latest: Arc<Mutex<Snapshot>>,
     recoveries: BTreeMap<String, tracing::Span>,
+    /// Per job, its failure count and generation at the last update.
+    seen: BTreeMap<String, (u32, u64)>,
     _instruments: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -277,6 +279,7 @@ impl Observer {
         Observer {
             latest,
             recoveries: BTreeMap::new(),
+            seen: BTreeMap::new(),
             _instruments: instruments,
         }
     }
@@ -287,33 +290,43 @@ impl Observer {
     pub fn update(&mut self, m: &Machine, now: f64) {
         let snapshot = snapshot(m, now);
         for job in m.jobs.values() {
+            // A failure since the last update, found by the job's failure count: a recovery
+            // can go from the failure to the next generation running between two updates.
+            let (restarts, generation) = self
+                .seen
+                .insert(job.id.clone(), (job.restarts, job.generation))
+                .unwrap_or((job.restarts, job.generation));
+            if job.restarts > restarts && !self.recoveries.contains_key(&job.id) {
+                // The entry that entered the newest recovery (later ones in it say what it
+                // did meanwhile).
+                let entered = (0..job.log.len()).rev().find(|&i| {
+                    job.log[i].phase == Phase::Recovering
+                        && (i == 0 || job.log[i - 1].phase != Phase::Recovering)
+                });
+                let reason = entered.map_or(job.message.as_str(), |i| job.log[i].message.as_str());
+                let span = tracing::info_span!(
+                    parent: None,
+                    "recovery",
+                    kiln.job.id = %job.id,
+                    kiln.generation = generation,
+                    kiln.reason = %reason,
+                    kiln.recoveries = job.restarts,
+                    kiln.next_generation = tracing::field::Empty,
+                    kiln.outcome = tracing::field::Empty,
+                );
+                self.recoveries.insert(job.id.clone(), span);
+            }
             // A recovery lasts through the rendezvous of the next generation.
-            let recovering = job.phase == Phase::Recovering
-                || (job.phase == Phase::Rendezvous && self.recoveries.contains_key(&job.id));
-            match (recovering, self.recoveries.contains_key(&job.id)) {
-                (true, false) => {
-                    let span = tracing::info_span!(
-                        parent: None,
-                        "recovery",
-                        kiln.job.id = %job.id,
-                        kiln.generation = job.generation,
-                        kiln.reason = %job.message,
-                        kiln.recoveries = job.restarts,
-                        kiln.next_generation = tracing::field::Empty,
-                        kiln.outcome = tracing::field::Empty,
-                    );
-                    self.recoveries.insert(job.id.clone(), span);
+            let recovering = matches!(job.phase, Phase::Recovering | Phase::Rendezvous);
+            if !recovering {
+                if let Some(span) = self.recoveries.remove(&job.id) {
+                    span.record("kiln.next_generation", job.generation);
+                    span.record("kiln.outcome", job.phase.name());
                 }
-                (false, true) => {
-                    if let Some(span) = self.recoveries.remove(&job.id) {
-                        span.record("kiln.next_generation", job.generation);
-                        span.record("kiln.outcome", job.phase.name());
-                    }
-                }
-                _ => {}
             }
         }
         self.recoveries.retain(|id, _| m.jobs.contains_key(id));
+        self.seen.retain(|id, _| m.jobs.contains_key(id));
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 }

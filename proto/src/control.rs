@@ -118,6 +118,26 @@ impl Assignment {
     }
 }
 
+/// The rank a training process's error says is gone, in the forms Kiln's collectives write:
+/// `lost rank N (ADDR) during OP: ...` (its connection to rank N broke) or `rank N failed
+/// during OP (reported by rank M)` (a ring neighbour passed on that N died).
+pub fn gone_rank(error: &str) -> Option<u32> {
+    for (before, after) in [("lost rank ", " ("), ("rank ", " failed during ")] {
+        let mut rest = error;
+        while let Some(i) = rest.find(before) {
+            rest = &rest[i + before.len()..];
+            let digits = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap_or("");
+            if !digits.is_empty() && rest[digits.len()..].starts_with(after) {
+                return digits.parse().ok();
+            }
+        }
+    }
+    None
+}
+
 /// The ranks whose addresses `rank` needs in a `world`-rank mesh of tensor-parallel size `tp`
 /// (tensor-parallel innermost: rank = dp_rank * tp + tp_rank): itself, and the next and
 /// previous member of each ring it belongs to (the world, its data-parallel group, its
@@ -510,6 +530,24 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rank_an_error_says_is_gone() {
+        assert_eq!(
+            gone_rank("error: step 7: lost rank 12 (10.0.0.3:7000) during all_reduce: it closed the connection"),
+            Some(12)
+        );
+        assert_eq!(
+            gone_rank("error: rank 3 failed during broadcast (reported by rank 2)"),
+            Some(3)
+        );
+        assert_eq!(
+            gone_rank("error: waited 600 s for rank 4 (h:1) during all_reduce"),
+            None
+        );
+        assert_eq!(gone_rank("error: out of memory on rank 2"), None);
+        assert_eq!(gone_rank(""), None);
+    }
 
     #[test]
     fn ring_neighbours_are_the_next_and_previous_member_of_each_ring() {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::job::{log, set_message, set_phase, Job, Phase};
-use super::tally::{RankIndex, Tally};
+use super::tally::{RankIndex, Standing, Tally};
 use super::{Machine, Policy, Worker};
 
 impl Machine {
@@ -41,6 +41,9 @@ impl Machine {
             job.commit_step,
             job.committed_step,
         );
+        if job.phase == Phase::Recovering {
+            self.drop_abandoned(&mut job, now);
+        }
         let mut pool = Pool {
             workers: &mut self.workers,
             index: &self.index,
@@ -87,6 +90,36 @@ impl Machine {
         self.jobs.insert(id.to_owned(), job);
         if before != after {
             self.changes.job(id);
+        }
+    }
+}
+
+impl Machine {
+    /// Forgets the workers of `job`'s failed generation whose rank every ring neighbour
+    /// reported gone ([`Tally::abandoned`]) while the worker itself still says it runs: the
+    /// next generation need not wait out their heartbeat timeout. A worker wrongly given up
+    /// registers again at its next heartbeat.
+    fn drop_abandoned(&mut self, job: &mut Job, now: f64) {
+        let Some(tally) = self.tallies.get_mut(&job.id) else {
+            return;
+        };
+        for rank in tally.abandoned(job.spec.tp) {
+            let id = job.ranks[rank].clone();
+            if let Some(w) = self.workers.remove(&id) {
+                self.idle -= usize::from(w.idle());
+            }
+            self.index.forget(&id);
+            tally.set(rank, (Standing::Gone, None));
+            let phase = job.phase;
+            log(
+                job,
+                now,
+                phase,
+                format!(
+                    "worker {id} (rank {rank}) given up: every rank connected to it lost it, \
+                     and it has not reported since"
+                ),
+            );
         }
     }
 }

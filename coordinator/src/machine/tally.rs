@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use kiln_proto::control::WorkerState;
+use kiln_proto::control::{gone_rank, ring_neighbours, WorkerState};
 
 use super::job::Job;
 use super::Worker;
@@ -45,6 +45,8 @@ pub(super) struct Tally {
     written: BTreeMap<u64, usize>,
     /// The ranks reported as stragglers, as of the last tick.
     pub stragglers: Vec<u32>,
+    /// For each rank some failed rank's error says is gone ([`gone_rank`]), how many say so.
+    blamed: BTreeMap<usize, usize>,
 }
 
 impl Tally {
@@ -84,6 +86,15 @@ impl Tally {
             Standing::Succeeded => bump(&mut self.succeeded),
             Standing::Elsewhere => {}
             Standing::Failed(_) | Standing::Stopped | Standing::Gone => {
+                if let Standing::Failed(error) = standing {
+                    if let Some(gone) = gone_rank(error) {
+                        let n = self.blamed.entry(gone as usize).or_insert(0);
+                        bump(n);
+                        if *n == 0 {
+                            self.blamed.remove(&(gone as usize));
+                        }
+                    }
+                }
                 if add {
                     self.problems.insert(rank);
                 } else {
@@ -99,6 +110,29 @@ impl Tally {
                 self.written.remove(step);
             }
         }
+    }
+
+    /// The ranks still counted running whose every ring neighbour (the ranks it had
+    /// connections to) failed saying it is gone: its process is dead although nobody
+    /// reported it, as when its host died with its agent. O(blamed ranks).
+    pub fn abandoned(&self, tp: u32) -> Vec<usize> {
+        let world = self.ranks.len() as u32;
+        self.blamed
+            .keys()
+            .copied()
+            .filter(|&x| self.ranks.get(x).is_some_and(|r| r.0 == Standing::Running))
+            .filter(|&x| {
+                let neighbours: Vec<u32> = ring_neighbours(x as u32, world, tp)
+                    .into_iter()
+                    .filter(|&n| n as usize != x)
+                    .collect();
+                !neighbours.is_empty()
+                    && neighbours.iter().all(|&n| {
+                        matches!(&self.ranks[n as usize].0,
+                            Standing::Failed(e) if gone_rank(e) == Some(x as u32))
+                    })
+            })
+            .collect()
     }
 
     /// The step every rank has written, once every rank reports this generation.

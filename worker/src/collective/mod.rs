@@ -104,6 +104,40 @@ impl CollectiveError {
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
 
+#[cfg(test)]
+mod error_tests {
+    use super::CollectiveError;
+
+    /// The coordinator reads which rank a failed rank lost from its error's text
+    /// (`kiln_proto::control::gone_rank`): the two errors that say a rank is gone must keep
+    /// the form it reads.
+    #[test]
+    fn the_coordinator_reads_the_lost_rank_from_the_message() {
+        let lost = CollectiveError::PeerLost {
+            peer: 5,
+            addr: "10.0.0.9:7000".into(),
+            op: "all_reduce",
+            what: "it closed the connection (did the process exit?)".into(),
+        };
+        let aborted = CollectiveError::Aborted {
+            dead: 6,
+            reporter: 7,
+            op: "broadcast",
+        };
+        let timeout = CollectiveError::Timeout {
+            peer: 8,
+            addr: "h:1".into(),
+            op: "all_gather",
+            secs: 60,
+        };
+        let read = |e: &CollectiveError| kiln_proto::control::gone_rank(&format!("error: {e}"));
+        assert_eq!(read(&lost), Some(5));
+        assert_eq!(read(&aborted), Some(6));
+        // A hung rank is not reported gone.
+        assert_eq!(read(&timeout), None);
+    }
+}
+
 /// A point on a device's compute stream, recorded by [`Collective::ready_marker`]: the
 /// collective handed it runs after everything the compute stream had been given before it.
 pub struct ReadyMarker(pub(crate) cuda::Event);

@@ -226,3 +226,70 @@ fn a_job_without_checkpoints_gives_up_on_its_second_failure() {
     assert_eq!(j.phase, Phase::Failed);
     assert!(j.message.contains("giving up"), "{}", j.message);
 }
+
+/// A rank whose host died with its agent reports nothing: once every rank connected to it
+/// failed saying it lost it, its worker is given up at once rather than after the heartbeat
+/// timeout, and the next generation forms without it.
+#[test]
+fn a_rank_every_neighbour_lost_is_given_up_without_the_timeout() {
+    let mut m = machine();
+    let (job, _) = start(&mut m, spec(1, 6, 1), 3, 3, 0.0);
+    let ranks = m.jobs[&job].ranks.clone();
+    let lost = |by: u32| {
+        ended(
+            &job,
+            1,
+            by,
+            WorkerState::Failed,
+            "error: lost rank 1 (10.0.0.2:29500) during all_reduce: it closed the connection",
+        )
+    };
+    hb(&mut m, &ranks[0], lost(0), 1.0);
+    assert_eq!(m.jobs[&job].phase, Phase::Recovering);
+    // One of its two neighbours is not enough: it may have lost only that link.
+    m.tick(1.5);
+    let j = &m.jobs[&job];
+    assert!(
+        j.message
+            .contains("waiting for 2 workers of generation 1 to stop"),
+        "{}",
+        j.message
+    );
+    assert!(m.workers.contains_key(&ranks[1]));
+    // Rank 2 heard it from rank 0.
+    hb(
+        &mut m,
+        &ranks[2],
+        ended(
+            &job,
+            1,
+            2,
+            WorkerState::Failed,
+            "error: rank 1 failed during all_reduce (reported by rank 0)",
+        ),
+        2.0,
+    );
+    let j = &m.jobs[&job];
+    assert!(!m.workers.contains_key(&ranks[1]));
+    assert!(
+        j.log.iter().any(|e| e.message
+            == format!(
+                "worker {} (rank 1) given up: every rank connected to it lost it, and it has not reported since",
+                ranks[1]
+            )),
+        "{:?}",
+        j.log
+    );
+    assert_eq!(
+        (j.phase, j.generation),
+        (Phase::Rendezvous, 2),
+        "{}",
+        j.message
+    );
+    assert_eq!(j.ranks, vec![ranks[0].clone(), ranks[2].clone()]);
+    // Still 2 s before its heartbeat timeout; if it was alive after all, it registers again.
+    assert_eq!(
+        m.heartbeat(&ranks[1], running(&job, 1, 1), 2.5),
+        Err(Refusal::UnknownWorker(ranks[1].clone()))
+    );
+}
