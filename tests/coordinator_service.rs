@@ -430,7 +430,8 @@ fn jobs_kiln_train_refuses_are_refused_at_submit_with_its_message() {
 }
 
 /// The same job file submitted twice: the second is refused, naming the first, as long as
-/// the first is unfinished; once it is stopped the place is free again.
+/// the first is unfinished; with `--queue` it waits for the first to end; once both are
+/// stopped the place is free again.
 #[test]
 fn the_same_job_twice_is_refused_while_the_first_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,7 +448,30 @@ fn the_same_job_twice_is_refused_while_the_first_runs() {
         "{err}"
     );
     println!("second submit: {}", err.trim());
+    assert!(err.contains("--queue"), "{err}");
+    let out = cluster.kiln(&["submit", path_str(&job), "--workers", "1", "--queue"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let queued = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let s = cluster.wait(&queued, "queued", |s| s.message.contains("queued"));
+    assert_eq!(s.phase, "pending");
+    assert!(
+        s.message.contains(&format!(
+            "queued: job {first} (pending) writes where this job writes"
+        )),
+        "{s:?}"
+    );
+    println!("queued: {}", s.message);
     cluster.kiln_ok(&["stop", &first]);
+    // The queued job now waits for workers only.
+    let s = cluster.wait(&queued, "no longer queued", |s| {
+        s.message.contains("waiting for workers")
+    });
+    assert!(!s.message.contains("queued:"), "{s:?}");
+    cluster.kiln_ok(&["stop", &queued]);
     let again = cluster.submit(&job, 1);
     assert_ne!(again, first);
 }

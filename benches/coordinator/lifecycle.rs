@@ -277,6 +277,7 @@ pub fn machine_lifecycle(n: usize) -> Value {
         min_workers: 1,
         max_workers: 0,
         outputs: Vec::new(),
+        queue: false,
     };
     let run = |m: &mut Machine, id: &str, report: WorkerReport, now: f64| -> u32 {
         match m.heartbeat(id, report, now).expect("registered").command {

@@ -191,6 +191,7 @@ pub async fn submit(client: &mut Client, workers: usize) -> Result<String, Error
             workers: workers as u32,
             min_workers: 0,
             max_workers: 0,
+            queue: false,
         })
         .await?;
     Ok(reply.into_inner().job_id)

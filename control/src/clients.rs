@@ -51,6 +51,10 @@ pub struct SubmitArgs {
     /// Most workers it may grow to (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_workers: u32,
+    /// When an unfinished job writes to this job's output or checkpoint directory, wait for
+    /// it to end (and for any job queued there before) instead of being refused.
+    #[arg(long)]
+    queue: bool,
     /// Follow it to its end with a progress bar.
     #[arg(long)]
     watch: bool,
@@ -66,6 +70,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
             args.workers,
             args.min_workers,
             args.max_workers,
+            args.queue,
         )
         .await?;
         println!("{id}");

@@ -292,7 +292,7 @@ impl Machine {
                 spec.shared_output(&j.spec)
                     .map(|(mine, theirs)| (j, mine, theirs))
             });
-        if let Some((job, mine, theirs)) = holder {
+        if let Some((job, mine, theirs)) = holder.filter(|_| !spec.queue) {
             let place = if mine == theirs {
                 format!("{mine} is also where job {} writes", job.id)
             } else {
@@ -300,11 +300,19 @@ impl Machine {
             };
             return Err(Refusal::OutputInUse(format!(
                 "{place} ({}): two runs would write into one place; stop it first \
-                 (kiln stop {}) or give this job another output.dir or checkpoint.dir",
+                 (kiln stop {}), give this job another output.dir or checkpoint.dir, or \
+                 submit it with --queue to start it once that job has ended",
                 job.phase.name(),
                 job.id
             )));
         }
+        // Queued: behind every unfinished job that writes there, in submission order.
+        let waits_for: BTreeSet<String> = self
+            .jobs
+            .values()
+            .filter(|j| !j.phase.finished() && spec.shared_output(&j.spec).is_some())
+            .map(|j| j.id.clone())
+            .collect();
         self.next_job += 1;
         let id = format!("{}-{}", sanitize(&spec.name), self.next_job);
         let mut job = Job {
@@ -324,12 +332,19 @@ impl Machine {
             log: Vec::new(),
             next_seq: 0,
             finished_unix_s: 0.0,
+            waits_for,
+        };
+        let queued = if job.waits_for.is_empty() {
+            String::new()
+        } else {
+            let ids: Vec<&str> = job.waits_for.iter().map(String::as_str).collect();
+            format!(", queued behind {}", ids.join(", "))
         };
         log(
             &mut job,
             now,
             Phase::Pending,
-            format!("submitted for {workers} workers"),
+            format!("submitted for {workers} workers{queued}"),
         );
         self.jobs.insert(id.clone(), job);
         self.changes.head = true;

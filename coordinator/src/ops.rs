@@ -53,6 +53,7 @@ pub async fn submit(
     workers: u32,
     min_workers: u32,
     max_workers: u32,
+    queue: bool,
 ) -> Result<String, OpsError> {
     let (_, text) = job_text(job)?;
     let mut client = target.connect().await?;
@@ -62,6 +63,7 @@ pub async fn submit(
             workers,
             min_workers,
             max_workers,
+            queue,
         })
         .await
         .map_err(refused)?;
@@ -413,6 +415,7 @@ pub async fn local(options: Local) -> Result<rpc::JobStatus, OpsError> {
                 workers: options.workers,
                 min_workers: 1,
                 max_workers: 0,
+                queue: false,
             })
             .await
             .map_err(refused)?

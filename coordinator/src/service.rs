@@ -159,6 +159,7 @@ pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32, JobConfig), S
                 location_key(&job.output.dir.to_string_lossy()),
                 location_key(&job.checkpoint_dir()),
             ],
+            queue: req.queue,
         },
         workers,
         job,

@@ -169,6 +169,22 @@ pub fn stragglers(compute_s: &[(u32, f64)], factor: f64, min_gap_s: f64) -> Vec<
 /// Starts a new generation of `job` if its previous one has stopped everywhere and enough
 /// workers are free; returns whether it did.
 fn try_form(job: &mut Job, pool: &Pool<'_>, tally: Option<&Tally>, now: f64, full: bool) -> bool {
+    // Queued behind jobs writing where it writes: not before each has ended.
+    if job.generation == 0 {
+        let ahead = job.waits_for.iter().find_map(|id| {
+            pool.others
+                .get(id)
+                .filter(|j| !j.phase.finished())
+                .map(|j| (id, j.phase.name()))
+        });
+        if let Some((id, phase)) = ahead {
+            set_message(
+                job,
+                format!("queued: job {id} ({phase}) writes where this job writes"),
+            );
+            return false;
+        }
+    }
     // The old generation must be gone before a new one starts: no rank of it may still
     // write a checkpoint or hold its ring port.
     let old_running = tally.map_or(0, |t| t.running);

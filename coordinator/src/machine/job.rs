@@ -67,6 +67,10 @@ pub struct JobSpec {
     /// normalized): no two unfinished jobs may share one or have one inside the other.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Wait behind an unfinished job that writes where this one would, instead of being
+    /// refused.
+    #[serde(default)]
+    pub queue: bool,
 }
 
 impl JobSpec {
@@ -171,6 +175,10 @@ pub struct Job {
     /// When it finished (completed, failed or was stopped); 0 while it has not.
     #[serde(default)]
     pub finished_unix_s: f64,
+    /// The unfinished jobs that wrote where this one writes when it was submitted (queued):
+    /// its first generation waits until each has ended.
+    #[serde(default)]
+    pub waits_for: BTreeSet<String>,
 }
 
 pub(super) fn set_phase(job: &mut Job, now: f64, phase: Phase, message: String) {

@@ -15,6 +15,7 @@ fn spec(n: usize, toml_bytes: usize) -> JobSpec {
         min_workers: 1,
         max_workers: 0,
         outputs: vec![format!("/runs/{n}")],
+        queue: false,
     }
 }
 

@@ -19,6 +19,7 @@ fn spec(tp: u32, batch: u64, micro: u64) -> JobSpec {
         min_workers: 1,
         max_workers: 0,
         outputs: Vec::new(),
+        queue: false,
     }
 }
 

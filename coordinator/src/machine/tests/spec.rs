@@ -139,3 +139,56 @@ fn a_second_job_writing_where_an_unfinished_one_writes_is_refused() {
     m.stop(&first, 4.0).unwrap();
     assert!(m.submit(writes(&["/runs/a"]), 1, 5.0).is_ok());
 }
+
+/// `kiln submit --queue`: a job that writes where an unfinished one writes waits for it (and
+/// for the jobs queued there before it) to end, then runs; the output is never shared.
+#[test]
+fn a_queued_job_starts_when_the_jobs_ahead_of_it_have_ended() {
+    let writes = |queue: bool| JobSpec {
+        outputs: vec!["/runs/a".into()],
+        queue,
+        ..spec(1, 1, 1)
+    };
+    let mut m = machine();
+    let w = m.register("host-1".into(), "", idle(&addr(1)), 0.0);
+    let first = m.submit(writes(false), 1, 0.0).unwrap();
+    assert_eq!(m.jobs[&first].phase, Phase::Rendezvous);
+    let second = m.submit(writes(true), 1, 1.0).unwrap();
+    let third = m.submit(writes(true), 1, 2.0).unwrap();
+    assert!(m.jobs[&third].log[0]
+        .message
+        .contains(&format!("queued behind {first}, {second}")));
+    // A spare worker does not start the queued jobs.
+    m.register("host-2".into(), "", idle(&addr(2)), 2.5);
+    m.tick(3.0);
+    for id in [&second, &third] {
+        assert_eq!(m.jobs[id].phase, Phase::Pending);
+    }
+    assert!(
+        m.jobs[&second].message.contains(&format!(
+            "queued: job {first} (rendezvous) writes where this job writes"
+        )),
+        "{}",
+        m.jobs[&second].message
+    );
+    assert!(m.jobs[&third].message.contains(&format!("job {first}")));
+    // Without --queue it is still refused, naming the flag.
+    let err = m.submit(writes(false), 1, 3.5).unwrap_err().to_string();
+    assert!(err.contains("--queue"), "{err}");
+    // The first ends: the second starts, the third waits for it.
+    run_of(&hb(&mut m, &w, idle(&addr(1)), 4.0));
+    hb(&mut m, &w, running(&first, 1, 0), 4.0);
+    let mut done = ended(&first, 1, 0, WorkerState::Succeeded, "");
+    done.ready_addr = Some(addr(1));
+    hb(&mut m, &w, done, 5.0);
+    assert_eq!(m.jobs[&first].phase, Phase::Completed);
+    m.tick(5.5);
+    assert_eq!(m.jobs[&second].phase, Phase::Rendezvous);
+    assert_eq!(m.jobs[&third].phase, Phase::Pending);
+    assert!(m.jobs[&third]
+        .message
+        .contains(&format!("queued: job {second}")));
+    m.stop(&second, 6.0).unwrap();
+    m.tick(6.5);
+    assert_eq!(m.jobs[&third].phase, Phase::Rendezvous);
+}
