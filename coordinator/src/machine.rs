@@ -424,6 +424,16 @@ impl Machine {
             straggler_reported: false,
         };
         self.idle += usize::from(worker.idle());
+        // Still running a rank it was given (before this coordinator restarted, or before it
+        // was given up): that rank counts as running again, so no next generation starts
+        // beside it.
+        let r = &worker.report;
+        if self.jobs.get(&r.job_id).is_some_and(|j| {
+            j.generation == r.generation && j.ranks.get(r.rank as usize) == Some(&id)
+        }) {
+            self.index
+                .insert(&id, &r.job_id, r.generation, r.rank as usize);
+        }
         if let Some(old) = self.workers.insert(id.clone(), worker) {
             self.idle -= usize::from(old.idle());
         }

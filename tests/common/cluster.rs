@@ -12,6 +12,9 @@ use kiln_proto::rpc;
 
 use crate::common::{announced, coordinator_listening, path_str, tiny_job_with};
 
+#[path = "netns.rs"]
+pub mod netns;
+
 /// A coordinator process and worker processes, killed when dropped.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -27,6 +30,8 @@ pub struct Cluster {
     pub extra: Vec<String>,
     /// The coordinator's environment, besides this process's.
     pub env: Vec<(String, String)>,
+    /// Hosts as network namespaces: the coordinator in the first, worker `i` in `i + 1`.
+    pub net: Option<netns::Net>,
 }
 
 impl Cluster {
@@ -57,9 +62,48 @@ impl Cluster {
                 .unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env,
+            net: None,
         };
         c.start_coordinator();
         c
+    }
+
+    /// A coordinator in `net`'s first namespace; workers added go to the next ones.
+    pub fn in_net(
+        dir: &Path,
+        heartbeat_timeout_s: &'static str,
+        extra: &[&str],
+        net: netns::Net,
+    ) -> Cluster {
+        let mut c = Cluster {
+            dir: dir.to_owned(),
+            port: 0,
+            token: "test-token-1234".into(),
+            heartbeat_timeout_s,
+            coordinator: None,
+            workers: Vec::new(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            net: Some(net),
+        };
+        c.start_coordinator();
+        c
+    }
+
+    /// A command run where the coordinator runs (its namespace, if any).
+    fn command_at(&self, host: usize) -> Command {
+        match &self.net {
+            Some(net) => {
+                let mut c = net.exec(host);
+                c.arg(env!("CARGO_BIN_EXE_kiln"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -68,18 +112,25 @@ impl Cluster {
         } else {
             "http"
         };
-        format!("{scheme}://localhost:{}", self.port)
+        let host = self.net.as_ref().map_or("localhost", |n| n.front.as_str());
+        format!("{scheme}://{host}:{}", self.port)
     }
 
     pub fn start_coordinator(&mut self) {
         // Its output and errors in one file: the first line says where it listens.
         let said = self.dir.join("coordinator.log");
         let log = File::create(&said).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let listen = if self.net.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let mut child = self
+            .command_at(0)
             .args([
                 "coordinator",
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
+                &format!("{listen}:{}", self.port),
             ])
             .args(["--state", path_str(&self.dir.join("state"))])
             .args(["--token", &self.token])
@@ -126,20 +177,29 @@ impl Cluster {
     pub fn add_worker(&mut self, nproc: usize) {
         let i = self.workers.len();
         let err = self.dir.join(format!("worker-{i}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "worker",
-                "--coordinator",
-                &self.url(),
-                "--host",
-                "127.0.0.1",
-            ])
+        let (coordinator, host) = match &self.net {
+            Some(net) => (
+                format!("http://{}:{}", net.addrs[0], self.port),
+                net.addrs[i + 1].clone(),
+            ),
+            None => (self.url(), "127.0.0.1".to_owned()),
+        };
+        let child = self
+            .command_at(i + 1)
+            .args(["worker", "--coordinator", &coordinator, "--host", &host])
             .args(["--nproc-per-node", &nproc.to_string()])
             .args(["--name", &format!("worker-{i}")])
             .args(["--work-dir", path_str(&self.dir.join(format!("work-{i}")))])
             .envs(self.tls_env())
             .env("KILN_TOKEN", &self.token)
             .env("KILN_COLLECTIVE_TIMEOUT_S", "30")
+            // Across namespaces, a cut link shows as silence: give up on it sooner.
+            .envs(self.net.iter().flat_map(|_| {
+                [
+                    ("KILN_COLLECTIVE_TIMEOUT_S", "5"),
+                    ("KILN_RENDEZVOUS_TIMEOUT_S", "10"),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(File::create(&err).unwrap())
             .spawn()

@@ -212,6 +212,12 @@ impl RankIndex {
             .then_some((job, *rank))
     }
 
+    /// `worker` holds rank `rank` of generation `generation` of `job`.
+    pub fn insert(&mut self, worker: &str, job: &str, generation: u64, rank: usize) {
+        self.0
+            .insert(worker.to_owned(), (job.to_owned(), generation, rank));
+    }
+
     pub fn forget(&mut self, worker: &str) {
         self.0.remove(worker);
     }

@@ -293,3 +293,41 @@ fn a_rank_every_neighbour_lost_is_given_up_without_the_timeout() {
         Err(Refusal::UnknownWorker(ranks[1].clone()))
     );
 }
+
+/// A worker given up after its heartbeat timeout (cut off from the coordinator) whose rank
+/// still runs: when it registers again saying so, that rank counts as running again, and the
+/// next generation waits until it has stopped.
+#[test]
+fn a_worker_back_from_a_timeout_still_running_holds_the_next_generation() {
+    let mut m = machine();
+    let (job, ids) = start(&mut m, spec(1, 4, 1), 3, 2, 0.0);
+    let ranks = m.jobs[&job].ranks.clone();
+    let spare = ids.iter().find(|id| !ranks.contains(id)).unwrap().clone();
+    hb(&mut m, &ranks[0], running(&job, 1, 0), 9.0);
+    let spare_addr = addr_of(&m, &spare);
+    hb(&mut m, &spare, idle(&spare_addr), 9.0);
+    m.tick(11.0);
+    assert_eq!(m.jobs[&job].phase, Phase::Recovering);
+    assert!(!m.workers.contains_key(&ranks[1]));
+    // The link is back: it registers again under its id, its rank still running.
+    let back = m.register("host-2".into(), &ranks[1], running(&job, 1, 1), 11.5);
+    assert_eq!(back, ranks[1]);
+    abort_of(&hb(&mut m, &ranks[0], running(&job, 1, 0), 12.0));
+    hb(&mut m, &ranks[0], idle(&addr(1)), 12.0);
+    let j = &m.jobs[&job];
+    assert_eq!(
+        (j.phase, j.generation),
+        (Phase::Recovering, 1),
+        "{}",
+        j.message
+    );
+    assert!(
+        j.message
+            .contains("waiting for 1 workers of generation 1 to stop"),
+        "{}",
+        j.message
+    );
+    abort_of(&hb(&mut m, &ranks[1], running(&job, 1, 1), 12.5));
+    hb(&mut m, &ranks[1], idle(&addr(2)), 12.5);
+    assert_eq!(m.jobs[&job].generation, 2);
+}
