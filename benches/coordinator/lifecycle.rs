@@ -31,17 +31,7 @@ async fn status(
     control: &mut kiln_proto::client::Client,
     job_id: &str,
 ) -> Result<(String, u64, u64), Error> {
-    let reply = control
-        .status(rpc::StatusRequest {
-            job_id: job_id.into(),
-        })
-        .await?
-        .into_inner();
-    let job = reply
-        .jobs
-        .into_iter()
-        .find(|j| j.job_id == job_id)
-        .ok_or("Status does not list the job")?;
+    let job = crate::sim::job_status(control, job_id).await?;
     Ok((job.phase, job.generation, job.committed_step))
 }
 

@@ -197,18 +197,23 @@ pub async fn submit(client: &mut Client, workers: usize) -> Result<String, Error
     Ok(reply.into_inner().job_id)
 }
 
-pub async fn job_phase(client: &mut Client, job_id: &str) -> Result<(String, u64), Error> {
+/// The job's line of `Status`.
+pub async fn job_status(client: &mut Client, job_id: &str) -> Result<rpc::JobStatus, Error> {
     let reply = client
         .status(rpc::StatusRequest {
             job_id: job_id.into(),
         })
         .await?
         .into_inner();
-    let job = reply
+    reply
         .jobs
         .into_iter()
         .find(|j| j.job_id == job_id)
-        .ok_or("Status does not list the job")?;
+        .ok_or_else(|| "Status does not list the job".into())
+}
+
+pub async fn job_phase(client: &mut Client, job_id: &str) -> Result<(String, u64), Error> {
+    let job = job_status(client, job_id).await?;
     Ok((job.phase, job.generation))
 }
 

@@ -49,31 +49,15 @@ impl Cluster {
         extra: &[&str],
         env: Vec<(String, String)>,
     ) -> Cluster {
-        let mut c = Cluster {
-            dir: dir.to_owned(),
-            port: 0,
-            token: "test-token-1234".into(),
-            heartbeat_timeout_s,
-            coordinator: None,
-            workers: Vec::new(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            env,
-            net: None,
-        };
-        c.start_coordinator();
-        c
+        Cluster::start(dir, heartbeat_timeout_s, extra, env, None)
     }
 
-    /// A coordinator in `net`'s first namespace; workers added go to the next ones.
-    pub fn in_net(
+    fn start(
         dir: &Path,
         heartbeat_timeout_s: &'static str,
         extra: &[&str],
-        net: netns::Net,
+        env: Vec<(String, String)>,
+        net: Option<netns::Net>,
     ) -> Cluster {
         let mut c = Cluster {
             dir: dir.to_owned(),
@@ -87,11 +71,21 @@ impl Cluster {
                 .build()
                 .unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            net: Some(net),
+            env,
+            net,
         };
         c.start_coordinator();
         c
+    }
+
+    /// A coordinator in `net`'s first namespace; workers added go to the next ones.
+    pub fn in_net(
+        dir: &Path,
+        heartbeat_timeout_s: &'static str,
+        extra: &[&str],
+        net: netns::Net,
+    ) -> Cluster {
+        Cluster::start(dir, heartbeat_timeout_s, extra, Vec::new(), Some(net))
     }
 
     /// A command run where the coordinator runs (its namespace, if any).
