@@ -284,15 +284,16 @@ impl Machine {
         spec.check_workers(workers).map_err(Refusal::Invalid)?;
         // One writer per output: two runs into one directory tear each other's logs and
         // checkpoints.
-        let holder = self
+        let sharing: Vec<(&Job, &str, &str)> = self
             .jobs
             .values()
             .filter(|j| !j.phase.finished())
-            .find_map(|j| {
+            .filter_map(|j| {
                 spec.shared_output(&j.spec)
                     .map(|(mine, theirs)| (j, mine, theirs))
-            });
-        if let Some((job, mine, theirs)) = holder.filter(|_| !spec.queue) {
+            })
+            .collect();
+        if let Some(&(job, mine, theirs)) = sharing.first().filter(|_| !spec.queue) {
             let place = if mine == theirs {
                 format!("{mine} is also where job {} writes", job.id)
             } else {
@@ -307,12 +308,7 @@ impl Machine {
             )));
         }
         // Queued: behind every unfinished job that writes there, in submission order.
-        let waits_for: BTreeSet<String> = self
-            .jobs
-            .values()
-            .filter(|j| !j.phase.finished() && spec.shared_output(&j.spec).is_some())
-            .map(|j| j.id.clone())
-            .collect();
+        let waits_for: BTreeSet<String> = sharing.iter().map(|(j, _, _)| j.id.clone()).collect();
         self.next_job += 1;
         let id = format!("{}-{}", sanitize(&spec.name), self.next_job);
         let mut job = Job {

@@ -105,34 +105,33 @@ impl Net {
 
     /// Cuts the link between namespaces `a` and `b`: neither reaches the other.
     pub fn cut(&self, a: usize, b: usize) {
-        for (x, y) in [(a, b), (b, a)] {
-            ip(&[
-                "-n",
-                &self.names[x],
-                "route",
-                "replace",
-                "blackhole",
-                &format!("{}/32", self.addrs[y]),
-            ])
-            .unwrap();
-        }
+        self.route_both(a, b, |_, y| vec!["blackhole".into(), self.host(y)]);
     }
 
     /// Restores the link between `a` and `b`.
     pub fn restore(&self, a: usize, b: usize) {
+        self.route_both(a, b, |x, y| {
+            vec![
+                self.host(y),
+                "dev".into(),
+                format!("{}v{x}-{y}", self.tag),
+                "src".into(),
+                self.addrs[x].clone(),
+            ]
+        });
+    }
+
+    fn host(&self, i: usize) -> String {
+        format!("{}/32", self.addrs[i])
+    }
+
+    /// `ip route replace ROUTE` in `a` with `route(a, b)` and in `b` with `route(b, a)`.
+    fn route_both(&self, a: usize, b: usize, route: impl Fn(usize, usize) -> Vec<String>) {
         for (x, y) in [(a, b), (b, a)] {
-            ip(&[
-                "-n",
-                &self.names[x],
-                "route",
-                "replace",
-                &format!("{}/32", self.addrs[y]),
-                "dev",
-                &format!("{}v{x}-{y}", self.tag),
-                "src",
-                &self.addrs[x],
-            ])
-            .unwrap();
+            let route = route(x, y);
+            let mut args = vec!["-n", self.names[x].as_str(), "route", "replace"];
+            args.extend(route.iter().map(String::as_str));
+            ip(&args).unwrap();
         }
     }
 
