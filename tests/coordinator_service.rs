@@ -124,6 +124,7 @@ async fn refuses_bad_worker_reports(client: &mut Client) {
                 state: 42,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -139,6 +140,7 @@ async fn refuses_bad_worker_reports(client: &mut Client) {
                 state: rpc::WorkerState::Idle as i32,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -474,6 +476,76 @@ fn the_same_job_twice_is_refused_while_the_first_runs() {
     cluster.kiln_ok(&["stop", &queued]);
     let again = cluster.submit(&job, 1);
     assert_ne!(again, first);
+}
+
+/// A run started by hand holds its checkpoint directory (`owner.json`): a second
+/// `kiln train` of the same job file is refused at its start, and so is a `kiln submit` of
+/// it, each naming the holder; the holder's logs keep every step once. Once the holder is
+/// killed, its claim is free at once (an exited process of this host).
+#[test]
+fn a_run_started_by_hand_holds_its_checkpoint_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(dir.path(), "10");
+    // Long enough to outlast the checks below; killed after them.
+    let job = twin(dir.path(), "byhand", 8, 2, "", 100_000);
+    let out = dir.path().join("byhand");
+    let claim = out.join("checkpoints/owner.json");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", path_str(&job), "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = format!("kiln train, pid {} on ", first.id());
+    let t0 = std::time::Instant::now();
+    while !claim.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "no claim written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let second = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", path_str(&job), "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second run started:\n{err}");
+    assert!(
+        err.contains(&format!("is being written by another run, {holder}"))
+            && err.contains("which renewed its claim within"),
+        "{err}"
+    );
+    println!("second kiln train: {}", err.trim());
+
+    let refused = cluster.kiln(&["submit", path_str(&job), "--workers", "1"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the submit was accepted");
+    assert!(
+        err.contains(&format!("is being written by another run, {holder}")),
+        "{err}"
+    );
+    println!("kiln submit: {}", err.trim());
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Every step the holder logged, once: nobody else wrote there.
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "step")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert!(!steps.is_empty(), "{log}");
+    assert!(
+        steps.windows(2).all(|w| w[1] == w[0] + 1),
+        "steps not logged once each, in order: {steps:?}"
+    );
+    // The holder is gone: its claim no longer stands in the way.
+    let job_id = cluster.submit(&job, 1);
+    cluster.kiln_ok(&["stop", &job_id]);
 }
 
 /// A second coordinator started on the state a running one holds exits at start with a

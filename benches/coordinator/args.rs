@@ -18,6 +18,8 @@ pub struct Args {
     pub rendezvous: bool,
     pub lifecycle_workers: Vec<usize>,
     pub lifecycle_poll: Duration,
+    /// Long-poll holds to run the lifecycle with (0: polling every `lifecycle_poll`).
+    pub lifecycle_holds_ms: Vec<u64>,
     pub machine_workers: Vec<usize>,
 }
 
@@ -48,6 +50,7 @@ pub fn parse_args() -> Result<Args, Error> {
         rendezvous: true,
         lifecycle_workers: vec![4000, 16_384],
         lifecycle_poll: Duration::from_millis(100),
+        lifecycle_holds_ms: vec![1000, 0],
         machine_workers: vec![4000, 16_384, 65_536],
     };
     let mut it = std::env::args().skip(1);
@@ -69,6 +72,7 @@ pub fn parse_args() -> Result<Args, Error> {
             "--skip-rendezvous" => a.rendezvous = false,
             "--lifecycle-workers" => a.lifecycle_workers = list(&flag, &value()?)?,
             "--lifecycle-poll-ms" => a.lifecycle_poll = Duration::from_millis(value()?.parse()?),
+            "--lifecycle-hold-ms" => a.lifecycle_holds_ms = list(&flag, &value()?)?,
             "--skip-lifecycle" => {
                 a.lifecycle_workers.clear();
                 a.machine_workers.clear();

@@ -1,6 +1,5 @@
-//! Part 3, a job's life at scale: N simulated workers, each acting as an agent that hurries
-//! (a heartbeat every `poll` while it waits for something, as the agent does while a
-//! checkpoint or a new generation is under way), through
+//! Part 3, a job's life at scale: N simulated workers, each acting as an agent that waits
+//! for the coordinator's decision, through
 //!
 //! 1. bring-up: a job for all N is submitted; until every worker has its `Run`, answered
 //!    RUNNING, and `Status` says "running";
@@ -12,7 +11,15 @@
 //!    "running" in generation 2.
 //!
 //! Each phase is timed from its first request; the coordinator's CPU time over it is kept.
+//!
+//! A worker waits as the agent does: with `hold` > 0 each heartbeat is a long poll that the
+//! coordinator answers when it has something for the worker (or after `hold`), and the next
+//! goes out at once; with `hold` = 0 it heartbeats every `poll`, as the agent does with a
+//! coordinator that does not hold. A worker's answer to its `Run` (RUNNING) and the ranks
+//! other than 0 reporting their shard written are sent unheld, so that the phase's tasks end
+//! with it; what they change at the coordinator is the same.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_proto::rpc;
@@ -21,8 +28,8 @@ use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
 use crate::sim::{
-    connect, heartbeat_request, idle_report, job_phase, register, running_report, submit,
-    Coordinator, Sim,
+    connect, heartbeat_request, held_request, idle_report, job_phase, register, running_report,
+    submit, Coordinator, Sim,
 };
 use crate::{cpu_seconds, load_average, Error, SERVER_THREADS};
 
@@ -55,35 +62,70 @@ async fn until(
     }
 }
 
-/// Heartbeats `report` every `poll` until the reply is a `Run` of `generation`; answers it
-/// with RUNNING at once. The time the `Run` came, and the RUNNING report.
+/// Heartbeats sent by the simulated workers so far.
+static SENT: AtomicU64 = AtomicU64::new(0);
+
+/// Sends one heartbeat, counted.
+async fn send(sim: &mut Sim, request: rpc::HeartbeatRequest) -> Result<rpc::HeartbeatReply, Error> {
+    SENT.fetch_add(1, Ordering::Relaxed);
+    Ok(sim.client.heartbeat(request).await?.into_inner())
+}
+
+/// How a simulated worker waits for a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    /// Between heartbeats when the coordinator does not hold them.
+    pub poll: Duration,
+    /// How long the coordinator may hold each (0: not asked to).
+    pub hold: Duration,
+}
+
+impl Wait {
+    /// One heartbeat, held if asked, and the pause after it.
+    async fn heartbeat(
+        self,
+        sim: &mut Sim,
+        report: &rpc::WorkerReport,
+        commit_told: u64,
+    ) -> Result<rpc::HeartbeatReply, Error> {
+        let request = held_request(sim, report, self.hold, commit_told);
+        send(sim, request).await
+    }
+
+    async fn pause(self, reply: &rpc::HeartbeatReply) {
+        if self.hold.is_zero() || !reply.holds {
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+/// Heartbeats `report` until the reply is a `Run` of `generation`; answers it with RUNNING at
+/// once. The time the `Run` came, and the RUNNING report.
 async fn until_run(
     sim: &mut Sim,
     mut report: rpc::WorkerReport,
     generation: u64,
-    poll: Duration,
+    wait: Wait,
     t0: Instant,
 ) -> Result<(f64, rpc::WorkerReport), Error> {
     for _ in 0..3000 {
-        let reply = sim
-            .client
-            .heartbeat(heartbeat_request(sim, &report))
-            .await?
-            .into_inner();
+        let reply = wait.heartbeat(sim, &report, 0).await?;
         match reply.command {
             Some(Command::Run(a)) if a.generation == generation => {
                 let at = t0.elapsed().as_secs_f64();
                 let running = running_report(&a);
-                sim.client
-                    .heartbeat(heartbeat_request(sim, &running))
-                    .await?;
+                let request = heartbeat_request(sim, &running);
+                send(sim, request).await?;
                 return Ok((at, running));
             }
             // Told to abort what it runs: it stops, and says so.
-            Some(Command::Abort(_)) => report = idle_report(sim.index),
+            Some(Command::Abort(_)) => {
+                report = idle_report(sim.index);
+                continue;
+            }
             _ => {}
         }
-        tokio::time::sleep(poll).await;
+        wait.pause(&reply).await;
     }
     Err(format!("worker {} was given no generation {generation}", sim.id).into())
 }
@@ -98,7 +140,7 @@ pub fn lifecycle(
     client_rt: &Runtime,
     n: usize,
     connections: usize,
-    poll: Duration,
+    wait: Wait,
 ) -> Result<Value, Error> {
     let coordinator = Coordinator::start(server_rt, Duration::from_secs(1))?;
     let target = coordinator.target();
@@ -112,6 +154,7 @@ pub fn lifecycle(
 
         // 1. Bring-up.
         let cpu = cpu_seconds(SERVER_THREADS);
+        let sent = SENT.load(Ordering::Relaxed);
         let t0 = Instant::now();
         let job_id = submit(&mut control, n).await?;
         let tasks: Vec<_> = sims
@@ -120,7 +163,7 @@ pub fn lifecycle(
                 let mut sim = sim.clone();
                 tokio::spawn(async move {
                     let idle = idle_report(sim.index);
-                    until_run(&mut sim, idle, 1, poll, t0).await
+                    until_run(&mut sim, idle, 1, wait, t0).await
                 })
             })
             .collect();
@@ -134,9 +177,11 @@ pub fn lifecycle(
         let all_acked = t0.elapsed().as_secs_f64();
         let bring_up = until(&mut control, &job_id, t0, limit, |s| s.0 == "running").await?;
         let bring_up_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+        let bring_up_heartbeats = SENT.load(Ordering::Relaxed) - sent;
 
         // 2. Commit of step 10.
         let cpu = cpu_seconds(SERVER_THREADS);
+        let sent = SENT.load(Ordering::Relaxed);
         let t0 = Instant::now();
         let tasks: Vec<_> = sims
             .iter()
@@ -146,23 +191,20 @@ pub fn lifecycle(
                 let mut report = report.clone();
                 report.checkpoint_written = 10;
                 tokio::spawn(async move {
+                    if report.rank != 0 {
+                        let request = heartbeat_request(&sim, &report);
+                        send(&mut sim, request).await?;
+                        return Ok::<_, Error>(report);
+                    }
                     for _ in 0..3000 {
-                        let reply = sim
-                            .client
-                            .heartbeat(heartbeat_request(&sim, &report))
-                            .await?
-                            .into_inner();
-                        if report.rank != 0 {
-                            return Ok::<_, Error>(report);
-                        }
+                        let reply = wait.heartbeat(&mut sim, &report, 0).await?;
                         if reply.commit_step == 10 {
                             report.checkpoint_committed = 10;
-                            sim.client
-                                .heartbeat(heartbeat_request(&sim, &report))
-                                .await?;
+                            let request = heartbeat_request(&sim, &report);
+                            send(&mut sim, request).await?;
                             return Ok(report);
                         }
-                        tokio::time::sleep(poll).await;
+                        wait.pause(&reply).await;
                     }
                     Err("rank 0 was never told to commit step 10".into())
                 })
@@ -177,9 +219,11 @@ pub fn lifecycle(
         })
         .await?;
         let commit_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+        let commit_heartbeats = SENT.load(Ordering::Relaxed) - sent;
 
         // 3. Recovery from a failed rank.
         let cpu = cpu_seconds(SERVER_THREADS);
+        let sent = SENT.load(Ordering::Relaxed);
         let t0 = Instant::now();
         let failed = n / 2;
         let tasks: Vec<_> = sims
@@ -193,7 +237,7 @@ pub fn lifecycle(
                     report.error = "simulated failure".into();
                     report.ready_addr = crate::sim::ready_addr(sim.index);
                 }
-                tokio::spawn(async move { until_run(&mut sim, report, 2, poll, t0).await })
+                tokio::spawn(async move { until_run(&mut sim, report, 2, wait, t0).await })
             })
             .collect();
         let mut rerun_at = Vec::with_capacity(n);
@@ -206,23 +250,28 @@ pub fn lifecycle(
         })
         .await?;
         let recovery_cpu = cpu_seconds(SERVER_THREADS) - cpu;
+        let recovery_heartbeats = SENT.load(Ordering::Relaxed) - sent;
         let (phase, generation) = job_phase(&mut control, &job_id).await?;
         drop((sims, clients, control));
         Ok::<_, Error>(json!({
             "workers": n,
             "connections": connections,
-            "poll_ms": poll.as_millis() as u64,
+            "poll_ms": wait.poll.as_millis() as u64,
+            "hold_ms": wait.hold.as_millis() as u64,
             "register_s": registered.as_secs_f64(),
             "bring_up_all_run_s": max(&run_at),
             "bring_up_all_running_acked_s": all_acked,
             "bring_up_status_running_s": bring_up,
             "bring_up_coordinator_cpu_s": bring_up_cpu,
+            "bring_up_heartbeats": bring_up_heartbeats,
             "commit_status_committed_s": commit,
             "commit_coordinator_cpu_s": commit_cpu,
+            "commit_heartbeats": commit_heartbeats,
             "recovery_all_run_s": max(&rerun_at),
             "recovery_all_running_acked_s": re_acked,
             "recovery_status_running_s": recovery,
             "recovery_coordinator_cpu_s": recovery_cpu,
+            "recovery_heartbeats": recovery_heartbeats,
             "job_after": format!("{phase}, generation {generation}"),
             "load_before": load_before,
             "load_after": load_average(),

@@ -20,7 +20,8 @@
 //!     [--connections 32] [--window 10] [--warmup 3] [--modes idle,running]
 //!     [--rendezvous-workers 1000] [--rendezvous-intervals 1000,200] [--rounds 3]
 //!     [--client-threads 2] [--skip-heartbeat] [--skip-rendezvous]
-//!     [--lifecycle-workers 4000,16384] [--lifecycle-poll-ms 100] [--skip-lifecycle]
+//!     [--lifecycle-workers 4000,16384] [--lifecycle-hold-ms 1000,0] [--lifecycle-poll-ms 100]
+//!     [--skip-lifecycle]
 //! ```
 //!
 //! Prints Markdown tables; with `KILN_BENCH_OUT=PATH` also writes the results as JSON.
@@ -129,15 +130,15 @@ fn main() -> Result<(), Error> {
 
     let mut lifecycle_rows = Vec::new();
     for &n in &args.lifecycle_workers {
-        let row = lifecycle::lifecycle(
-            &server_rt,
-            &client_rt,
-            n,
-            args.connections,
-            args.lifecycle_poll,
-        )?;
-        eprintln!("[lifecycle {n} workers] {row}");
-        lifecycle_rows.push(row);
+        for &hold in &args.lifecycle_holds_ms {
+            let wait = lifecycle::Wait {
+                poll: args.lifecycle_poll,
+                hold: Duration::from_millis(hold),
+            };
+            let row = lifecycle::lifecycle(&server_rt, &client_rt, n, args.connections, wait)?;
+            eprintln!("[lifecycle {n} workers, hold {hold} ms] {row}");
+            lifecycle_rows.push(row);
+        }
     }
     let machine_rows: Vec<Value> = args
         .machine_workers
@@ -238,18 +239,20 @@ fn print_heartbeats(rows: &[Value], args: &Args, cores: usize) {
 /// The lifecycle rows as a Markdown table.
 fn print_lifecycle(rows: &[Value]) {
     println!(
-        "\nA job's life over N simulated workers (heartbeat every {} ms while waiting), each phase \
-         from its first request; coordinator CPU seconds in brackets.\n",
+        "\nA job's life over N simulated workers, each phase from its first request; coordinator \
+         CPU seconds in brackets. A worker waits for a decision with heartbeats held up to the \
+         hold (a long poll), or, where that is 0, with a heartbeat every {} ms.\n",
         rows[0]["poll_ms"]
     );
     println!(
-        "| workers | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
+        "| workers | hold | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}) | {:.2} s ({:.2}) | {:.2} s | {:.2} s | {:.2} s ({:.2}) |",
+            "| {} | {} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}) | {:.2} s ({:.2}) | {:.2} s | {:.2} s | {:.2} s ({:.2}) |",
             r["workers"],
+            r["hold_ms"],
             f(r, "register_s"),
             f(r, "bring_up_all_run_s"),
             f(r, "bring_up_all_running_acked_s"),

@@ -177,9 +177,21 @@ pub async fn register(clients: &[Client], n: usize) -> Result<(Vec<Sim>, Duratio
 }
 
 pub fn heartbeat_request(sim: &Sim, report: &rpc::WorkerReport) -> rpc::HeartbeatRequest {
+    held_request(sim, report, Duration::ZERO, 0)
+}
+
+/// A heartbeat the coordinator may hold up to `hold` (a long poll, as the agent sends).
+pub fn held_request(
+    sim: &Sim,
+    report: &rpc::WorkerReport,
+    hold: Duration,
+    commit_told: u64,
+) -> rpc::HeartbeatRequest {
     rpc::HeartbeatRequest {
         worker_id: sim.id.clone(),
         report: Some(report.clone()),
+        hold_ms: hold.as_millis() as u32,
+        commit_told,
     }
 }
 

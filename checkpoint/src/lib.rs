@@ -10,7 +10,7 @@ pub mod layout;
 pub mod store;
 
 pub use layout::{CheckpointManifest, Dtype, Mesh, ObjectInfo, Piece, Region, TensorInfo};
-pub use store::{CheckpointStore, Listed, RankObjectWriter, Strays, Verified};
+pub use store::{CheckpointStore, Claim, Listed, RankObjectWriter, Strays, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -30,6 +30,19 @@ pub enum CheckpointError {
         tensor: String,
         message: String,
     },
+    #[error(
+        "{dir} is being written by another run, {run}, which renewed its claim within {expire_s} s: two runs would mix their checkpoints and logs there; stop that run, or give this job another checkpoint.dir (and output.dir)"
+    )]
+    Owned {
+        dir: String,
+        /// The run, and the process keeping its claim ([`kiln_store::owner::Owner::describe`]).
+        run: String,
+        expire_s: f64,
+    },
+    #[error(
+        "{dir} was taken over by another run, {run}, while this one trained: stopping, so that the two do not mix their checkpoints"
+    )]
+    TakenOver { dir: String, run: String },
     #[error(
         "{checkpoint}: ranks {ranks:?} did not confirm their shards within {secs} s; not committed"
     )]

@@ -2,6 +2,7 @@
 //! that makes a checkpoint exist, listing, reading regions at any layout, verification and
 //! retention. Blocking API; the async IO runs on a private runtime.
 
+mod claim;
 mod read;
 mod write;
 
@@ -20,6 +21,7 @@ use crate::layout::{
 };
 use crate::CheckpointError;
 
+pub use claim::Claim;
 pub use write::{Fill, RankObjectWriter};
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;

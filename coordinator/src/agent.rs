@@ -81,6 +81,8 @@ struct Running {
     stdin: Option<ChildStdin>,
     seen: Arc<std::sync::Mutex<Seen>>,
     commit_sent: u64,
+    /// The newest commit step the coordinator told this rank.
+    commit_told: u64,
 }
 
 /// Where `kiln worker` process `pid` writes its ranks' job files when it is given no
@@ -123,28 +125,59 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         wake: wake.clone(),
         lost_since: None,
         hurry_until: None,
+        holds: false,
     };
     agent.ready_addr = free_addr(&agent.options.host);
     agent.register().await?;
     loop {
-        if let Some(reply) = agent.heartbeat().await? {
-            agent.act(reply).await?;
-        }
-        let interval = agent.next_heartbeat();
-        let exited = async {
-            match agent.running.as_mut() {
-                Some(r) => {
-                    let _ = r.child.wait().await;
-                }
-                None => std::future::pending::<()>().await,
+        // A coordinator that holds heartbeats answers as soon as it has something for this
+        // worker, so the next one goes out at once; something to report here (a checkpoint
+        // written, the process exited) cuts a held one short.
+        let hold = if agent.holds {
+            agent.interval
+        } else {
+            Duration::ZERO
+        };
+        let request = agent.request(hold);
+        let mut client = agent.client.clone();
+        let call = async move { client.heartbeat(request).await };
+        let answered = if hold.is_zero() {
+            Some(call.await)
+        } else {
+            let exited = exited(&mut agent.running);
+            tokio::select! {
+                r = call => Some(r),
+                _ = wake.notified() => None,
+                _ = exited => None,
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = wake.notified() => {}
-            _ = exited => {}
+        let mut at_once = answered.is_none();
+        if let Some(answer) = answered {
+            if let Some(reply) = agent.answered(answer).await? {
+                at_once = agent.holds;
+                agent.act(reply).await?;
+            }
+        }
+        if !at_once {
+            let interval = agent.next_heartbeat();
+            let exited = exited(&mut agent.running);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+                _ = exited => {}
+            }
         }
         agent.reap().await;
+    }
+}
+
+/// Resolves when the training process exits; never when none runs.
+async fn exited(running: &mut Option<Running>) {
+    match running.as_mut() {
+        Some(r) => {
+            let _ = r.child.wait().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -160,8 +193,11 @@ struct Agent {
     wake: Arc<Notify>,
     lost_since: Option<tokio::time::Instant>,
     /// Until when to heartbeat at [`Agent::quick`] intervals: a rank here just ended, and
-    /// the coordinator's next decision (a new generation) is awaited.
+    /// the coordinator's next decision (a new generation) is awaited. Only with a
+    /// coordinator that does not hold heartbeats.
     hurry_until: Option<tokio::time::Instant>,
+    /// The coordinator holds heartbeats (as its last reply said).
+    holds: bool,
 }
 
 /// How long after its rank ends a worker heartbeats quickly.
@@ -280,18 +316,30 @@ impl Agent {
         }
     }
 
-    /// One heartbeat; `None` when the coordinator cannot be reached (training goes on).
-    async fn heartbeat(&mut self) -> Result<Option<Reply>, AgentError> {
-        let request = rpc::HeartbeatRequest {
+    /// A heartbeat saying what this worker does, held by the coordinator up to `hold`.
+    fn request(&self, hold: Duration) -> rpc::HeartbeatRequest {
+        rpc::HeartbeatRequest {
             worker_id: self.id.clone(),
             report: Some((&self.report()).into()),
-        };
-        match self.client.heartbeat(request).await {
+            hold_ms: hold.as_millis().min(u32::MAX as u128) as u32,
+            commit_told: self.running.as_ref().map_or(0, |r| r.commit_told),
+        }
+    }
+
+    /// What a heartbeat got back; `None` when the coordinator cannot be reached (training
+    /// goes on).
+    async fn answered(
+        &mut self,
+        answer: Result<tonic::Response<rpc::HeartbeatReply>, tonic::Status>,
+    ) -> Result<Option<Reply>, AgentError> {
+        match answer {
             Ok(reply) => {
                 if self.lost_since.take().is_some() {
                     eprintln!("{}: the coordinator is back", self.options.label);
                 }
-                Reply::try_from(reply.into_inner()).map(Some).map_err(|e| {
+                let reply = reply.into_inner();
+                self.holds = reply.holds;
+                Reply::try_from(reply).map(Some).map_err(|e| {
                     AgentError::Refused(format!("bad reply from the coordinator: {e}"))
                 })
             }
@@ -313,6 +361,7 @@ impl Agent {
                     );
                     self.lost_since = Some(tokio::time::Instant::now());
                 }
+                self.holds = false;
                 Ok(None)
             }
         }
@@ -352,6 +401,9 @@ impl Agent {
             }
         }
         if let Some(r) = self.running.as_mut() {
+            // Told once: a held heartbeat is not answered again for the same step, even if
+            // the process could not be given it.
+            r.commit_told = r.commit_told.max(reply.commit_step);
             if reply.commit_step > r.commit_sent {
                 if let Some(stdin) = r.stdin.as_mut() {
                     let line = format!("commit {}\n", reply.commit_step);
@@ -389,6 +441,8 @@ impl Agent {
             // The rank's telemetry resource names its job and generation.
             .env("KILN_JOB_ID", &a.job_id)
             .env("KILN_GENERATION", a.generation.to_string())
+            // Its claim on the checkpoint directory names the job's run.
+            .env("KILN_RUN", &a.run)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -443,6 +497,7 @@ impl Agent {
             stdin,
             seen,
             commit_sent: 0,
+            commit_told: 0,
         });
         Ok(())
     }

@@ -135,6 +135,44 @@ pub struct Machine {
     index: RankIndex,
     tallies: HashMap<String, Tally>,
     idle: usize,
+    /// Per job, what its workers' commands were last computed from (see [`Machine::woken`]).
+    signals: HashMap<String, Signal>,
+}
+
+/// What the commands of a job's workers depend on besides their own reports: whether its
+/// ranks are wanted, which generation, and which checkpoint step rank 0 may commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Signal {
+    live: bool,
+    generation: u64,
+    commit_step: u64,
+}
+
+impl Signal {
+    fn of(job: Option<&Job>) -> Signal {
+        job.map_or(Signal::default(), |j| Signal {
+            live: j.phase.live(),
+            generation: j.generation,
+            commit_step: j.commit_step,
+        })
+    }
+}
+
+/// Workers whose heartbeat reply may have changed since the last [`Machine::woken`]: a
+/// coordinator that holds heartbeats (a long poll) answers these at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Woken {
+    /// Jobs whose generation started, ended or stopped being wanted: every worker that runs
+    /// or was given one of their ranks.
+    pub jobs: BTreeSet<String>,
+    /// Workers holding rank 0 of a job with a new step to commit.
+    pub workers: BTreeSet<String>,
+}
+
+impl Woken {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.workers.is_empty()
+    }
 }
 
 /// What changed in the persisted state since the last [`Machine::take_changes`]: what the
@@ -235,6 +273,46 @@ impl Machine {
         std::mem::take(&mut self.changes)
     }
 
+    /// Who may be told something new since the last call: the jobs among those changed since
+    /// the last [`Machine::take_changes`] (so call this first) whose [`Signal`] moved. Costs
+    /// O(jobs changed).
+    pub fn woken(&mut self) -> Woken {
+        let mut woken = Woken::default();
+        for id in self.changes.jobs.iter().chain(&self.changes.dropped) {
+            let now = Signal::of(self.jobs.get(id));
+            let before = self.signals.get(id).copied().unwrap_or_default();
+            if now == before {
+                continue;
+            }
+            if self.jobs.contains_key(id) {
+                self.signals.insert(id.clone(), now);
+            } else {
+                self.signals.remove(id);
+            }
+            if (now.live, now.generation) == (before.live, before.generation) {
+                // Only the step to commit moved: rank 0 alone is told.
+                if let Some(w) = self.jobs.get(id).and_then(|j| j.ranks.first()) {
+                    woken.workers.insert(w.clone());
+                }
+            } else {
+                woken.jobs.insert(id.clone());
+            }
+        }
+        woken
+    }
+
+    /// Whether `worker`'s reply may be among those `woken` changed.
+    pub fn concerns(&self, worker: &str, woken: &Woken) -> bool {
+        woken.workers.contains(worker)
+            || self.workers.get(worker).is_some_and(|w| {
+                woken.jobs.contains(&w.report.job_id)
+                    || self
+                        .index
+                        .job_of(worker)
+                        .is_some_and(|j| woken.jobs.contains(j))
+            })
+    }
+
     /// Drops finished jobs past their retention: those finished more than
     /// [`Policy::retain_finished_s`] ago, and all but the newest
     /// [`Policy::retain_finished_jobs`]. The state therefore holds the unfinished jobs and at
@@ -329,6 +407,7 @@ impl Machine {
             next_seq: 0,
             finished_unix_s: 0.0,
             waits_for,
+            run: format!("job {id} of coordinator {}", self.epoch),
         };
         let queued = if job.waits_for.is_empty() {
             String::new()
@@ -615,6 +694,7 @@ impl Machine {
                         peers,
                         job_toml: job.spec.toml.clone(),
                         resume: "latest".into(),
+                        run: job.run(),
                     }),
                     commit_step: 0,
                 };

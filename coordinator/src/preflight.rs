@@ -4,6 +4,7 @@
 
 use kiln_proto::job::JobConfig;
 use kiln_proto::preflight;
+use kiln_store::owner::{self, Owner, OwnerTimes};
 
 /// Whether the coordinator also reads each data source's manifest at submit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,4 +37,30 @@ pub async fn check(job: &JobConfig, data: DataCheck) -> Result<(), String> {
         preflight::fits(job, &config, first).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The claim on the job's checkpoint directory (`owner.json`, see [`kiln_store::owner`]) if
+/// it looks alive: rewritten within `times.expire` by this host's clock (a submit cannot wait
+/// to watch it, as a rank does), and not held by an exited process of this host.
+pub async fn live_claim(job: &JobConfig, times: OwnerTimes) -> Result<Option<Owner>, String> {
+    let dir = job.checkpoint_dir();
+    let loc = kiln_store::open(&dir).map_err(|e| format!("checkpoint.dir: {e}"))?;
+    let claim = owner::read(&loc)
+        .await
+        .map_err(|e| format!("checkpoint.dir: {}: {e}", loc.display(owner::OWNER)))?;
+    Ok(claim.filter(|o| {
+        owner::now() - o.unix_s < times.expire.as_secs_f64() && !o.gone_from_this_host()
+    }))
+}
+
+/// The refusal of a job whose checkpoint directory another run holds.
+pub fn claimed(job: &JobConfig, o: &Owner) -> String {
+    format!(
+        "{} is being written by another run, {}, which renewed its claim {:.0} s ago: two runs \
+         would mix their checkpoints and logs there; stop that run, or give this job another \
+         checkpoint.dir (and output.dir)",
+        job.checkpoint_dir(),
+        o.describe(),
+        (owner::now() - o.unix_s).max(0.0)
+    )
 }

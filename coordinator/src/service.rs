@@ -2,6 +2,7 @@
 //! [`Machine`], persists what changed before answering, and converts the answer back.
 //! Generated types go no further than this file.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -9,19 +10,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::client::{AUTHORIZATION, MAX_MESSAGE_BYTES};
-use kiln_proto::control::{check_id, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
+use kiln_proto::control::{check_id, Reply, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
 use kiln_proto::job::JobConfig;
 use kiln_proto::rpc::{self, coordinator_server::CoordinatorServer};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 use tokio_stream::Stream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::lease::{Lease, LeaseError, LeaseTimes};
-use crate::machine::{JobSpec, Machine, Policy, Refusal};
+use crate::machine::{JobSpec, Machine, Policy, Refusal, Woken};
 use crate::observe::{self, Observer};
 use crate::preflight::{self, DataCheck};
 use crate::state::{StateError, StateStore};
+use kiln_store::owner::OwnerTimes;
 
 /// How the coordinator runs.
 #[derive(Debug, Clone)]
@@ -72,32 +74,104 @@ pub fn now() -> f64 {
 }
 
 struct Shared {
-    machine: Mutex<(Machine, StateStore)>,
+    machine: Arc<Mutex<(Machine, StateStore)>>,
     observer: std::sync::Mutex<Observer>,
     interval_ms: u32,
     /// Set when the state can no longer be written: the coordinator must stop.
     fatal: watch::Sender<Option<String>>,
     data_check: DataCheck,
+    /// Heartbeats held until something changes for their worker (a long poll), by worker.
+    held: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
+    /// The longest a heartbeat is held: the interval, and well inside the timeout.
+    max_hold: Duration,
+    stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
     /// Runs `f` on the machine and persists what it changed before returning its result.
-    async fn with<T>(&self, f: impl FnOnce(&mut Machine, f64) -> T) -> Result<T, Status> {
-        let mut guard = self.machine.lock().await;
-        let (machine, store) = &mut *guard;
+    ///
+    /// The save runs as a task of its own, holding the machine until it is done: a call
+    /// given up by its client (a held heartbeat cut short, a timeout) drops this future, and
+    /// must not cut a save short between writing a version and noting that it did.
+    async fn with<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Machine, f64) -> T,
+    ) -> Result<T, Status> {
+        let mut guard = self.machine.clone().lock_owned().await;
+        let machine = &mut guard.0;
         let out = f(machine, now());
+        let woken = machine.woken();
+        if !woken.is_empty() {
+            self.wake(machine, &woken);
+        }
         let changes = machine.take_changes();
-        if !changes.is_empty() {
-            if let Err(e) = store.save(machine, &changes).await {
+        if changes.is_empty() {
+            return Ok(out);
+        }
+        let shared = self.clone();
+        let saved = tokio::spawn(async move {
+            let (machine, store) = &mut *guard;
+            let saved = store.save(machine, &changes).await;
+            saved.map_err(|e| {
                 let message = e.to_string();
                 tracing::error!("{message}");
-                self.fatal.send_replace(Some(message.clone()));
-                return Err(Status::unavailable(format!(
-                    "the coordinator cannot save its state: {message}"
-                )));
+                shared.fatal.send_replace(Some(message.clone()));
+                message
+            })
+        });
+        match saved.await {
+            Ok(Ok(())) => Ok(out),
+            Ok(Err(message)) => Err(Status::unavailable(format!(
+                "the coordinator cannot save its state: {message}"
+            ))),
+            Err(e) => Err(Status::internal(format!("saving the state failed: {e}"))),
+        }
+    }
+
+    /// Answers the held heartbeats of the workers `woken` concerns (under the machine's lock,
+    /// so no reply goes out before what changed is saved). O(held).
+    fn wake(&self, machine: &Machine, woken: &Woken) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for (worker, notify) in held.iter() {
+            if machine.concerns(worker, woken) {
+                notify.notify_one();
             }
         }
-        Ok(out)
+    }
+
+    /// `worker`'s heartbeat is about to be held: the returned guard is woken by
+    /// [`Shared::wake`] until it is dropped.
+    fn hold(self: &Arc<Self>, worker: &str) -> Held {
+        let notify = Arc::new(Notify::new());
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker.to_owned(), notify.clone());
+        Held {
+            shared: self.clone(),
+            worker: worker.to_owned(),
+            notify,
+        }
+    }
+}
+
+/// A heartbeat being held; unregisters itself when dropped (answered, or the call given up).
+struct Held {
+    shared: Arc<Shared>,
+    worker: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
+        // A newer call of the same worker may have taken the slot: leave that one.
+        if held
+            .get(&self.worker)
+            .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+        {
+            held.remove(&self.worker);
+        }
     }
 }
 
@@ -207,9 +281,23 @@ impl rpc::coordinator_server::Coordinator for Service {
         preflight::check(&job, self.shared.data_check)
             .await
             .map_err(invalid)?;
+        // Another run writing into its checkpoint directory (another coordinator's job, or a
+        // `kiln train` started by hand); this coordinator's own jobs are the machine's to
+        // refuse or queue.
+        let claim = match self.shared.data_check {
+            DataCheck::Read => preflight::live_claim(&job, OwnerTimes::from_env())
+                .await
+                .map_err(invalid)?,
+            DataCheck::Skip => None,
+        };
         let id = self
             .shared
-            .with(|m, now| m.submit(spec, workers, now))
+            .with(|m, now| match &claim {
+                Some(o) if !m.jobs.values().any(|j| j.run() == o.run) => {
+                    Err(Refusal::OutputInUse(preflight::claimed(&job, o)))
+                }
+                _ => m.submit(spec, workers, now),
+            })
             .await?
             .map_err(refusal)?;
         Ok(Response::new(rpc::SubmitReply { job_id: id }))
@@ -396,12 +484,39 @@ impl rpc::coordinator_server::Coordinator for Service {
             return Err(invalid("report: missing"));
         };
         let report = report(Some(raw))?;
-        let reply = self
+        let hold = Duration::from_millis(r.hold_ms.into()).min(self.shared.max_hold);
+        // Registered before the first answer is computed, so that a change right after it
+        // is not missed.
+        let held = (!hold.is_zero()).then(|| self.shared.hold(&r.worker_id));
+        let mut reply = self
             .shared
             .with(|m, now| m.heartbeat(&r.worker_id, report, now))
             .await?
             .map_err(refusal)?;
-        Ok(Response::new(reply.into()))
+        if let Some(held) = held {
+            reply = self.hold(held, reply, hold, r.commit_told).await;
+        }
+        let mut wire = rpc::HeartbeatReply::from(reply);
+        wire.holds = true;
+        Ok(Response::new(wire))
+    }
+}
+
+impl Service {
+    /// Holds `reply` while it tells the worker nothing new, until it is woken with something
+    /// that does, `hold` has passed, or the coordinator stops.
+    async fn hold(&self, held: Held, mut reply: Reply, hold: Duration, commit_told: u64) -> Reply {
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut stopping = self.shared.stopping.clone();
+        while !reply.is_news(commit_told) && !*stopping.borrow_and_update() {
+            tokio::select! {
+                _ = held.notify.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stopping.changed() => break,
+            }
+            reply = self.shared.machine.lock().await.0.command_for(&held.worker);
+        }
+        reply
     }
 }
 
@@ -460,12 +575,17 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         None => Machine::new(config.policy.clone(), epoch),
     };
     let (fatal, mut fatal_rx) = watch::channel(None);
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let timeout = Duration::from_secs_f64(config.policy.heartbeat_timeout_s.max(0.0));
     let shared = Arc::new(Shared {
-        machine: Mutex::new((machine, store)),
+        machine: Arc::new(Mutex::new((machine, store))),
         observer: std::sync::Mutex::new(Observer::new()),
         interval_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
         fatal,
         data_check: config.data_check,
+        held: std::sync::Mutex::new(HashMap::new()),
+        max_hold: config.heartbeat_interval.min(timeout / 4),
+        stopping: shutdown_rx.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -497,7 +617,6 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES),
         auth(Arc::new(config.token.clone())),
     );
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
     // Heartbeat timeouts are checked a few times a second.
     let ticker = shared.clone();
     let mut tick_stop = shutdown_rx.clone();

@@ -105,6 +105,9 @@ pub struct Assignment {
     pub peers: Vec<(u32, String)>,
     pub job_toml: String,
     pub resume: String,
+    /// The job's run, as its checkpoint directory's claim names it
+    /// (`kiln_store::owner`); the same for all its ranks and generations.
+    pub run: String,
 }
 
 impl Assignment {
@@ -174,6 +177,14 @@ pub enum Command {
 pub struct Reply {
     pub command: Command,
     pub commit_step: u64,
+}
+
+impl Reply {
+    /// Whether a worker already told to commit `commit_told` has anything to do on this
+    /// reply: a command other than waiting, or a newer step to commit.
+    pub fn is_news(&self, commit_told: u64) -> bool {
+        self.command != Command::Wait || self.commit_step > commit_told
+    }
 }
 
 /// A field that failed validation: which, and why.
@@ -453,11 +464,13 @@ impl From<Reply> for rpc::HeartbeatReply {
                 peers: a.peers.into_iter().map(|(_, addr)| addr).collect(),
                 job_toml: a.job_toml,
                 resume: a.resume,
+                run: a.run,
             }),
         };
         rpc::HeartbeatReply {
             command: Some(command),
             commit_step: r.commit_step,
+            holds: false,
         }
     }
 }
@@ -509,6 +522,11 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
                         format!("no address for the rank itself ({})", a.rank),
                     ));
                 }
+                let run = if a.run.is_empty() {
+                    format!("job {}", a.job_id)
+                } else {
+                    a.run
+                };
                 Command::Run(Assignment {
                     job_id: a.job_id,
                     generation: a.generation,
@@ -517,6 +535,7 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
                     peers,
                     job_toml: a.job_toml,
                     resume: a.resume,
+                    run,
                 })
             }
         };
@@ -578,6 +597,7 @@ mod tests {
             peers: vec![(0, "h0:1".into()), (1, "h1:1".into()), (2, "h2:1".into())],
             job_toml: "name = \"j\"".into(),
             resume: "latest".into(),
+            run: "job j-1 of coordinator e".into(),
         };
         assert_eq!(a.peers_arg(), "0=h0:1,1=h1:1,2=h2:1");
         let wire = rpc::HeartbeatReply::from(Reply {

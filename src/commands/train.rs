@@ -62,6 +62,8 @@ impl Commands {
                 let launch = Launch {
                     resume,
                     commit_gate: supervised.then(|| StdinGate::start() as Arc<dyn CommitGate>),
+                    // Under `kiln worker`: the coordinator's name for the job's run.
+                    run: std::env::var("KILN_RUN").unwrap_or_default(),
                     ..launch(rank, world_size, peers)?
                 };
                 let world = launch.world_size();

@@ -11,6 +11,8 @@
 //! Requests to remote stores are retried with exponential backoff: `KILN_STORE_RETRIES`
 //! times (default 5) within `KILN_STORE_RETRY_TIMEOUT_S` seconds (default 60).
 
+pub mod owner;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

@@ -179,6 +179,22 @@ pub struct Job {
     /// its first generation waits until each has ended.
     #[serde(default)]
     pub waits_for: BTreeSet<String>,
+    /// Names this job in its checkpoint directory's claim (`owner.json`), for its ranks and
+    /// for other coordinators: unique to this submission. Empty in records written before it
+    /// was kept: see [`Job::run`].
+    #[serde(default)]
+    pub run: String,
+}
+
+impl Job {
+    /// What this job's ranks name their run in the checkpoint directory's claim.
+    pub fn run(&self) -> String {
+        if self.run.is_empty() {
+            format!("job {}", self.id)
+        } else {
+            self.run.clone()
+        }
+    }
 }
 
 pub(super) fn set_phase(job: &mut Job, now: f64, phase: Phase, message: String) {

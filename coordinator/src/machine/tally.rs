@@ -212,6 +212,11 @@ impl RankIndex {
             .then_some((job, *rank))
     }
 
+    /// The job `worker` was last given a rank of, whether or not that rank still stands.
+    pub fn job_of(&self, worker: &str) -> Option<&str> {
+        self.0.get(worker).map(|(job, _, _)| job.as_str())
+    }
+
     /// `worker` holds rank `rank` of generation `generation` of `job`.
     pub fn insert(&mut self, worker: &str, job: &str, generation: u64, rank: usize) {
         self.0

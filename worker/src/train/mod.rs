@@ -21,6 +21,7 @@ use kiln_proto::job::JobConfig;
 use kiln_shard_loader::dataset::DatasetError;
 use kiln_shard_loader::order::DataCursor;
 use kiln_shard_loader::ShardError;
+use kiln_store::owner::OwnerTimes;
 
 use crate::checkpoint::{CommitGate, Saver, SaverOptions};
 use crate::collective::CollectiveError;
@@ -89,6 +90,9 @@ pub struct Launch {
     pub resume: Option<String>,
     /// Checkpoint commits go through a coordinator (see [`CommitGate`]).
     pub commit_gate: Option<Arc<dyn CommitGate>>,
+    /// The run this rank belongs to, as the checkpoint directory's claim names it (a
+    /// coordinator gives each job its own); empty: see [`Launch::run_name`].
+    pub run: String,
 }
 
 impl std::fmt::Debug for Launch {
@@ -98,6 +102,7 @@ impl std::fmt::Debug for Launch {
             .field("peers", &self.peers)
             .field("resume", &self.resume)
             .field("commit_gate", &self.commit_gate.is_some())
+            .field("run", &self.run)
             .finish()
     }
 }
@@ -105,6 +110,23 @@ impl std::fmt::Debug for Launch {
 impl Launch {
     pub fn world_size(&self) -> usize {
         self.peers.len().max(1)
+    }
+
+    /// The run's name in its checkpoint directory's claim: as given, else one that all
+    /// ranks of a hand-started run derive alike (from rank 0's address), or this process
+    /// when it is the only rank.
+    pub fn run_name(&self) -> String {
+        if !self.run.is_empty() {
+            self.run.clone()
+        } else if self.world_size() == 1 {
+            format!(
+                "kiln train, pid {} on {}",
+                std::process::id(),
+                kiln_store::owner::hostname()
+            )
+        } else {
+            format!("kiln train with rank 0 at {}", self.peers[0])
+        }
     }
 
     /// This rank's index among the ranks of its host, which picks its GPU: `LOCAL_RANK` when
@@ -147,8 +169,11 @@ pub fn train(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
     let t = &job.train;
-    let mut run = setup::Setup::new(job, launch)?;
     let ck = &job.checkpoint;
+    // One run per checkpoint directory: claimed before anything is written, by every rank.
+    let ck_store = CheckpointStore::open(&job.checkpoint_dir())?;
+    let claim = ck_store.claim(&launch.run_name(), launch.rank == 0, OwnerTimes::from_env())?;
+    let mut run = setup::Setup::new(job, launch)?;
     let mut resumed = None;
     if let Some(which) = &launch.resume {
         let _span = tracing::info_span!("checkpoint.load", kiln.resume = %which).entered();
@@ -176,12 +201,9 @@ pub fn train(
             keep_every: ck.keep_every as u64,
         };
         Some(
-            Saver::new(
-                CheckpointStore::open(&job.checkpoint_dir())?.with_fsync(ck.fsync),
-                options,
-            )
-            .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20))
-            .with_gate(launch.commit_gate.clone()),
+            Saver::new(ck_store.clone().with_fsync(ck.fsync), options)
+                .with_host_budget((ck.host_buffer_mb > 0).then_some(ck.host_buffer_mb << 20))
+                .with_gate(launch.commit_gate.clone()),
         )
     } else {
         None
@@ -194,7 +216,7 @@ pub fn train(
     log::create_output_dir(job, run.leader)?;
     let store = || match &saver {
         Some(s) => Ok(s.store().clone()),
-        None => CheckpointStore::open(&job.checkpoint_dir()),
+        None => Ok::<_, CheckpointError>(ck_store.clone()),
     };
     let mut emit = log::Emitter::open(
         job,
@@ -256,7 +278,10 @@ pub fn train(
         peak_flops,
     );
     for step in start_step..t.steps {
+        claim.check()?;
         trainer.step(step)?;
     }
-    trainer.finish()
+    let summary = trainer.finish()?;
+    claim.release()?;
+    Ok(summary)
 }

@@ -121,3 +121,62 @@ fn checkpoint_commit_takes_two_phases() {
         j.message
     );
 }
+
+/// Who a coordinator that holds heartbeats answers at once: what changed since the last
+/// look, as the service asks after each call.
+fn woken(m: &mut Machine) -> Woken {
+    let w = m.woken();
+    m.take_changes();
+    w
+}
+
+#[test]
+fn held_heartbeats_are_woken_only_by_what_changes_their_reply() {
+    let mut m = machine();
+    let mut s = spec(1, 2, 1);
+    s.min_workers = 2;
+    let job = m.submit(s, 2, 0.0).unwrap();
+    assert!(woken(&mut m).is_empty(), "pending: nobody is told anything");
+    let a = m.register("host-a".into(), "", idle(&addr(1)), 1.0);
+    let b = m.register("host-b".into(), "", idle(&addr(2)), 1.0);
+    let c = m.register("host-c".into(), "", idle(&addr(3)), 1.0);
+    assert_eq!(m.jobs[&job].generation, 1);
+    // The generation formed: both of its workers are answered, the spare is not.
+    let w = woken(&mut m);
+    assert_eq!(w.jobs, [job.clone()].into());
+    assert!(m.concerns(&a, &w) && m.concerns(&b, &w));
+    assert!(!m.concerns(&c, &w));
+
+    // Ranks starting, and steps going by, change nobody's reply.
+    hb(&mut m, &a, running(&job, 1, 0), 2.0);
+    hb(&mut m, &b, running(&job, 1, 1), 2.0);
+    assert_eq!(m.jobs[&job].phase, Phase::Running);
+    assert!(woken(&mut m).is_empty());
+
+    // Step 4 written by both: rank 0 alone is to be told to commit it.
+    hb(&mut m, &b, ckpt(running(&job, 1, 1), 4, 0), 3.0);
+    assert!(woken(&mut m).is_empty(), "rank 0 has not written yet");
+    hb(&mut m, &a, ckpt(running(&job, 1, 0), 4, 0), 3.0);
+    let w = woken(&mut m);
+    assert_eq!(w.workers, [a.clone()].into());
+    assert!(w.jobs.is_empty());
+    assert!(m.concerns(&a, &w) && !m.concerns(&b, &w));
+    hb(&mut m, &a, ckpt(running(&job, 1, 0), 4, 4), 3.5);
+    assert_eq!(m.jobs[&job].committed_step, 4);
+    assert!(woken(&mut m).is_empty());
+
+    // A rank failed: the generation ends, and both its workers are answered.
+    hb(
+        &mut m,
+        &b,
+        ended(&job, 1, 1, WorkerState::Failed, "boom"),
+        4.0,
+    );
+    let w = woken(&mut m);
+    assert_eq!(w.jobs, [job.clone()].into());
+    assert!(m.concerns(&a, &w) && m.concerns(&b, &w));
+    assert_eq!(
+        abort_of(&m.command_for(&a)),
+        &*format!("job {job} is recovering")
+    );
+}
