@@ -100,6 +100,44 @@ fn tensor_parallel_matches_one_process() {
     assert!((gathered - whole).abs() < 1e-4, "{gathered} vs {whole}");
 }
 
+/// [`job`] with `train.activation_checkpointing = ac`.
+fn recomputing(dir: &Path, name: &str, micro: i64, parallel: &str, ac: &str) -> PathBuf {
+    let path = job(dir, name, micro, parallel);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace(
+        "[train]\n",
+        &format!("[train]\nactivation_checkpointing = \"{ac}\"\n"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Activation checkpointing changes what is kept, not what is computed: dropping MLP halves
+/// or whole blocks and recomputing them in the backward pass gives the same curve, bit for
+/// bit, on one process with 2 accumulated micro-batches and on tp = 2 (whose recomputed
+/// pieces all-reduce again), and the run says which it did.
+#[test]
+fn activation_checkpointing_gives_the_same_curve_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = run(&job(dir.path(), "ac-none", 4, ""), 1);
+    assert_eq!(base.start["activation_checkpointing"], "none");
+    for ac in ["mlp", "block"] {
+        let r = run(&recomputing(dir.path(), &format!("ac-{ac}"), 4, "", ac), 1);
+        assert_eq!(r.start["activation_checkpointing"], ac);
+        r.assert_matches(
+            &base,
+            0.0,
+            &format!("recompute {ac} vs none, 2 x 4 accumulated"),
+        );
+    }
+    let tp2 = run(&job(dir.path(), "ac-tp2-none", 4, "tp = 2"), 2);
+    let tp2_block = run(
+        &recomputing(dir.path(), "ac-tp2-block", 4, "tp = 2", "block"),
+        2,
+    );
+    tp2_block.assert_matches(&tp2, 0.0, "tp=2: recompute block vs none");
+}
+
 #[test]
 fn a_killed_rank_fails_the_others_with_its_name() {
     let dir = tempfile::tempdir().unwrap();

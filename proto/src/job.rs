@@ -137,6 +137,11 @@ pub struct TrainSpec {
     /// start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_tflops: Option<f64>,
+    /// Activation checkpointing: which activations the forward pass drops and the backward
+    /// pass recomputes. `none` (the default), `mlp` (each block's MLP half: its widest
+    /// tensors) or `block` (whole blocks, keeping only each block's input).
+    #[serde(default = "default_activation_checkpointing")]
+    pub activation_checkpointing: String,
 }
 
 /// Every field has a default, so `[optimizer]` may name only what it changes.
@@ -272,6 +277,9 @@ fn default_device() -> String {
 }
 fn default_precision() -> String {
     "auto".into()
+}
+fn default_activation_checkpointing() -> String {
+    "none".into()
 }
 fn default_log_every() -> i64 {
     10
@@ -503,6 +511,18 @@ impl TrainSpec {
                 format!("expected auto, fp32 or bf16, got {:?}", self.precision),
             );
         }
+        if !matches!(
+            self.activation_checkpointing.as_str(),
+            "none" | "mlp" | "block"
+        ) {
+            return fail(
+                "train.activation_checkpointing",
+                format!(
+                    "expected none, mlp or block, got {:?}",
+                    self.activation_checkpointing
+                ),
+            );
+        }
         let device_ok = self.device == "auto"
             || self.device == "cpu"
             || self.device == "cuda"
@@ -716,6 +736,15 @@ dir = "out"
         assert!(
             err.contains("optimizer.schedule: expected cosine, linear or constant"),
             "{err}"
+        );
+        let text = GOOD.replace(
+            "micro_batch_size = 4",
+            "micro_batch_size = 4\nactivation_checkpointing = \"layer\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid job file job.toml: train.activation_checkpointing: expected none, mlp or block, got \"layer\""
         );
     }
 

@@ -32,6 +32,10 @@ pub enum Event {
         tp: usize,
         #[serde(default)]
         zero1: bool,
+        /// What the forward pass drops and the backward pass recomputes, as the model ran
+        /// it: `none`, `mlp` or `block` (empty in logs written before it was kept).
+        #[serde(default)]
+        activation_checkpointing: String,
         device: String,
         /// Whether the forward pass ran under bf16 autocast (read back from libtorch).
         bf16: bool,
@@ -397,6 +401,7 @@ mod tests {
                 dp: 2,
                 tp: 2,
                 zero1: true,
+                activation_checkpointing: "block".into(),
                 device: "Cuda(0)".into(),
                 bf16: true,
                 precision: "bf16".into(),
@@ -463,7 +468,7 @@ mod tests {
         );
         assert_eq!(
             lines[0],
-            r#"{"type":"start","job":"tiny","params":3315072,"world":4,"dp":2,"tp":2,"zero1":true,"device":"Cuda(0)","bf16":true,"precision":"bf16","flops_per_token":19988736.0,"peak_flops":100000000000000.0,"train_sequences":2060,"validation_sequences":769}"#
+            r#"{"type":"start","job":"tiny","params":3315072,"world":4,"dp":2,"tp":2,"zero1":true,"activation_checkpointing":"block","device":"Cuda(0)","bf16":true,"precision":"bf16","flops_per_token":19988736.0,"peak_flops":100000000000000.0,"train_sequences":2060,"validation_sequences":769}"#
         );
         assert_eq!(
             lines[2],

@@ -27,6 +27,9 @@ pub struct Start {
     pub dp: Option<u64>,
     pub tp: Option<u64>,
     pub zero1: Option<bool>,
+    /// What the forward pass dropped and the backward recomputed (`none`, `mlp`, `block`);
+    /// older logs lack it.
+    pub activation_checkpointing: Option<String>,
     pub device: Option<String>,
     pub bf16: Option<bool>,
     /// The compute dtype read back from libtorch (`bf16`, `fp32`); older logs lack it.

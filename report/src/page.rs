@@ -161,11 +161,15 @@ fn summary(log: &RunLog) -> String {
     ));
     let mesh_note = match (start.dp, start.tp) {
         (Some(dp), Some(tp)) => format!(
-            "dp {dp} \u{d7} tp {tp}{}",
+            "dp {dp} \u{d7} tp {tp}{}{}",
             if start.zero1 == Some(true) {
                 ", ZeRO-1"
             } else {
                 ""
+            },
+            match start.activation_checkpointing.as_deref() {
+                Some(ac @ ("mlp" | "block")) => format!(", recomputing each {ac}"),
+                _ => String::new(),
             }
         ),
         _ => String::new(),

@@ -23,7 +23,7 @@ use crate::params::{ParamSpec, ParamStore, Shard};
 mod loss;
 mod tape;
 
-pub use tape::Tape;
+pub use tape::{Recompute, Tape};
 
 /// Indices of one block's parameters in the [`ParamStore`].
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +61,8 @@ pub struct Llama {
     /// The tensor-parallel group; a group of one without tensor parallelism.
     tp: Arc<dyn Collective>,
     local: LocalDims,
+    /// Which activations a training forward pass drops and its backward pass recomputes.
+    pub recompute: Recompute,
 }
 
 /// Which parameters get weight decay.
@@ -213,6 +215,7 @@ impl Llama {
             inv_freq,
             tp,
             local,
+            recompute: Recompute::None,
         }
     }
 

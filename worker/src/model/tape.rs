@@ -8,6 +8,40 @@ use super::loss::loss_chunk_bytes;
 use super::Llama;
 use crate::collective::{CollectiveError, ReduceOp};
 
+/// Activation checkpointing: what a training forward pass drops and its backward pass
+/// recomputes from the input it kept (`train.activation_checkpointing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Keep every piece's activations.
+    #[default]
+    None,
+    /// Keep each block's MLP input only; recompute the MLP half (norm, gate, up, the
+    /// activation and down: the widest tensors) in its backward.
+    Mlp,
+    /// Keep each block's input only; recompute the whole block in its backward.
+    Block,
+}
+
+impl Recompute {
+    /// The job file's value: `none`, `mlp` or `block`.
+    pub fn parse(s: &str) -> Option<Recompute> {
+        match s {
+            "none" => Some(Recompute::None),
+            "mlp" => Some(Recompute::Mlp),
+            "block" => Some(Recompute::Block),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Mlp => "mlp",
+            Recompute::Block => "block",
+        }
+    }
+}
+
 /// What one micro-batch's forward pass keeps for its backward pass: per piece, the tensor
 /// whose gradient the next piece hands back and the detached leaves the piece started from.
 ///
@@ -16,7 +50,9 @@ use crate::collective::{CollectiveError, ReduceOp};
 /// Cutting at the attention and MLP inputs is what lets the "identity forward, all-reduce
 /// backward" operator of Megatron's tensor parallelism run between two backward calls; cutting
 /// at the block boundary is what lets data parallelism all-reduce a block's gradients while
-/// the blocks before it still run their backward.
+/// the blocks before it still run their backward. With [`Recompute`], a block keeps only the
+/// input of what it dropped, and its backward runs the dropped half (or both) forward again
+/// first, under the same autocast, with the same collectives in the same order.
 #[derive(Debug)]
 pub struct Tape {
     /// The mean cross-entropy of the micro-batch (unscaled), the same on every rank: a
@@ -26,15 +62,35 @@ pub struct Tape {
     embed: Tensor,
     blocks: Vec<BlockTape>,
     head: HeadTape,
+    /// For a recomputation: the rotary tables, and whether autocast was on.
+    cos: Tensor,
+    sin: Tensor,
+    autocast: bool,
 }
 
+/// One block's pieces, or what they are recomputed from.
 #[derive(Debug)]
-struct BlockTape {
+enum BlockTape {
+    Kept(AttnHalf, MlpHalf),
+    /// The MLP half dropped: kept is the attention half, whose `x2` is its input.
+    MlpDropped(AttnHalf),
+    /// The block's input, detached.
+    Dropped(Tensor),
+}
+
+/// `x -> (h1, x2 = x + attn)` and `h1 -> attn`.
+#[derive(Debug)]
+struct AttnHalf {
     x: Tensor,
     h1: Tensor,
     x2: Tensor,
     h1l: Tensor,
     attn: Tensor,
+}
+
+/// `x2 -> (h2, x3 = x2 + mlp)` and `h2 -> mlp`.
+#[derive(Debug)]
+struct MlpHalf {
     x2l: Tensor,
     h2: Tensor,
     x3: Tensor,
@@ -117,29 +173,29 @@ impl Llama {
         let mut x_next = self.tp_sum(&embed)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
-            let x = leaf(&x_next);
-            let h1 = x.rms_norm([c.dim], Some(self.p(blk.attn_norm)), c.norm_eps);
-            let h1l = leaf(&h1);
-            let attn = self.attention(blk, &h1l, &cos, &sin);
-            let x2 = &x + self.tp_sum(&attn)?;
-            let x2l = leaf(&x2);
-            let h2 = x2l.rms_norm([c.dim], Some(self.p(blk.mlp_norm)), c.norm_eps);
-            let h2l = leaf(&h2);
-            let mlp = self.mlp(blk, &h2l);
-            let x3 = &x2l + self.tp_sum(&mlp)?;
-            x_next = x3.shallow_clone();
-            blocks.push(BlockTape {
-                x,
-                h1,
-                x2,
-                h1l,
-                attn,
-                x2l,
-                h2,
-                x3,
-                h2l,
-                mlp,
-            });
+            let tape = match self.recompute {
+                Recompute::None => {
+                    let a = self.attn_half(blk, &x_next, &cos, &sin)?;
+                    let m = self.mlp_half(blk, &a.x2)?;
+                    x_next = m.x3.shallow_clone();
+                    BlockTape::Kept(a, m)
+                }
+                Recompute::Mlp => {
+                    let a = self.attn_half(blk, &x_next, &cos, &sin)?;
+                    x_next = tch::no_grad(|| self.mlp_half(blk, &a.x2))?.x3;
+                    BlockTape::MlpDropped(a)
+                }
+                Recompute::Block => {
+                    let x = x_next.detach();
+                    x_next = tch::no_grad(|| {
+                        let a = self.attn_half(blk, &x, &cos, &sin)?;
+                        self.mlp_half(blk, &a.x2)
+                    })?
+                    .x3;
+                    BlockTape::Dropped(x)
+                }
+            };
+            blocks.push(tape);
         }
         let x = leaf(&x_next);
         let hn = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
@@ -168,6 +224,49 @@ impl Llama {
             embed,
             blocks,
             head: HeadTape { x, hn, hnl, grads },
+            cos,
+            sin,
+            autocast: crate::precision::active(self.device()).is_some(),
+        })
+    }
+
+    /// `x -> (h1 = norm(x), x2 = x + attn)`, `h1 -> attn`, from `x_in`'s value.
+    fn attn_half(
+        &self,
+        blk: &super::BlockIdx,
+        x_in: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<AttnHalf, CollectiveError> {
+        let c = &self.config;
+        let x = leaf(x_in);
+        let h1 = x.rms_norm([c.dim], Some(self.p(blk.attn_norm)), c.norm_eps);
+        let h1l = leaf(&h1);
+        let attn = self.attention(blk, &h1l, cos, sin);
+        let x2 = &x + self.tp_sum(&attn)?;
+        Ok(AttnHalf {
+            x,
+            h1,
+            x2,
+            h1l,
+            attn,
+        })
+    }
+
+    /// `x2 -> (h2 = norm(x2), x3 = x2 + mlp)`, `h2 -> mlp`, from `x2_in`'s value.
+    fn mlp_half(&self, blk: &super::BlockIdx, x2_in: &Tensor) -> Result<MlpHalf, CollectiveError> {
+        let c = &self.config;
+        let x2l = leaf(x2_in);
+        let h2 = x2l.rms_norm([c.dim], Some(self.p(blk.mlp_norm)), c.norm_eps);
+        let h2l = leaf(&h2);
+        let mlp = self.mlp(blk, &h2l);
+        let x3 = &x2l + self.tp_sum(&mlp)?;
+        Ok(MlpHalf {
+            x2l,
+            h2,
+            x3,
+            h2l,
+            mlp,
         })
     }
 
@@ -191,8 +290,12 @@ impl Llama {
             embed,
             blocks,
             head,
+            cos,
+            sin,
+            autocast,
             ..
         } = tape;
+        let device = self.device();
         let g_hn = match head.grads {
             HeadGrads::Loss(loss) => {
                 let g =
@@ -209,30 +312,55 @@ impl Llama {
         put(self.norm, &g[0]);
         on_segment(self.blocks.len() + 1);
         let mut gx = g[1].shallow_clone();
-        for (l, bt) in blocks.iter().enumerate().rev() {
+        for (l, tape) in blocks.into_iter().enumerate().rev() {
             let b = &self.blocks[l];
+            // A dropped half runs forward again as it first did: same input, same autocast.
+            let again = |f: &mut dyn FnMut() -> Result<(), CollectiveError>| {
+                crate::precision::autocast(autocast, device, f)
+            };
+            let (a, m) = match tape {
+                BlockTape::Kept(a, m) => (a, m),
+                BlockTape::MlpDropped(a) => {
+                    let mut m = None;
+                    again(&mut || {
+                        m = Some(self.mlp_half(b, &a.x2)?);
+                        Ok(())
+                    })?;
+                    (a, m.expect("recomputed"))
+                }
+                BlockTape::Dropped(x) => {
+                    let mut am = None;
+                    again(&mut || {
+                        let a = self.attn_half(b, &x, &cos, &sin)?;
+                        let m = self.mlp_half(b, &a.x2)?;
+                        am = Some((a, m));
+                        Ok(())
+                    })?;
+                    am.expect("recomputed")
+                }
+            };
             let p = [b.gate, b.up, b.down].map(|i| self.p(i));
-            let g = grads(&[(&bt.mlp, &gx)], &[p[0], p[1], p[2], &bt.h2l]);
+            let g = grads(&[(&m.mlp, &gx)], &[p[0], p[1], p[2], &m.h2l]);
             put(b.gate, &g[0]);
             put(b.up, &g[1]);
             put(b.down, &g[2]);
             let g_h2 = self.tp_grad(g[3].shallow_clone())?;
             let g = grads(
-                &[(&bt.h2, &g_h2), (&bt.x3, &gx)],
-                &[self.p(b.mlp_norm), &bt.x2l],
+                &[(&m.h2, &g_h2), (&m.x3, &gx)],
+                &[self.p(b.mlp_norm), &m.x2l],
             );
             put(b.mlp_norm, &g[0]);
             let g_x2 = g[1].shallow_clone();
             let p = [b.q, b.k, b.v, b.o].map(|i| self.p(i));
-            let g = grads(&[(&bt.attn, &g_x2)], &[p[0], p[1], p[2], p[3], &bt.h1l]);
+            let g = grads(&[(&a.attn, &g_x2)], &[p[0], p[1], p[2], p[3], &a.h1l]);
             put(b.q, &g[0]);
             put(b.k, &g[1]);
             put(b.v, &g[2]);
             put(b.o, &g[3]);
             let g_h1 = self.tp_grad(g[4].shallow_clone())?;
             let g = grads(
-                &[(&bt.h1, &g_h1), (&bt.x2, &g_x2)],
-                &[self.p(b.attn_norm), &bt.x],
+                &[(&a.h1, &g_h1), (&a.x2, &g_x2)],
+                &[self.p(b.attn_norm), &a.x],
             );
             put(b.attn_norm, &g[0]);
             gx = g[1].shallow_clone();

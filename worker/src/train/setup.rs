@@ -17,7 +17,7 @@ use crate::collective::{ParallelDims, ProcessGroups};
 use crate::config::LlamaConfig;
 use crate::device;
 use crate::hf;
-use crate::model::{DecayPolicy, Llama};
+use crate::model::{DecayPolicy, Llama, Recompute};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::parallel::DataParallel;
 
@@ -96,7 +96,9 @@ impl Setup {
         let datasets = open_datasets(job)?;
         let manifest = datasets[0].manifest().clone();
 
-        let model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
+        let mut model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
+        model.recompute = Recompute::parse(&t.activation_checkpointing)
+            .expect("train.activation_checkpointing was validated with the job file");
         match &job.model.init_from {
             Some(dir) => hf::load_weights(&model, dir)?,
             None => model.init(t.seed),
