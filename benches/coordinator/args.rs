@@ -20,6 +20,8 @@ pub struct Args {
     pub lifecycle_poll: Duration,
     /// Long-poll holds to run the lifecycle with (0: polling every `lifecycle_poll`).
     pub lifecycle_holds_ms: Vec<u64>,
+    /// How long the workers wait before a bring-up or a recovery starts.
+    pub lifecycle_settle: Duration,
     pub machine_workers: Vec<usize>,
 }
 
@@ -51,6 +53,7 @@ pub fn parse_args() -> Result<Args, Error> {
         lifecycle_workers: vec![4000, 16_384],
         lifecycle_poll: Duration::from_millis(100),
         lifecycle_holds_ms: vec![1000, 0],
+        lifecycle_settle: Duration::from_secs(3),
         machine_workers: vec![4000, 16_384, 65_536],
     };
     let mut it = std::env::args().skip(1);
@@ -73,6 +76,9 @@ pub fn parse_args() -> Result<Args, Error> {
             "--lifecycle-workers" => a.lifecycle_workers = list(&flag, &value()?)?,
             "--lifecycle-poll-ms" => a.lifecycle_poll = Duration::from_millis(value()?.parse()?),
             "--lifecycle-hold-ms" => a.lifecycle_holds_ms = list(&flag, &value()?)?,
+            "--lifecycle-settle-s" => {
+                a.lifecycle_settle = Duration::from_secs_f64(value()?.parse()?)
+            }
             "--skip-lifecycle" => {
                 a.lifecycle_workers.clear();
                 a.machine_workers.clear();

@@ -21,6 +21,7 @@
 //!     [--rendezvous-workers 1000] [--rendezvous-intervals 1000,200] [--rounds 3]
 //!     [--client-threads 2] [--skip-heartbeat] [--skip-rendezvous]
 //!     [--lifecycle-workers 4000,16384] [--lifecycle-hold-ms 1000,0] [--lifecycle-poll-ms 100]
+//!     [--lifecycle-settle-s 3]
 //!     [--skip-lifecycle]
 //! ```
 //!
@@ -135,7 +136,14 @@ fn main() -> Result<(), Error> {
                 poll: args.lifecycle_poll,
                 hold: Duration::from_millis(hold),
             };
-            let row = lifecycle::lifecycle(&server_rt, &client_rt, n, args.connections, wait)?;
+            let row = lifecycle::lifecycle(
+                &server_rt,
+                &client_rt,
+                n,
+                args.connections,
+                wait,
+                args.lifecycle_settle,
+            )?;
             eprintln!("[lifecycle {n} workers, hold {hold} ms] {row}");
             lifecycle_rows.push(row);
         }
@@ -239,10 +247,11 @@ fn print_heartbeats(rows: &[Value], args: &Args, cores: usize) {
 /// The lifecycle rows as a Markdown table.
 fn print_lifecycle(rows: &[Value]) {
     println!(
-        "\nA job's life over N simulated workers, each phase from its first request; coordinator \
-         CPU seconds in brackets. A worker waits for a decision with heartbeats held up to the \
-         hold (a long poll), or, where that is 0, with a heartbeat every {} ms.\n",
-        rows[0]["poll_ms"]
+        "\nA job's life over N simulated workers: bring-up from the submit and recovery from the \
+         failure, after the workers waited {} s; the commit from its first request. Coordinator \
+         CPU seconds and heartbeats over the phase in brackets. A worker waits with heartbeats \
+         held up to the hold (a long poll), or, where that is 0, with one every {} ms.\n",
+        rows[0]["settle_s"], rows[0]["poll_ms"]
     );
     println!(
         "| workers | hold | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
@@ -250,7 +259,7 @@ fn print_lifecycle(rows: &[Value]) {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}) | {:.2} s ({:.2}) | {:.2} s | {:.2} s | {:.2} s ({:.2}) |",
+            "| {} | {} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) | {:.2} s ({:.2}, {}) | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) |",
             r["workers"],
             r["hold_ms"],
             f(r, "register_s"),
@@ -258,12 +267,15 @@ fn print_lifecycle(rows: &[Value]) {
             f(r, "bring_up_all_running_acked_s"),
             f(r, "bring_up_status_running_s"),
             f(r, "bring_up_coordinator_cpu_s"),
+            r["bring_up_heartbeats"],
             f(r, "commit_status_committed_s"),
             f(r, "commit_coordinator_cpu_s"),
+            r["commit_heartbeats"],
             f(r, "recovery_all_run_s"),
             f(r, "recovery_all_running_acked_s"),
             f(r, "recovery_status_running_s"),
             f(r, "recovery_coordinator_cpu_s"),
+            r["recovery_heartbeats"],
         );
     }
 }

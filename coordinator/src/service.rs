@@ -81,7 +81,7 @@ struct Shared {
     fatal: watch::Sender<Option<String>>,
     data_check: DataCheck,
     /// Heartbeats held until something changes for their worker (a long poll), by worker.
-    held: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
+    held: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
     /// The longest a heartbeat is held: the interval, and well inside the timeout.
     max_hold: Duration,
     stopping: watch::Receiver<bool>,
@@ -101,9 +101,6 @@ impl Shared {
         let machine = &mut guard.0;
         let out = f(machine, now());
         let woken = machine.woken();
-        if !woken.is_empty() {
-            self.wake(machine, &woken);
-        }
         let changes = machine.take_changes();
         if changes.is_empty() {
             return Ok(out);
@@ -112,6 +109,10 @@ impl Shared {
         let saved = tokio::spawn(async move {
             let (machine, store) = &mut *guard;
             let saved = store.save(machine, &changes).await;
+            // Saved: the held heartbeats it concerns are answered.
+            if saved.is_ok() && !woken.is_empty() {
+                shared.wake(machine, &woken);
+            }
             saved.map_err(|e| {
                 let message = e.to_string();
                 tracing::error!("{message}");
@@ -128,13 +129,15 @@ impl Shared {
         }
     }
 
-    /// Answers the held heartbeats of the workers `woken` concerns (under the machine's lock,
-    /// so no reply goes out before what changed is saved). O(held).
+    /// Answers the held heartbeats of the workers `woken` concerns, with their commands
+    /// computed here, under the machine's lock and once what changed is saved. O(held).
     fn wake(&self, machine: &Machine, woken: &Woken) {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (worker, notify) in held.iter() {
+        for (worker, slot) in held.iter() {
             if machine.concerns(worker, woken) {
-                notify.notify_one();
+                *slot.reply.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(machine.command_for(worker));
+                slot.notify.notify_one();
             }
         }
     }
@@ -142,24 +145,31 @@ impl Shared {
     /// `worker`'s heartbeat is about to be held: the returned guard is woken by
     /// [`Shared::wake`] until it is dropped.
     fn hold(self: &Arc<Self>, worker: &str) -> Held {
-        let notify = Arc::new(Notify::new());
+        let slot = Arc::new(Slot::default());
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(worker.to_owned(), notify.clone());
+            .insert(worker.to_owned(), slot.clone());
         Held {
             shared: self.clone(),
             worker: worker.to_owned(),
-            notify,
+            slot,
         }
     }
+}
+
+/// Where a held heartbeat is woken, and the command it is woken with.
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    reply: std::sync::Mutex<Option<Reply>>,
 }
 
 /// A heartbeat being held; unregisters itself when dropped (answered, or the call given up).
 struct Held {
     shared: Arc<Shared>,
     worker: String,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
 impl Drop for Held {
@@ -168,7 +178,7 @@ impl Drop for Held {
         // A newer call of the same worker may have taken the slot: leave that one.
         if held
             .get(&self.worker)
-            .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            .is_some_and(|n| Arc::ptr_eq(n, &self.slot))
         {
             held.remove(&self.worker);
         }
@@ -510,11 +520,20 @@ impl Service {
         let mut stopping = self.shared.stopping.clone();
         while !reply.is_news(commit_told) && !*stopping.borrow_and_update() {
             tokio::select! {
-                _ = held.notify.notified() => {}
+                _ = held.slot.notify.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stopping.changed() => break,
             }
-            reply = self.shared.machine.lock().await.0.command_for(&held.worker);
+            let woken = held
+                .slot
+                .reply
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            reply = match woken {
+                Some(r) => r,
+                None => self.shared.machine.lock().await.0.command_for(&held.worker),
+            };
         }
         reply
     }
