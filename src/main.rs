@@ -11,7 +11,7 @@ use kiln_telemetry::Identity;
 
 mod commands;
 
-use commands::{agent, checkpoint, data, model, train};
+use commands::{agent, checkpoint, data, model, plan, train};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,8 @@ enum Command {
     Data(data::Commands),
     #[command(flatten)]
     Train(train::Commands),
+    #[command(flatten)]
+    Plan(plan::Commands),
     #[command(flatten)]
     Control(ControlCommand),
     #[command(flatten)]
@@ -56,6 +58,7 @@ impl Command {
         match self {
             Command::Data(c) => c.run(),
             Command::Train(c) => c.run(),
+            Command::Plan(c) => c.run(),
             Command::Control(c) => c.run(),
             Command::Agent(c) => c.run(),
             Command::Model(c) => c.run(),

@@ -3,6 +3,7 @@
 //!
 //! - [`data`]: `prepare`, `data stats|verify|merge|index`.
 //! - [`train`]: `train` (one rank of a run).
+//! - [`plan`]: `plan` (a job's memory and speed per rank, and the meshes that fit).
 //! - [`agent`]: `worker` and `local` (the processes that take ranks from a coordinator).
 //! - [`model`]: `doctor`, `sample`, `eval`, `export`.
 //! - [`checkpoint`]: `checkpoint list|verify`.
@@ -14,4 +15,5 @@ pub mod agent;
 pub mod checkpoint;
 pub mod data;
 pub mod model;
+pub mod plan;
 pub mod train;

@@ -35,6 +35,7 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod plan;
 pub mod precision;
 pub mod supervised;
 pub mod train;

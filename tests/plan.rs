@@ -1,0 +1,141 @@
+//! `kiln plan`: what a user sees for a job that fits, one that does not (and the change that
+//! would make it fit), one that fits nowhere, and bad arguments.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::kiln;
+use serde_json::Value;
+
+fn job(dir: &tempfile::TempDir, name: &str, body: &str) -> PathBuf {
+    let path = dir.path().join(format!("{name}.toml"));
+    let text =
+        format!("name = \"{name}\"\n{body}\n[data]\npath = \"data\"\n[output]\ndir = \"out\"\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = kiln(args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const EIGHT_B: &str = "[model]\npreset = \"8b\"\n[train]\nseq_len = 8192\nbatch_size = 64\n\
+                       micro_batch_size = 1\nsteps = 1";
+
+#[test]
+fn a_job_that_fits_gets_its_breakdown_and_the_meshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(
+        &dir,
+        "fits",
+        &format!("{EIGHT_B}\n[parallel]\ntp = 4\nzero1 = true"),
+    );
+    let p = path.to_str().unwrap();
+    let (ok, out, err) = run(&["plan", p, "--gpus", "8", "--gpu-memory", "80GiB"]);
+    assert!(ok, "{err}");
+    for line in [
+        "per rank at dp 2 x tp 4, ZeRO-1, micro-batch 1:",
+        "optimizer state (AdamW)",
+        "activations, one micro-batch",
+        "meshes of 8 devices:",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    let (ok, out, err) = run(&["plan", p, "--gpus", "8", "--json"]);
+    assert!(ok, "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    let m = &plan["estimate"]["memory"];
+    let parts: f64 = [
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "optimizer_scratch",
+        "low_precision_weights",
+        "activations",
+        "backward_working_set",
+        "loss",
+        "runtime",
+    ]
+    .iter()
+    .map(|k| m[k].as_f64().unwrap())
+    .sum();
+    assert_eq!(parts, m["total"].as_f64().unwrap());
+    // fp32 parameters of a quarter of the model (the norms whole on every rank).
+    let params = plan["params"].as_f64().unwrap();
+    let per_rank = m["parameters"].as_f64().unwrap() / 4.0;
+    assert!(
+        (per_rank / (params / 4.0) - 1.0).abs() < 0.01,
+        "{per_rank} vs {params}"
+    );
+    assert_eq!(plan["estimate"]["fits"], true);
+    assert!(plan["meshes"].as_array().unwrap().len() > 6);
+}
+
+#[test]
+fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
+    let dir = tempfile::tempdir().unwrap();
+    // Data parallelism alone: 20 bytes a parameter of 8B does not fit on 80 GB.
+    let path = job(&dir, "big", EIGHT_B);
+    let (ok, out, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "8"]);
+    assert!(!ok);
+    assert!(out.contains("DOES NOT FIT"), "{out}");
+    assert!(
+        err.contains("does not fit: it needs") && err.contains("per rank at dp 8 x tp 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the smallest change that fits: the mesh dp 2 x tp 4"),
+        "{err}"
+    );
+
+    // Where one change to the job's own layout is enough, that change is named: the 1B
+    // preset at a long sequence fits once its blocks are recomputed.
+    let path = job(
+        &dir,
+        "long",
+        "[model]\npreset = \"1b\"\n[train]\nseq_len = 32768\nbatch_size = 8\nsteps = 1\n\
+         micro_batch_size = 1\n[parallel]\nzero1 = true",
+    );
+    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "8"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the smallest change that fits: train.activation_checkpointing = \"mlp\""),
+        "{err}"
+    );
+
+    // 405B fits on no mesh Kiln forms today, however many devices.
+    let path = job(
+        &dir,
+        "huge",
+        "[model]\npreset = \"405b\"\n[train]\nseq_len = 8192\nbatch_size = 512\nsteps = 1\n\
+         micro_batch_size = 1\n[parallel]\ntp = 8\nzero1 = true",
+    );
+    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "64"]);
+    assert!(!ok);
+    assert!(err.contains("nothing Kiln runs today"), "{err}");
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(&dir, "tp", &format!("{EIGHT_B}\n[parallel]\ntp = 4"));
+    let p = path.to_str().unwrap();
+    let (ok, _, err) = run(&["plan", p, "--gpus", "6"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--devices 6: the job's tensor-parallel size 4 must divide it"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["plan", p, "--gpu-memory", "lots"]);
+    assert!(!ok);
+    assert!(err.contains("expected a size such as 80GiB"), "{err}");
+    let (ok, _, err) = run(&["plan", p, "--device", "tpu"]);
+    assert!(!ok);
+    assert!(err.contains("expected cpu or cuda"), "{err}");
+}
