@@ -109,6 +109,33 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "{err}"
     );
 
+    // Already recomputing and sharding AdamW: a smaller micro-batch.
+    let path = job(
+        &dir,
+        "micro",
+        "[model]\npreset = \"1b\"\n[train]\nseq_len = 8192\nbatch_size = 256\nsteps = 1\n\
+         micro_batch_size = 32\nactivation_checkpointing = \"block\"\n[parallel]\nzero1 = true",
+    );
+    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "8"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the smallest change that fits: train.micro_batch_size = 16"),
+        "{err}"
+    );
+
+    // No mesh of 2 GPUs holds 8B: more devices.
+    let path = job(
+        &dir,
+        "few",
+        &format!("{EIGHT_B}\n[parallel]\ntp = 2\nzero1 = true"),
+    );
+    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "2"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the smallest change that fits: 4 devices with dp 2 x tp 2"),
+        "{err}"
+    );
+
     // 405B fits on no mesh Kiln forms today, however many devices.
     let path = job(
         &dir,
