@@ -159,6 +159,16 @@ fn bad_arguments_are_named() {
         err.contains("--devices 6: the job's tensor-parallel size 4 must divide it"),
         "{err}"
     );
+    // 64 sequences do not split over 3 data-parallel ranks: refused as `kiln train` would.
+    let (ok, _, err) = run(&["plan", p, "--gpus", "12"]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "--devices 12: train.batch_size 64 is not a multiple of 3 data-parallel ranks x \
+             train.micro_batch_size 1"
+        ),
+        "{err}"
+    );
     let (ok, _, err) = run(&["plan", p, "--gpu-memory", "lots"]);
     assert!(!ok);
     assert!(err.contains("expected a size such as 80GiB"), "{err}");

@@ -80,6 +80,18 @@ impl Commands {
                 job.parallel.tp
             );
         }
+        let dp = devices / job.parallel.tp;
+        if job.accumulation_steps_at(dp as i64).is_none() {
+            // What `kiln train` would refuse with at this many ranks.
+            bail!(
+                "--devices {devices}: {}",
+                kiln_worker::train::TrainError::Batch {
+                    batch: job.train.batch_size,
+                    dp,
+                    micro: job.micro_batch_size(),
+                }
+            );
+        }
         if !(mfu > 0.0 && mfu <= 1.0) {
             bail!("--mfu {mfu}: expected a fraction in (0, 1]");
         }
@@ -106,7 +118,7 @@ impl Commands {
             link_gbps: link_gbps.unwrap_or(if cuda { 3600.0 } else { 100.0 }),
         };
         let layout = Layout {
-            dp: devices / job.parallel.tp,
+            dp,
             tp: job.parallel.tp,
             zero1: job.parallel.zero1,
             activation_checkpointing: job.train.activation_checkpointing.clone(),
