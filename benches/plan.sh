@@ -7,7 +7,9 @@
 #   benches/plan.sh [PRESET=125m] [MICRO=4] [SEQ=256] [STEPS=3] [DP=2]
 #
 # Layouts: plain, ZeRO-1, ZeRO-1 with recomputation of the MLP half and of whole blocks
-# (fp32), plain in bf16 (CPU autocast), and the `tiny` preset (which is mostly the runtime).
+# (fp32), plain in bf16 (CPU autocast), tensor parallelism over all DP ranks (without and with
+# block recomputation), and the `tiny` preset (which is mostly the runtime). PLAN_FROM=K
+# starts at the K-th layout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 cd "$KILN_ROOT"
@@ -20,17 +22,19 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 results=$work/results.jsonl
 port=$((29500 + RANDOM % 2000))
-# name preset zero1 recompute precision
+# name preset zero1 recompute precision tp (with tp = DP, the ranks form one tensor-parallel group)
 layouts=(
-  "plain $preset false none fp32"
-  "zero1 $preset true none fp32"
-  "zero1-mlp $preset true mlp fp32"
-  "zero1-block $preset true block fp32"
-  "plain-bf16 $preset false none bf16"
-  "tiny tiny false none fp32"
+  "plain $preset false none fp32 1"
+  "zero1 $preset true none fp32 1"
+  "zero1-mlp $preset true mlp fp32 1"
+  "zero1-block $preset true block fp32 1"
+  "plain-bf16 $preset false none bf16 1"
+  "tp$dp $preset false none fp32 $dp"
+  "tp$dp-block $preset false block fp32 $dp"
+  "tiny tiny false none fp32 1"
 )
-for row in "${layouts[@]}"; do
-  read -r name p zero1 ac precision <<< "$row"
+for row in "${layouts[@]:${PLAN_FROM:-0}}"; do
+  read -r name p zero1 ac precision tp <<< "$row"
   job=$work/$name.toml
   cat > "$job" <<EOF
 name = "plan-$name"
@@ -44,7 +48,7 @@ path = "$KILN_ROOT/$data"
 
 [train]
 seq_len = $seq
-batch_size = $((micro * dp))
+batch_size = $((micro * dp / tp))
 micro_batch_size = $micro
 steps = $steps
 device = "cpu"
@@ -56,6 +60,7 @@ activation_checkpointing = "$ac"
 
 [parallel]
 zero1 = $zero1
+tp = $tp
 
 [checkpoint]
 every = 0

@@ -74,6 +74,20 @@ fn a_job_that_fits_gets_its_breakdown_and_the_meshes() {
         "{per_rank} vs {params}"
     );
     assert_eq!(plan["estimate"]["fits"], true);
+    // On the CPU, writing the final weights after training is the peak when it adds more.
+    let (ok, out, err) = run(&["plan", p, "--devices", "8", "--device", "cpu", "--json"]);
+    assert!(ok || err.contains("does not fit"), "{err}");
+    let cpu: Value = serde_json::from_str(&out).unwrap();
+    let m = &cpu["estimate"]["memory"];
+    let f = |k: &str| m[k].as_f64().unwrap();
+    let state = f("parameters")
+        + f("gradients")
+        + f("optimizer_state")
+        + f("optimizer_scratch")
+        + f("runtime");
+    let training =
+        f("low_precision_weights") + f("activations") + f("backward_working_set") + f("loss");
+    assert_eq!(f("total"), state + training.max(f("final_weights")));
     assert!(plan["meshes"].as_array().unwrap().len() > 6);
 }
 

@@ -73,10 +73,11 @@ pub fn load_config(dir: &Path) -> Result<LlamaConfig, HfError> {
     LlamaConfig::from_hf_json(&read_json(&path)?).map_err(|source| HfError::Config { path, source })
 }
 
-/// A model with the weights of a Hugging Face directory, on `device`.
+/// A model with the weights of a Hugging Face directory, on `device`, for inference (no
+/// gradient buffer).
 pub fn load(dir: &Path, decay: DecayPolicy, device: Device) -> Result<Llama, HfError> {
     let config = load_config(dir)?;
-    let model = Llama::new(&config, decay, device);
+    let model = Llama::new(&config, decay, device).without_grads();
     load_weights(&model, dir)?;
     Ok(model)
 }

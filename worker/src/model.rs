@@ -236,6 +236,12 @@ impl Llama {
         }
     }
 
+    /// This model without its gradient buffer, for generation, evaluation and export.
+    pub fn without_grads(mut self) -> Self {
+        self.params.release_grads();
+        self
+    }
+
     pub fn device(&self) -> Device {
         self.params.device()
     }

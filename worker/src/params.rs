@@ -141,6 +141,12 @@ impl ParamStore {
         }
     }
 
+    /// Frees the gradient buffer, for a store that only holds weights (inference, export):
+    /// half of its memory. Training on it afterwards panics.
+    pub fn release_grads(&mut self) {
+        self.grad = Tensor::zeros([0], (Kind::Float, self.device()));
+    }
+
     pub fn entries(&self) -> &[ParamEntry] {
         &self.entries
     }

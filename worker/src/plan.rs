@@ -21,7 +21,9 @@
 //!   CUDA: `model::loss`), or under tensor parallelism the vocabulary-parallel logits, and
 //!   the head weight's gradient, made in the forward pass and held until the backward's;
 //! - the runtime: libtorch and the loader on the CPU (measured, see the README), the CUDA
-//!   context, cuBLAS workspace and NCCL buffers on a GPU (assumed).
+//!   context, cuBLAS workspace and NCCL buffers on a GPU (assumed);
+//! - after the last step, on the first rank, writing the final weights (host memory): on the
+//!   CPU that phase is the peak when it adds more than training's activations did.
 //!
 //! Step time is `compute + tensor-parallel traffic + what of the data-parallel traffic the
 //! backward pass cannot hide`: compute is the FLOPs each rank runs (recomputation included)
@@ -95,6 +97,13 @@ pub struct Memory {
     /// The output head's loss.
     pub loss: f64,
     pub runtime: f64,
+    /// Host memory the first rank adds after the last step to write the final weights: the
+    /// fp32 copy `hf::save` makes of every tensor and, under tensor parallelism, the
+    /// gathered model. On the CPU it counts towards `total` when
+    /// it is larger than what training adds (activations, working set, loss); on a GPU it
+    /// is host memory and does not.
+    pub final_weights: f64,
+    /// The largest of training and writing the final weights.
     pub total: f64,
 }
 
@@ -276,23 +285,27 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
         };
         chunk + low
     } else {
-        // Logits, their exponentials and the gradient, fp32, over this rank's vocabulary.
-        3.0 * 4.0 * tokens * vocab_local
+        // Logits, their exponentials, and in the backward pass the gradients of both, fp32,
+        // over this rank's vocabulary.
+        4.0 * 4.0 * tokens * vocab_local
     } + 4.0 * vocab_local * c.dim as f64; // the head weight's fp32 gradient
     m.runtime = if cuda {
         CUDA_RUNTIME_BYTES
     } else {
         CPU_RUNTIME_BYTES
     };
-    m.total = m.parameters
-        + m.gradients
-        + m.optimizer_state
-        + m.optimizer_scratch
-        + m.low_precision_weights
-        + m.activations
-        + m.backward_working_set
-        + m.loss
-        + m.runtime;
+    let full = 4.0 * c.num_params() as f64;
+    // The host copy; under tensor parallelism the model gathered whole first (a tensor at a
+    // time, whose buffers are freed before the copy).
+    m.final_weights = if tp == 1 { full } else { 2.0 * full };
+    let state = m.parameters + m.gradients + m.optimizer_state + m.optimizer_scratch + m.runtime;
+    let training = m.low_precision_weights + m.activations + m.backward_working_set + m.loss;
+    m.total = state
+        + if cuda {
+            training
+        } else {
+            training.max(m.final_weights)
+        };
 
     // Work and time.
     let flops_per_token = c.flops_per_token(shape.seq_len);
@@ -543,10 +556,21 @@ impl Plan {
             ("loss (output head)", m.loss),
             ("runtime", m.runtime),
         ];
+        let last = if h.device == "cuda" {
+            "final weights (host memory)"
+        } else {
+            "final weights (after training)"
+        };
         for (name, bytes) in rows {
             let _ = writeln!(out, "  {name:<30} {:>12}", gib(bytes));
         }
-        let _ = writeln!(out, "  {:<30} {:>12}", "total", gib(m.total));
+        let _ = writeln!(out, "  {last:<30} {:>12}", gib(m.final_weights));
+        let _ = writeln!(
+            out,
+            "  {:<30} {:>12}",
+            "total (the larger phase)",
+            gib(m.total)
+        );
         let _ = writeln!(
             out,
             "  (activations without recomputation: {}; FLOPs per token {:.3e}, run {:.3e})",

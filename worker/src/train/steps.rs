@@ -342,15 +342,19 @@ impl<'a> Trainer<'a> {
         meta["data_cursor"] = serde_json::to_value(&cursor).unwrap_or_default();
         let eos_id = run.manifest.eos_id;
         if run.groups.tp.size() > 1 {
-            // Every tensor-parallel group gathers (collectives need all members); the leader
-            // writes.
-            let whole = Llama::new(&run.config, decay_policy(self.job), tch::Device::Cpu);
+            // Every tensor-parallel group gathers (collectives need all members), a parameter
+            // at a time; the leader alone keeps them, in a model without gradients, and writes.
+            let whole = run.leader.then(|| {
+                Llama::new(&run.config, decay_policy(self.job), tch::Device::Cpu).without_grads()
+            });
             for i in 0..run.model.params.entries().len() {
                 let full = run.model.full_param(i)?;
-                whole.params.set(i, &full);
+                if let Some(whole) = &whole {
+                    whole.params.set(i, &full);
+                }
             }
-            if run.leader {
-                save_model(&whole, &model_dir, &meta, eos_id)?;
+            if let Some(whole) = &whole {
+                save_model(whole, &model_dir, &meta, eos_id)?;
             }
         } else if run.leader {
             save_model(&run.model, &model_dir, &meta, eos_id)?;
