@@ -142,6 +142,70 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
+/// The coordinator's CPU seconds and the heartbeats sent over one phase.
+struct Meter {
+    cpu: f64,
+    sent: u64,
+}
+
+impl Meter {
+    fn start() -> Meter {
+        Meter {
+            cpu: cpu_seconds(SERVER_THREADS),
+            sent: SENT.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Since [`Meter::start`]: (CPU seconds, heartbeats).
+    fn read(&self) -> (f64, u64) {
+        (
+            cpu_seconds(SERVER_THREADS) - self.cpu,
+            SENT.load(Ordering::Relaxed) - self.sent,
+        )
+    }
+}
+
+/// Phase 2: every rank reports step 10's checkpoint written at once; rank 0 waits until it is
+/// told to commit and reports it committed. The reports after it, by worker.
+async fn commit_step_10(
+    sims: &[Sim],
+    reports: &[rpc::WorkerReport],
+    wait: Wait,
+) -> Result<Vec<rpc::WorkerReport>, Error> {
+    let tasks: Vec<_> = sims
+        .iter()
+        .zip(reports)
+        .map(|(sim, report)| {
+            let mut sim = sim.clone();
+            let mut report = report.clone();
+            report.checkpoint_written = 10;
+            tokio::spawn(async move {
+                if report.rank != 0 {
+                    let request = heartbeat_request(&sim, &report);
+                    send(&mut sim, request).await?;
+                    return Ok::<_, Error>(report);
+                }
+                for _ in 0..3000 {
+                    let reply = wait.heartbeat(&mut sim, &report, 0).await?;
+                    if reply.commit_step == 10 {
+                        report.checkpoint_committed = 10;
+                        let request = heartbeat_request(&sim, &report);
+                        send(&mut sim, request).await?;
+                        return Ok(report);
+                    }
+                    wait.pause(&reply).await;
+                }
+                Err("rank 0 was never told to commit step 10".into())
+            })
+        })
+        .collect();
+    let mut written = Vec::with_capacity(reports.len());
+    for t in tasks {
+        written.push(t.await??);
+    }
+    Ok(written)
+}
+
 /// The three phases for `n` workers on a fresh coordinator; a JSON row.
 pub fn lifecycle(
     server_rt: &Runtime,
@@ -174,8 +238,7 @@ pub fn lifecycle(
             })
             .collect();
         tokio::time::sleep(settle).await;
-        let cpu = cpu_seconds(SERVER_THREADS);
-        let sent = SENT.load(Ordering::Relaxed);
+        let meter = Meter::start();
         let t0 = Instant::now();
         start.send_replace(Some(t0));
         let job_id = submit(&mut control, n).await?;
@@ -188,50 +251,17 @@ pub fn lifecycle(
         }
         let all_acked = t0.elapsed().as_secs_f64();
         let bring_up = until(&mut control, &job_id, t0, limit, |s| s.0 == "running").await?;
-        let bring_up_cpu = cpu_seconds(SERVER_THREADS) - cpu;
-        let bring_up_heartbeats = SENT.load(Ordering::Relaxed) - sent;
+        let (bring_up_cpu, bring_up_heartbeats) = meter.read();
 
         // 2. Commit of step 10.
-        let cpu = cpu_seconds(SERVER_THREADS);
-        let sent = SENT.load(Ordering::Relaxed);
+        let meter = Meter::start();
         let t0 = Instant::now();
-        let tasks: Vec<_> = sims
-            .iter()
-            .zip(&reports)
-            .map(|(sim, report)| {
-                let mut sim = sim.clone();
-                let mut report = report.clone();
-                report.checkpoint_written = 10;
-                tokio::spawn(async move {
-                    if report.rank != 0 {
-                        let request = heartbeat_request(&sim, &report);
-                        send(&mut sim, request).await?;
-                        return Ok::<_, Error>(report);
-                    }
-                    for _ in 0..3000 {
-                        let reply = wait.heartbeat(&mut sim, &report, 0).await?;
-                        if reply.commit_step == 10 {
-                            report.checkpoint_committed = 10;
-                            let request = heartbeat_request(&sim, &report);
-                            send(&mut sim, request).await?;
-                            return Ok(report);
-                        }
-                        wait.pause(&reply).await;
-                    }
-                    Err("rank 0 was never told to commit step 10".into())
-                })
-            })
-            .collect();
-        let mut written = Vec::with_capacity(n);
-        for t in tasks {
-            written.push(t.await??);
-        }
+        let written = commit_step_10(&sims, &reports, wait).await?;
         let commit = until(&mut control, &job_id, t0, limit, |s| {
             s.0 == "running" && s.2 == 10
         })
         .await?;
-        let commit_cpu = cpu_seconds(SERVER_THREADS) - cpu;
-        let commit_heartbeats = SENT.load(Ordering::Relaxed) - sent;
+        let (commit_cpu, commit_heartbeats) = meter.read();
 
         // 3. Recovery: the ranks wait running, then rank N/2 reports its process failed.
         let (start, clock) = tokio::sync::watch::channel(None);
@@ -254,8 +284,7 @@ pub fn lifecycle(
             })
             .collect();
         tokio::time::sleep(settle).await;
-        let cpu = cpu_seconds(SERVER_THREADS);
-        let sent = SENT.load(Ordering::Relaxed);
+        let meter = Meter::start();
         let t0 = Instant::now();
         start.send_replace(Some(t0));
         let mut rerun_at = Vec::with_capacity(n);
@@ -267,8 +296,7 @@ pub fn lifecycle(
             s.0 == "running" && s.1 == 2
         })
         .await?;
-        let recovery_cpu = cpu_seconds(SERVER_THREADS) - cpu;
-        let recovery_heartbeats = SENT.load(Ordering::Relaxed) - sent;
+        let (recovery_cpu, recovery_heartbeats) = meter.read();
         let (phase, generation) = job_phase(&mut control, &job_id).await?;
         drop((sims, clients, control));
         Ok::<_, Error>(json!({
