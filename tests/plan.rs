@@ -25,6 +25,13 @@ fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `kiln plan PATH --gpus GPUS`, which must fail; its stderr.
+fn refused(path: &std::path::Path, gpus: &str) -> String {
+    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", gpus]);
+    assert!(!ok, "kiln plan {} --gpus {gpus} succeeded", path.display());
+    err
+}
+
 const EIGHT_B: &str = "[model]\npreset = \"8b\"\n[train]\nseq_len = 8192\nbatch_size = 64\n\
                        micro_batch_size = 1\nsteps = 1";
 
@@ -116,8 +123,7 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "[model]\npreset = \"1b\"\n[train]\nseq_len = 32768\nbatch_size = 8\nsteps = 1\n\
          micro_batch_size = 1\n[parallel]\nzero1 = true",
     );
-    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "8"]);
-    assert!(!ok);
+    let err = refused(&path, "8");
     assert!(
         err.contains("the smallest change that fits: train.activation_checkpointing = \"mlp\""),
         "{err}"
@@ -130,8 +136,7 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "[model]\npreset = \"1b\"\n[train]\nseq_len = 8192\nbatch_size = 256\nsteps = 1\n\
          micro_batch_size = 32\nactivation_checkpointing = \"block\"\n[parallel]\nzero1 = true",
     );
-    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "8"]);
-    assert!(!ok);
+    let err = refused(&path, "8");
     assert!(
         err.contains("the smallest change that fits: train.micro_batch_size = 16"),
         "{err}"
@@ -143,8 +148,7 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "few",
         &format!("{EIGHT_B}\n[parallel]\ntp = 2\nzero1 = true"),
     );
-    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "2"]);
-    assert!(!ok);
+    let err = refused(&path, "2");
     assert!(
         err.contains("the smallest change that fits: 4 devices with dp 2 x tp 2"),
         "{err}"
@@ -157,8 +161,7 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "[model]\npreset = \"405b\"\n[train]\nseq_len = 8192\nbatch_size = 512\nsteps = 1\n\
          micro_batch_size = 1\n[parallel]\ntp = 8\nzero1 = true",
     );
-    let (ok, _, err) = run(&["plan", path.to_str().unwrap(), "--gpus", "64"]);
-    assert!(!ok);
+    let err = refused(&path, "64");
     assert!(err.contains("nothing Kiln runs today"), "{err}");
 }
 

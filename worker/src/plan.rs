@@ -155,11 +155,12 @@ pub struct Shape {
 
 impl Shape {
     pub fn of(job: &JobConfig, model: LlamaConfig, device: &str) -> Shape {
-        let bf16 = match job.train.precision.as_str() {
-            "bf16" => true,
-            "fp32" => false,
-            _ => device == "cuda",
+        let planned = if device == "cuda" {
+            tch::Device::Cuda(0)
+        } else {
+            tch::Device::Cpu
         };
+        let bf16 = crate::device::resolve_bf16(&job.train.precision, planned);
         Shape {
             model,
             seq_len: job.train.seq_len,
