@@ -186,6 +186,7 @@ fn save_rounds(
         dp: 1,
         tp: 1,
         zero1: false,
+        fsdp: false,
     };
     let train_state = |step: u64| serde_json::json!({ "step": step, "bench": "checkpoint" });
     let open = |name: &str| -> Result<CheckpointStore> {

@@ -65,7 +65,11 @@ fn adamw_matches_torch_over_six_steps() {
         let (o, len) = (e.offset, e.numel);
         let shape = e.spec.shape.as_slice();
         let checks = [
-            ("parameter", e.view.detach(), get(format!("final_p{i}"))),
+            (
+                "parameter",
+                store.view(i).detach(),
+                get(format!("final_p{i}")),
+            ),
             (
                 "exp_avg",
                 adamw.exp_avg.narrow(0, o, len).view(shape),

@@ -113,6 +113,10 @@ pub struct Mesh {
     pub dp: usize,
     pub tp: usize,
     pub zero1: bool,
+    /// Fully sharded (absent in checkpoints written before it existed). Any layout loads at
+    /// any other: this is what it was written at, for display.
+    #[serde(default)]
+    pub fsdp: bool,
 }
 
 /// `manifest.json`: a checkpoint exists exactly when this object does and parses.

@@ -195,6 +195,11 @@ pub struct ParallelSpec {
     /// Shard AdamW's state across the data-parallel ranks (ZeRO stage 1): gradients are
     /// reduce-scattered, each rank updates its slice, parameters are all-gathered.
     pub zero1: bool,
+    /// Fully sharded data parallelism (ZeRO stage 3, as FSDP): parameters, gradients and
+    /// AdamW state live only as each data-parallel rank's shard; a block's parameters are
+    /// gathered for its forward and backward passes and its gradients reduce-scattered as
+    /// soon as its backward returns. Excludes `zero1`, which it contains.
+    pub fsdp: bool,
     /// Gradients are all-reduced in buckets of about this many MiB, each as soon as backward
     /// has finished with it.
     pub bucket_mb: f64,
@@ -205,6 +210,7 @@ impl Default for ParallelSpec {
         ParallelSpec {
             tp: 1,
             zero1: false,
+            fsdp: false,
             bucket_mb: 25.0,
         }
     }
@@ -456,6 +462,14 @@ impl ParallelSpec {
     fn check(&self) -> Check {
         if self.tp < 1 {
             return fail("parallel.tp", "must be at least 1".into());
+        }
+        if self.fsdp && self.zero1 {
+            return fail(
+                "parallel.fsdp",
+                "fsdp shards the optimizer state as zero1 does, and the parameters and \
+                 gradients too: set one of them, not both"
+                    .into(),
+            );
         }
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
             return fail(

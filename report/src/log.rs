@@ -27,6 +27,8 @@ pub struct Start {
     pub dp: Option<u64>,
     pub tp: Option<u64>,
     pub zero1: Option<bool>,
+    /// Whether the run was fully sharded; older logs lack it.
+    pub fsdp: Option<bool>,
     /// What the forward pass dropped and the backward recomputed (`none`, `mlp`, `block`);
     /// older logs lack it.
     pub activation_checkpointing: Option<String>,

@@ -162,7 +162,9 @@ fn summary(log: &RunLog) -> String {
     let mesh_note = match (start.dp, start.tp) {
         (Some(dp), Some(tp)) => format!(
             "dp {dp} \u{d7} tp {tp}{}{}",
-            if start.zero1 == Some(true) {
+            if start.fsdp == Some(true) {
+                ", fully sharded"
+            } else if start.zero1 == Some(true) {
                 ", ZeRO-1"
             } else {
                 ""

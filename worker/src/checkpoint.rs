@@ -144,7 +144,7 @@ fn sources(
                 out.push(Source {
                     region: region(&name),
                     which: 0,
-                    at: lo,
+                    at: model.params.locate(lo),
                 });
             }
             if state {
@@ -521,18 +521,24 @@ pub fn load(
 ) -> Result<(), CheckpointError> {
     store.check_sizes(m)?;
     let n = model.params.entries().len();
-    let whole: Vec<Source> = (0..n)
-        .map(|i| {
-            let (name, offsets, shape, _) = param_box(model, i);
-            Source {
-                region: Region::boxed(&name, offsets, shape),
-                which: 0,
-                at: model.params.entries()[i].offset,
-            }
-        })
-        .collect();
     let owned = optimizer.owned().to_vec();
-    let state = sources(model, &owned, &state_offsets(&owned), false, true, true);
+    // Every parameter whole, or fully sharded only this rank's chunks of them.
+    let sharded = model.params.sharding().is_some();
+    let whole: Vec<Source> = if sharded {
+        Vec::new()
+    } else {
+        (0..n)
+            .map(|i| {
+                let (name, offsets, shape, _) = param_box(model, i);
+                Source {
+                    region: Region::boxed(&name, offsets, shape),
+                    which: 0,
+                    at: model.params.entries()[i].offset,
+                }
+            })
+            .collect()
+    };
+    let state = sources(model, &owned, &state_offsets(&owned), sharded, true, true);
     let all: Vec<&Source> = whole.iter().chain(&state).collect();
     let regions: Vec<Region> = all.iter().map(|s| s.region.clone()).collect();
     let targets = [

@@ -217,9 +217,10 @@ pub fn save(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<(), HfEr
     // Group tensors into shards of at most max_shard_bytes, in parameter order.
     let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
-    for e in model.params.entries() {
-        let t = e
-            .view
+    for (i, e) in model.params.entries().iter().enumerate() {
+        let t = model
+            .params
+            .view(i)
             .detach()
             .to_device(Device::Cpu)
             .to_kind(options.kind)

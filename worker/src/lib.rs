@@ -27,6 +27,7 @@ pub mod device;
 pub mod doctor;
 pub mod eval;
 pub mod export;
+pub mod fsdp;
 pub mod generate;
 pub mod hf;
 pub mod meta;

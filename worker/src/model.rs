@@ -75,20 +75,23 @@ pub struct DecayPolicy {
 impl Llama {
     /// A model with all parameters zero; see [`Llama::init`] and `hf::load_weights`.
     pub fn new(config: &LlamaConfig, decay: DecayPolicy, device: Device) -> Self {
-        Self::build(config, decay, device, Arc::new(TcpRing::single(0)))
+        Self::build(config, decay, device, Arc::new(TcpRing::single(0)), None)
     }
 
     /// This rank's part of a model split over the tensor-parallel group `tp` (Megatron's
     /// layout): q, k, v, gate and up split by output rows (column-parallel), o and down by
     /// input columns (row-parallel), embedding and head by vocabulary rows; norms replicated.
+    /// With `shard`, the data-parallel group, this rank keeps only its chunk of each segment
+    /// of that part ([`crate::fsdp`]).
     pub fn new_parallel(
         config: &LlamaConfig,
         decay: DecayPolicy,
         device: Device,
         tp: Arc<dyn Collective>,
+        shard: Option<Arc<dyn Collective>>,
     ) -> Result<Self, ConfigError> {
         config.check_tensor_parallel(tp.size())?;
-        Ok(Self::build(config, decay, device, tp))
+        Ok(Self::build(config, decay, device, tp, shard))
     }
 
     fn build(
@@ -96,6 +99,7 @@ impl Llama {
         decay: DecayPolicy,
         device: Device,
         tp: Arc<dyn Collective>,
+        shard: Option<Arc<dyn Collective>>,
     ) -> Self {
         let c = config;
         let (d, hd) = (c.dim, c.head_dim);
@@ -108,11 +112,11 @@ impl Llama {
         };
         let ffn = c.ffn_dim / n;
         // Split along `dim` into `n` parts of `part`, this rank's starting at `start`.
-        let shard =
+        let split =
             |dim: usize, start: i64, full: i64| (n > 1).then_some(Shard { dim, start, full });
-        let rows = |full: i64, part: i64| shard(0, k * part, full);
-        let cols = |full: i64, part: i64| shard(1, k * part, full);
-        let vocab_rows = shard(0, local.vocab.start, c.vocab_size);
+        let rows = |full: i64, part: i64| split(0, k * part, full);
+        let cols = |full: i64, part: i64| split(1, k * part, full);
+        let vocab_rows = split(0, local.vocab.start, c.vocab_size);
         let vl = local.vocab.end - local.vocab.start;
         let mut segments = vec!["embed".to_owned()];
         let mut specs = Vec::new();
@@ -203,7 +207,10 @@ impl Llama {
         } else {
             add("lm_head.weight".into(), vec![vl, d], true, s, vocab_rows)
         };
-        let params = ParamStore::new(&segments, specs, device);
+        let params = match shard {
+            Some(group) => ParamStore::new_sharded(&segments, specs, device, group),
+            None => ParamStore::new(&segments, specs, device),
+        };
         let inv_freq = rope_inv_freq(c).to_device(device);
         Llama {
             config: c.clone(),
@@ -291,7 +298,7 @@ impl Llama {
             .contiguous())
     }
 
-    fn p(&self, i: usize) -> &Tensor {
+    fn p(&self, i: usize) -> Tensor {
         self.params.view(i)
     }
 
@@ -309,7 +316,7 @@ impl Llama {
         let c = &self.config;
         let (b, t) = (h.size()[0], h.size()[1]);
         let heads = |w: usize, n: i64| {
-            h.linear::<Tensor>(self.p(w), None)
+            h.linear::<Tensor>(&self.p(w), None)
                 .view([b, t, n, c.head_dim])
                 .transpose(1, 2)
         };
@@ -322,14 +329,14 @@ impl Llama {
             Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa);
         attn.transpose(1, 2)
             .reshape([b, t, nh * c.head_dim])
-            .linear::<Tensor>(self.p(blk.o), None)
+            .linear::<Tensor>(&self.p(blk.o), None)
     }
 
     /// This rank's slice of the SwiGLU MLP on `h`, summed over ranks to give the MLP.
     fn mlp(&self, blk: &BlockIdx, h: &Tensor) -> Tensor {
-        let gate = h.linear::<Tensor>(self.p(blk.gate), None).silu();
-        let up = h.linear::<Tensor>(self.p(blk.up), None);
-        (gate * up).linear::<Tensor>(self.p(blk.down), None)
+        let gate = h.linear::<Tensor>(&self.p(blk.gate), None).silu();
+        let up = h.linear::<Tensor>(&self.p(blk.up), None);
+        (gate * up).linear::<Tensor>(&self.p(blk.down), None)
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, as one autograd graph.
@@ -340,10 +347,14 @@ impl Llama {
             1,
             "Llama::forward runs without tensor parallelism"
         );
+        assert!(
+            self.params.sharding().is_none(),
+            "Llama::forward runs on a store that is not sharded"
+        );
         let c = &self.config;
         let t = tokens.size2().map_or(0, |(_, t)| t);
         let (cos, sin) = self.rope(t);
-        let mut x = Tensor::embedding(self.p(self.embed), tokens, -1, false, false);
+        let mut x = Tensor::embedding(&self.p(self.embed), tokens, -1, false, false);
         for blk in &self.blocks {
             let h = x.rms_norm([c.dim], Some(self.p(blk.attn_norm)), c.norm_eps);
             x = &x + self.attention(blk, &h, &cos, &sin);
@@ -351,7 +362,7 @@ impl Llama {
             x = &x + self.mlp(blk, &h);
         }
         let x = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
-        x.linear::<Tensor>(self.p(self.head), None)
+        x.linear::<Tensor>(&self.p(self.head), None)
     }
 
     /// Mean next-token cross-entropy of `targets` (`[batch, seq]`) given `inputs`, in fp32,

@@ -32,8 +32,9 @@ pub struct AdamW {
     pub exp_avg_sq: Tensor,
     /// Updates taken so far.
     pub step: i64,
-    /// The ranges of the flat parameter buffer this optimizer updates: all of it, or with
-    /// ZeRO-1 this rank's chunk of each gradient bucket.
+    /// The ranges of the flat parameter buffer this optimizer updates (flat coordinates): all
+    /// of it, with ZeRO-1 this rank's chunk of each gradient bucket, fully sharded its chunk
+    /// of each segment.
     owned: Vec<std::ops::Range<i64>>,
     /// Reused for every intermediate, so an update allocates nothing: a fresh buffer the size
     /// of the model costs page faults on every step.
@@ -92,13 +93,15 @@ impl AdamW {
                         if hi > lo {
                             let _ = params
                                 .flat
-                                .narrow(0, lo, hi - lo)
+                                .narrow(0, params.locate(lo), hi - lo)
                                 .g_mul_scalar_(1.0 - lr * c.weight_decay);
                         }
                     }
                 }
-                let g = params.grad.narrow(0, start, len);
-                let mut p = params.flat.narrow(0, start, len);
+                // Where the range lies in the buffers (elsewhere than `start` when sharded).
+                let at = params.locate(start);
+                let g = params.grad.narrow(0, at, len);
+                let mut p = params.flat.narrow(0, at, len);
                 let mut m = self.exp_avg.narrow(0, state_at, len);
                 let mut v = self.exp_avg_sq.narrow(0, state_at, len);
                 let mut s = self.scratch.narrow(0, 0, len);

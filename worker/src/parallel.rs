@@ -46,6 +46,7 @@ use tch::{Kind, Tensor};
 use crate::collective::{chunk_range, CollectiveError, ProcessGroups, ReadyMarker, ReduceOp};
 use crate::model::Llama;
 use crate::optim::AdamW;
+use crate::params::ParamStore;
 
 /// A contiguous range of the flat buffer, reduced as one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +92,9 @@ pub struct DataParallel {
     pub groups: ProcessGroups,
     pub buckets: Vec<Bucket>,
     zero1: bool,
+    /// Fully sharded ([`crate::fsdp`]): per segment, this rank's chunk in flat coordinates
+    /// and where it lies in the shard buffers. The store reduces the gradients itself.
+    shards: Option<(Vec<Range<i64>>, Vec<i64>)>,
     /// `trigger[s]`: the bucket that is complete once segment `s` is.
     trigger: Vec<Option<usize>>,
     comm: Option<CommThread>,
@@ -132,7 +136,11 @@ impl DataParallel {
         for (b, bucket) in buckets.iter().enumerate() {
             trigger[bucket.segments.start] = Some(b);
         }
-        let comm = (groups.dp.size() > 1).then(|| {
+        let shards = model
+            .params
+            .sharding()
+            .map(|sh| (sh.chunks.clone(), sh.at.clone()));
+        let comm = (groups.dp.size() > 1 && shards.is_none()).then(|| {
             let dp = groups.dp.clone();
             let (jobs, rx) = mpsc::channel::<Job>();
             let (done_tx, done) = mpsc::channel();
@@ -167,10 +175,23 @@ impl DataParallel {
             }
         });
         let norm_mask = (groups.tp.size() > 1 && groups.tp.rank() != 0).then(|| {
-            let mask = model.params.flat.ones_like();
-            for e in model.params.entries() {
+            let params = &model.params;
+            let mask = params.flat.ones_like();
+            let held = |lo: i64, hi: i64| match params.sharding() {
+                None => Some((lo, hi)),
+                // Only what lies in this rank's chunk of the parameter's segment.
+                Some(sh) => sh
+                    .chunks
+                    .iter()
+                    .map(|c| (lo.max(c.start), hi.min(c.end)))
+                    .find(|(a, b)| b > a)
+                    .map(|(a, b)| (params.locate(a), params.locate(a) + (b - a))),
+            };
+            for e in params.entries() {
                 if e.spec.shard.is_none() {
-                    let _ = mask.narrow(0, e.offset, e.numel).fill_(0.0);
+                    if let Some((a, b)) = held(e.offset, e.offset + e.numel) {
+                        let _ = mask.narrow(0, a, b - a).fill_(0.0);
+                    }
                 }
             }
             mask
@@ -179,6 +200,7 @@ impl DataParallel {
             groups,
             buckets,
             zero1,
+            shards,
             trigger,
             comm,
             norm_mask,
@@ -199,19 +221,30 @@ impl DataParallel {
             .collect()
     }
 
-    /// The ranges of the flat buffer this rank's optimizer updates.
+    /// The ranges of the flat buffer this rank's optimizer updates (flat coordinates).
     pub fn optimizer_ranges(&self, numel: i64) -> Vec<Range<i64>> {
-        if self.zero1 && self.groups.dp.size() > 1 {
+        if let Some((chunks, _)) = &self.shards {
+            chunks.clone()
+        } else if self.zero1 && self.groups.dp.size() > 1 {
             self.owned_chunks()
         } else {
             std::iter::once(0..numel).collect()
         }
     }
 
-    /// Segment `s` of `grad` is final: start reducing its bucket if that was the bucket's
-    /// last segment. The bucket's readiness is marked here, on the compute stream, at the
-    /// point backward has reached.
-    pub fn segment_done(&mut self, s: usize, grad: &Tensor) {
+    /// Segment `s` of `params`' gradient is final for micro-batch `first..=last` of a step:
+    /// fully sharded, reduce it now; otherwise, on the last micro-batch, start reducing its
+    /// bucket if that was the bucket's last segment. The bucket's readiness is marked here,
+    /// on the compute stream, at the point backward has reached.
+    pub fn segment_done(&mut self, s: usize, params: &ParamStore, first: bool, last: bool) {
+        if self.shards.is_some() {
+            params.reduce_segment(s, first);
+            return;
+        }
+        if !last {
+            return;
+        }
+        let grad = &params.grad;
         let (Some(comm), Some(Some(b))) = (self.comm.as_mut(), self.trigger.get(s)) else {
             return;
         };
@@ -241,7 +274,10 @@ impl DataParallel {
     /// makes the compute stream wait for their collectives (on the device; the host does not
     /// block for them here). Returns the seconds the communication thread spent in
     /// collective calls (on a GPU: enqueueing them).
-    pub fn finish(&mut self) -> Result<f64, CollectiveError> {
+    pub fn finish(&mut self, params: &ParamStore) -> Result<f64, CollectiveError> {
+        if self.shards.is_some() {
+            return params.wait_reduced();
+        }
         let Some(comm) = self.comm.as_mut() else {
             return Ok(0.0);
         };
@@ -277,7 +313,16 @@ impl DataParallel {
     pub fn grad_norm(&self, grad: &Tensor) -> Result<f64, CollectiveError> {
         // On the gradients' device: NCCL reduces device memory only.
         let mut total = Tensor::zeros([1], (Kind::Double, grad.device()));
-        for r in self.owned_chunks() {
+        // Where this rank's chunks lie in `grad`.
+        let chunks = match &self.shards {
+            Some((chunks, at)) => chunks
+                .iter()
+                .zip(at)
+                .map(|(c, &a)| a..a + (c.end - c.start))
+                .collect(),
+            None => self.owned_chunks(),
+        };
+        for r in chunks {
             let g = grad.narrow(0, r.start, r.end - r.start);
             let n = match &self.norm_mask {
                 Some(mask) => (&g * mask.narrow(0, r.start, r.end - r.start)).norm(),
@@ -372,12 +417,9 @@ pub fn train_step(
         let forward_done = Instant::now();
         forward_s += (forward_done - start).as_secs_f64();
         let last = i + 1 == batches.len();
-        let grad = &model.params.grad;
         tracing::info_span!("backward", kiln.micro_batch = i as u64).in_scope(|| {
             model.backward(tape, i == 0, &mut |s| {
-                if last {
-                    dp.segment_done(s, grad);
-                }
+                dp.segment_done(s, &model.params, i == 0, last)
             })
         })?;
         sync();
@@ -386,7 +428,7 @@ pub fn train_step(
     let backward_done = Instant::now();
     let collective_s = tracing::info_span!("collective").in_scope(|| {
         // The compute stream now waits for the buckets' collectives: syncing it waits for them.
-        let busy = dp.finish();
+        let busy = dp.finish(&model.params);
         sync();
         busy
     })?;

@@ -57,6 +57,7 @@ const MESH: Mesh = Mesh {
     dp: 2,
     tp: 1,
     zero1: false,
+    fsdp: false,
 };
 
 #[test]

@@ -160,19 +160,26 @@ impl Llama {
         let c = &self.config;
         let t = tokens.size2().map_or(0, |(_, t)| t);
         let (cos, sin) = self.rope(t);
+        // Fully sharded: each segment is gathered before it runs, the next one prefetched.
+        // It is freed after its forward pass unless autograd keeps its weights for backward.
+        let release = !with_grads || self.recompute == Recompute::Block;
+        self.params.gather(0)?;
+        self.params.prefetch(1);
         let w = self.p(self.embed);
         let v0 = self.local.vocab.start;
         let embed = if self.tp.size() == 1 {
-            Tensor::embedding(w, tokens, -1, false, false)
+            Tensor::embedding(&w, tokens, -1, false, false)
         } else {
             // Vocabulary-parallel embedding: rows this rank does not hold contribute zeros.
             let mine = self.vocab_mask(tokens);
             let local = (tokens - v0).where_self(&mine, &tokens.zeros_like());
-            Tensor::embedding(w, &local, -1, false, false) * mine.unsqueeze(-1).to_kind(w.kind())
+            Tensor::embedding(&w, &local, -1, false, false) * mine.unsqueeze(-1).to_kind(w.kind())
         };
         let mut x_next = self.tp_sum(&embed)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for blk in &self.blocks {
+        for (l, blk) in self.blocks.iter().enumerate() {
+            self.params.gather(l + 1)?;
+            self.params.prefetch(l + 2);
             let tape = match self.recompute {
                 Recompute::None => {
                     let a = self.attn_half(blk, &x_next, &cos, &sin)?;
@@ -196,7 +203,12 @@ impl Llama {
                 }
             };
             blocks.push(tape);
+            if release {
+                self.params.release(l + 1);
+            }
         }
+        let head_segment = self.blocks.len() + 1;
+        self.params.gather(head_segment)?;
         let x = leaf(&x_next);
         let hn = x.rms_norm([c.dim], Some(self.p(self.norm)), c.norm_eps);
         let hnl = leaf(&hn);
@@ -213,12 +225,15 @@ impl Llama {
             (HeadGrads::Done { weight, hidden }, value)
         } else {
             let logits = hnl
-                .linear::<Tensor>(self.p(self.head), None)
+                .linear::<Tensor>(&self.p(self.head), None)
                 .to_kind(Kind::Float)
                 .reshape([-1, vl]);
             let (loss, value) = self.vocab_parallel_cross_entropy(&logits, &targets)?;
             (HeadGrads::Loss(loss * scale), value)
         };
+        if !with_grads {
+            self.params.release_all();
+        }
         Ok(Tape {
             loss: value,
             embed,
@@ -299,7 +314,7 @@ impl Llama {
         let g_hn = match head.grads {
             HeadGrads::Loss(loss) => {
                 let g =
-                    Tensor::run_backward(&[&loss], &[self.p(self.head), &head.hnl], false, false);
+                    Tensor::run_backward(&[&loss], &[&self.p(self.head), &head.hnl], false, false);
                 put(self.head, &g[0]);
                 self.tp_grad(g[1].shallow_clone())?
             }
@@ -308,12 +323,18 @@ impl Llama {
                 hidden.view_as(&head.hnl)
             }
         };
-        let g = grads(&[(&head.hn, &g_hn)], &[self.p(self.norm), &head.x]);
+        let g = grads(&[(&head.hn, &g_hn)], &[&self.p(self.norm), &head.x]);
         put(self.norm, &g[0]);
         on_segment(self.blocks.len() + 1);
+        self.params.release(self.blocks.len() + 1);
         let mut gx = g[1].shallow_clone();
         for (l, tape) in blocks.into_iter().enumerate().rev() {
             let b = &self.blocks[l];
+            // Fully sharded: gathered again when the forward pass freed it (recomputation).
+            self.params.gather(l + 1)?;
+            if matches!(tape, BlockTape::Dropped(_)) && l > 0 {
+                self.params.prefetch(l);
+            }
             // A dropped half runs forward again as it first did: same input, same autocast.
             let again = |f: &mut dyn FnMut() -> Result<(), CollectiveError>| {
                 crate::precision::autocast(autocast, device, f)
@@ -340,19 +361,19 @@ impl Llama {
                 }
             };
             let p = [b.gate, b.up, b.down].map(|i| self.p(i));
-            let g = grads(&[(&m.mlp, &gx)], &[p[0], p[1], p[2], &m.h2l]);
+            let g = grads(&[(&m.mlp, &gx)], &[&p[0], &p[1], &p[2], &m.h2l]);
             put(b.gate, &g[0]);
             put(b.up, &g[1]);
             put(b.down, &g[2]);
             let g_h2 = self.tp_grad(g[3].shallow_clone())?;
             let g = grads(
                 &[(&m.h2, &g_h2), (&m.x3, &gx)],
-                &[self.p(b.mlp_norm), &m.x2l],
+                &[&self.p(b.mlp_norm), &m.x2l],
             );
             put(b.mlp_norm, &g[0]);
             let g_x2 = g[1].shallow_clone();
             let p = [b.q, b.k, b.v, b.o].map(|i| self.p(i));
-            let g = grads(&[(&a.attn, &g_x2)], &[p[0], p[1], p[2], p[3], &a.h1l]);
+            let g = grads(&[(&a.attn, &g_x2)], &[&p[0], &p[1], &p[2], &p[3], &a.h1l]);
             put(b.q, &g[0]);
             put(b.k, &g[1]);
             put(b.v, &g[2]);
@@ -360,15 +381,17 @@ impl Llama {
             let g_h1 = self.tp_grad(g[4].shallow_clone())?;
             let g = grads(
                 &[(&a.h1, &g_h1), (&a.x2, &g_x2)],
-                &[self.p(b.attn_norm), &a.x],
+                &[&self.p(b.attn_norm), &a.x],
             );
             put(b.attn_norm, &g[0]);
             gx = g[1].shallow_clone();
             on_segment(l + 1);
+            self.params.release(l + 1);
         }
-        let g = grads(&[(&embed, &gx)], &[self.p(self.embed)]);
+        let g = grads(&[(&embed, &gx)], &[&self.p(self.embed)]);
         put(self.embed, &g[0]);
         on_segment(0);
+        self.params.release(0);
         Ok(())
     }
 }

@@ -240,6 +240,7 @@ pub fn train(
         dp: run.dims.dp,
         tp: run.dims.tp,
         zero1: job.parallel.zero1,
+        fsdp: run.model.params.sharding().is_some(),
         activation_checkpointing: run.model.recompute.name().to_owned(),
         device: format!("{:?}", run.device),
         bf16: run.compute == crate::precision::AUTOCAST_KIND,

@@ -96,7 +96,10 @@ impl Setup {
         let datasets = open_datasets(job)?;
         let manifest = datasets[0].manifest().clone();
 
-        let mut model = Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone())?;
+        // Fully sharded: the store holds this rank's shard only, from the start.
+        let shard = job.parallel.fsdp.then(|| groups.dp.clone());
+        let mut model =
+            Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone(), shard)?;
         model.recompute = Recompute::parse(&t.activation_checkpointing)
             .expect("train.activation_checkpointing was validated with the job file");
         match &job.model.init_from {
@@ -128,6 +131,7 @@ impl Setup {
             dp,
             tp: dims.tp,
             zero1: job.parallel.zero1,
+            fsdp: job.parallel.fsdp,
         };
         let data_id = datasets
             .iter()

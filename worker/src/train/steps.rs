@@ -341,17 +341,27 @@ impl<'a> Trainer<'a> {
         let mut meta = manifest_meta(run.dataset());
         meta["data_cursor"] = serde_json::to_value(&cursor).unwrap_or_default();
         let eos_id = run.manifest.eos_id;
-        if run.groups.tp.size() > 1 {
-            // Every tensor-parallel group gathers (collectives need all members), a parameter
-            // at a time; the leader alone keeps them, in a model without gradients, and writes.
+        let params = &run.model.params;
+        if run.groups.tp.size() > 1 || params.sharding().is_some() {
+            // Every rank gathers (collectives need all members): fully sharded, a segment at a
+            // time from the data-parallel group, then a parameter at a time from the
+            // tensor-parallel group. The leader alone keeps them, in a model without
+            // gradients, and writes.
             let whole = run.leader.then(|| {
                 Llama::new(&run.config, decay_policy(self.job), tch::Device::Cpu).without_grads()
             });
-            for i in 0..run.model.params.entries().len() {
-                let full = run.model.full_param(i)?;
-                if let Some(whole) = &whole {
-                    whole.params.set(i, &full);
+            for s in 0..params.segments().len() {
+                params.gather(s)?;
+                for (i, e) in params.entries().iter().enumerate() {
+                    if e.spec.segment != s {
+                        continue;
+                    }
+                    let full = run.model.full_param(i)?;
+                    if let Some(whole) = &whole {
+                        whole.params.set(i, &full);
+                    }
                 }
+                params.release(s);
             }
             if let Some(whole) = &whole {
                 save_model(whole, &model_dir, &meta, eos_id)?;
