@@ -48,6 +48,7 @@ fn resume_continues_the_loss_curve_bit_for_bit() {
     for (name, world, micro, parallel, checkpoint) in [
         ("dp2", 2, 2, "", "every = 6"),
         ("dp2-zero1", 2, 2, "zero1 = true", "every = 6"),
+        ("dp2-fsdp", 2, 2, "fsdp = true", "every = 6"),
         ("tp2", 2, 4, "tp = 2", "every = 6\nasync = false"),
     ] {
         let path = tiny_job(dir.path(), name, micro, parallel, checkpoint, 12);
@@ -127,6 +128,73 @@ fn a_checkpoint_resumes_on_other_meshes() {
         let ledger: Vec<&str> = resumed.ledger.lines().collect();
         assert_eq!(ledger, base_ledger[6..], "{name}: the ledgers differ");
     }
+}
+
+/// Resumes `step6` (a checkpoint of `base` after step 6) as each of `layouts` and checks the
+/// rest of the curve (within 1e-5) and the ledger (identical).
+fn resumes_as(
+    dir: &Path,
+    from: &str,
+    base: &Run,
+    step6: &Path,
+    layouts: &[(&str, usize, i64, &str)],
+) {
+    let base_ledger: Vec<&str> = base.ledger.lines().collect();
+    for &(name, world, micro, parallel) in layouts {
+        let path = tiny_job(dir, name, micro, parallel, "", 12);
+        let (resumed, out) = run_out(&path, world, &["--resume", path_str(step6)]);
+        assert!(out.contains("resumed at step 6 from"), "{name}: {out}");
+        let diff = max_diff(&resumed.losses, &base.losses[6..]);
+        let val_diff = max_diff(&resumed.val_losses, &base.val_losses[1..]);
+        println!(
+            "{from} -> {name}: max |loss difference| {diff:.3e} over steps 7..12, validation {val_diff:.3e}"
+        );
+        assert!(
+            diff <= 1e-5,
+            "{name}: {:?} vs {:?}",
+            resumed.losses,
+            &base.losses[6..]
+        );
+        assert!(val_diff <= 1e-5, "{name}: validation");
+        let ledger: Vec<&str> = resumed.ledger.lines().collect();
+        assert_eq!(ledger, base_ledger[6..], "{name}: the ledgers differ");
+    }
+}
+
+/// A fully sharded checkpoint (each rank wrote its chunk of every segment) resumes plain on
+/// one process, on ZeRO-1 at dp 4 and fully sharded at dp 2 x tp 2; a ZeRO-1 checkpoint
+/// resumes fully sharded.
+#[test]
+fn fully_sharded_checkpoints_resume_at_any_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let fsdp_job = tiny_job(dir.path(), "fsdp2", 2, "fsdp = true", "every = 6", 12);
+    let (fsdp, _) = run_out(&fsdp_job, 2, &[]);
+    let step6 = output_dir(&fsdp_job).join("checkpoints/step-6");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step6.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["mesh"]["fsdp"], true, "{manifest}");
+    resumes_as(
+        dir.path(),
+        "fully sharded dp2",
+        &fsdp,
+        &step6,
+        &[
+            ("plain-dp1", 1, 4, ""),
+            ("zero1-dp4", 4, 2, "zero1 = true"),
+            ("fsdp-dp2tp2", 4, 2, "tp = 2\nfsdp = true"),
+        ],
+    );
+    let zero1_job = tiny_job(dir.path(), "zero1-dp2", 2, "zero1 = true", "every = 6", 12);
+    let (zero1, _) = run_out(&zero1_job, 2, &[]);
+    let step6 = output_dir(&zero1_job).join("checkpoints/step-6");
+    resumes_as(
+        dir.path(),
+        "ZeRO-1 dp2",
+        &zero1,
+        &step6,
+        &[("fsdp-dp2", 2, 2, "fsdp = true")],
+    );
 }
 
 /// Damages objects the way a failing disk or an interrupted copy would.
