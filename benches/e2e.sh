@@ -13,6 +13,11 @@
 #
 #   benches/e2e.sh [SIZE=demo] [STEPS=60] [ROUNDS=2]
 #
+# SYSTEMS (default "kiln ddp") picks what runs each round, in order: kiln (plain data
+# parallelism), kiln-fsdp (the same job with `parallel.fsdp = true`), ddp, and fsdp2
+# (PyTorch's `fully_shard` on every decoder layer and the root, gloo). With anything but
+# "kiln ddp" the summary is one row per system against the first.
+#
 # SIZE: demo (jobs/shakespeare-demo.toml's shape: width 128, 4 layers, 7.2M parameters),
 # wide (width 256, 8 layers, 8/4 heads, FFN 768: 19.2M) or 125m (the preset, 123.6M; slow on
 # few cores). Environment: SKIP (default 10), BATCH (16), MICRO (8 per rank), SEQ (128),
@@ -26,6 +31,7 @@ skip=${SKIP:-10} batch=${BATCH:-16} micro=${MICRO:-8} seq=${SEQ:-128}
 dir=${E2E_DIR:-runs/e2e-$size}
 kiln=${KILN_BIN:-target/release/kiln}
 workers=2
+systems=${SYSTEMS:-kiln ddp}
 
 if [ -x "$kiln" ]; then scripts/setup.sh --no-build; else scripts/setup.sh; fi
 py=.venv/bin/python
@@ -75,6 +81,8 @@ EOF
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 command="benches/e2e.sh $size $steps $rounds"
+[[ $systems == "kiln ddp" ]] || command="SYSTEMS=\"$systems\" $command"
+[[ $batch == 16 && $micro == 8 ]] || command="BATCH=$batch MICRO=$micro $command"
 "$py" - "$dir/meta.json" <<EOF
 import json, sys
 json.dump({"date": "$(date -u +%F)", "machine": "$(nproc)-core $cpu, $mem", "command": "$command",
@@ -83,15 +91,27 @@ json.dump({"date": "$(date -u +%F)", "machine": "$(nproc)-core $cpu, $mem", "com
 EOF
 
 for r in $(seq "$rounds"); do
-  out="$dir/kiln-r$r"
-  sed "s|KILN_OUT|$out|" "$dir/job.toml" > "$dir/job-r$r.toml"
-  echo "==> round $r: kiln local --workers $workers" >&2
-  env -u OMP_NUM_THREADS "$py" benches/e2e_ddp.py measure --label kiln --out "$dir/kiln-r$r.measure.json" \
-    --log "$dir/kiln-r$r.log" -- "$kiln" local "$dir/job-r$r.toml" --workers "$workers"
-  echo "==> round $r: torchrun --nproc-per-node $workers (DDP, gloo)" >&2
-  OMP_NUM_THREADS=$threads "$py" benches/e2e_ddp.py measure --label ddp --out "$dir/ddp-r$r.measure.json" \
-    --log "$dir/ddp-r$r.log" -- .venv/bin/torchrun --standalone --nproc-per-node "$workers" \
-    benches/e2e_ddp.py train --model "$dir/init" --data "$data" --out "$dir/ddp-r$r.json" \
-    --steps "$steps" --batch "$batch" --micro "$micro" --seq-len "$seq"
+  for system in $systems; do
+    case $system in
+      kiln | kiln-fsdp)
+        sed "s|KILN_OUT|$dir/$system-r$r|" "$dir/job.toml" > "$dir/$system-r$r.toml"
+        [[ $system == kiln-fsdp ]] && printf '\n[parallel]\nfsdp = true\n' >> "$dir/$system-r$r.toml"
+        echo "==> round $r: $system: kiln local --workers $workers" >&2
+        env -u OMP_NUM_THREADS "$py" benches/e2e_ddp.py measure --label "$system" \
+          --out "$dir/$system-r$r.measure.json" --log "$dir/$system-r$r.log" -- \
+          "$kiln" local "$dir/$system-r$r.toml" --workers "$workers"
+        ;;
+      ddp | fsdp2)
+        flag=(); [[ $system == fsdp2 ]] && flag=(--fsdp)
+        echo "==> round $r: $system: torchrun --nproc-per-node $workers (gloo)" >&2
+        OMP_NUM_THREADS=$threads "$py" benches/e2e_ddp.py measure --label "$system" \
+          --out "$dir/$system-r$r.measure.json" --log "$dir/$system-r$r.log" -- \
+          .venv/bin/torchrun --standalone --nproc-per-node "$workers" \
+          benches/e2e_ddp.py train --model "$dir/init" --data "$data" --out "$dir/$system-r$r.json" \
+          --steps "$steps" --batch "$batch" --micro "$micro" --seq-len "$seq" "${flag[@]}"
+        ;;
+      *) echo "error: unknown system $system (kiln, kiln-fsdp, ddp, fsdp2)" >&2; exit 2 ;;
+    esac
+  done
 done
 "$py" benches/e2e_ddp.py summarize --dir "$dir" --skip "$skip" | tee "$dir/summary.txt"

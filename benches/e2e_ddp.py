@@ -5,7 +5,8 @@ written as plain PyTorch DDP (gloo) under torchrun, plus the helpers the script 
       A seeded transformers LlamaForCausalLM of the size's shape, saved as a Hugging Face
       directory: the starting weights of both systems (Kiln reads it with `init_from`).
   torchrun --nproc-per-node 2 e2e_ddp.py train --model DIR --data DIR --out JSON [...]
-      Trains it with DistributedDataParallel: Kiln's data order (reproduced from
+      Trains it with DistributedDataParallel (with --fsdp: FSDP2's `fully_shard` on every
+      decoder layer and the root, parameters and gradients in fp32): Kiln's data order (reproduced from
       shard-loader/src/order.rs and rng.rs, so both read the same samples at every step),
       AdamW with Kiln's schedule, decay groups and clipping, fp32. Rank 0 writes per-step
       losses, wall-clock times, phase times and the ledger hash of every step.
@@ -199,7 +200,17 @@ def cmd_train(a):
     model.config.use_cache = False
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    ddp = DDP(model)
+    if a.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ddp = model
+    else:
+        ddp = DDP(model)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
@@ -237,7 +248,11 @@ def cmd_train(a):
         loss_sum = 0.0
         for m, (inputs, targets) in enumerate(batches):
             f0 = time.perf_counter()
-            ctx = ddp.no_sync() if m + 1 < accum else contextlib.nullcontext()
+            if a.fsdp:
+                # As Kiln's fully sharded runs: every micro-batch reduce-scatters.
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = ddp.no_sync() if m + 1 < accum else contextlib.nullcontext()
             with ctx:
                 logits = ddp(input_ids=inputs, use_cache=False).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) / accum
@@ -367,7 +382,7 @@ def cmd_measure(a):
     procs = []
     for e in seen.values():
         argv = e["argv"]
-        if a.label == "kiln":
+        if a.label.startswith("kiln"):
             train = "--supervised" in argv and "train" in argv
         else:
             train = e["ppid"] == proc.pid
@@ -433,13 +448,13 @@ def cmd_summarize(a):
     tokens_per_step = meta["batch"] * meta["seq_len"]
     runs = []
     for name in sorted(os.listdir(d)):
-        m = re.fullmatch(r"(kiln|ddp)-r(\d+)\.measure\.json", name)
+        m = re.fullmatch(r"([a-z0-9-]+)-r(\d+)\.measure\.json", name)
         if not m:
             continue
         system, rnd = m.group(1), int(m.group(2))
         measure = json.load(open(os.path.join(d, name)))
-        if system == "kiln":
-            out = os.path.join(d, f"kiln-r{rnd}")
+        if system.startswith("kiln"):
+            out = os.path.join(d, f"{system}-r{rnd}")
             steps = []
             for line in open(os.path.join(out, "metrics.jsonl")):
                 e = json.loads(line)
@@ -449,7 +464,7 @@ def cmd_summarize(a):
             hashes = [json.loads(l)["hash"] for l in open(os.path.join(out, "ledger.jsonl"))]
             extra = {}
         else:
-            res = json.load(open(os.path.join(d, f"ddp-r{rnd}.json")))
+            res = json.load(open(os.path.join(d, f"{system}-r{rnd}.json")))
             steps = res["steps"]
             hashes = [s["hash"] for s in steps]
             extra = {"torch": res["torch"], "threads": res["threads"]}
@@ -464,11 +479,10 @@ def cmd_summarize(a):
         r["same_samples_as_other_runs"] = same_samples
         print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}))
     best = {}
-    for s in ("kiln", "ddp"):
-        rs = [r for r in runs if r["system"] == s]
-        if rs:
-            best[s] = max(rs, key=lambda r: r["tokens_per_s"])
-    if len(best) < 2:
+    for s in dict.fromkeys(r["system"] for r in runs):
+        best[s] = max((r for r in runs if r["system"] == s), key=lambda r: r["tokens_per_s"])
+    if set(best) != {"kiln", "ddp"}:
+        _table(meta, runs, best)
         return
     k, p = best["kiln"], best["ddp"]
     mean = lambda s: statistics.fmean(r["tokens_per_s"] for r in runs if r["system"] == s)
@@ -490,6 +504,24 @@ def cmd_summarize(a):
           f"{k['tokens_per_s'] / p['tokens_per_s']:.2f}x | {rss(k)} | {rss(p)} | {_phase_str(k['phases_s'], k['step_s'])} | "
           f"{_phase_str(p['phases_s'], p['step_s'])} | {k['loss_final']:.4f} ({k['loss_last10_mean']:.4f}) | "
           f"{p['loss_final']:.4f} ({p['loss_last10_mean']:.4f}) |")
+
+
+def _table(meta, runs, best):
+    """Any set of systems: each one's best round, against the first system's."""
+    mean = lambda s: statistics.fmean(r["tokens_per_s"] for r in runs if r["system"] == s)
+    first = next(iter(best))
+    print(json.dumps({"summary": {s: {"tokens_per_s_best": round(r["tokens_per_s"], 1),
+                                       "tokens_per_s_mean": round(mean(s), 1)} for s, r in best.items()}}))
+    print()
+    print(f"{meta['date']}, {meta['machine']}, `{meta['command']}`:")
+    print()
+    print(f"| system | tokens/s (best round) | mean of rounds | vs {first} | peak RSS per training process | "
+          "step (per step, steady) | loss at the end (last-10 mean) |")
+    print("|---|---|---|---|---|---|---|")
+    for s, r in best.items():
+        rss = "/".join(f"{x:.0f}" for x in r["train_peak_rss_mib"]) + " MiB"
+        print(f"| {s} | {r['tokens_per_s']:.0f} | {mean(s):.0f} | {r['tokens_per_s'] / best[first]['tokens_per_s']:.2f}x | "
+              f"{rss} | {_phase_str(r['phases_s'], r['step_s'])} | {r['loss_final']:.4f} ({r['loss_last10_mean']:.4f}) |")
 
 
 # ---------------------------------------------------------------- main
@@ -516,8 +548,9 @@ def main():
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--fsdp", action="store_true")
     p = sub.add_parser("measure")
-    p.add_argument("--label", choices=["kiln", "ddp"], required=True)
+    p.add_argument("--label", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--log")
     p.add_argument("cmd", nargs=argparse.REMAINDER)

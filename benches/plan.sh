@@ -7,9 +7,10 @@
 #   benches/plan.sh [PRESET=125m] [MICRO=4] [SEQ=256] [STEPS=3] [DP=2]
 #
 # Layouts: plain, ZeRO-1, ZeRO-1 with recomputation of the MLP half and of whole blocks
-# (fp32), plain in bf16 (CPU autocast), tensor parallelism over all DP ranks (without and with
-# block recomputation), and the `tiny` preset (which is mostly the runtime). PLAN_FROM=K
-# starts at the K-th layout.
+# (fp32), fully sharded (without and with block recomputation), plain in bf16 (CPU
+# autocast), tensor parallelism over all DP ranks (without and with block recomputation),
+# and the `tiny` preset (which is mostly the runtime). PLAN_FROM=K starts at the K-th layout;
+# PLAN_ONLY="name ..." runs only those.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 cd "$KILN_ROOT"
@@ -22,19 +23,26 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 results=$work/results.jsonl
 port=$((29500 + RANDOM % 2000))
-# name preset zero1 recompute precision tp (with tp = DP, the ranks form one tensor-parallel group)
+# name preset sharding recompute precision tp (with tp = DP, the ranks form one tensor-parallel
+# group); sharding: none, zero1 or fsdp
 layouts=(
-  "plain $preset false none fp32 1"
-  "zero1 $preset true none fp32 1"
-  "zero1-mlp $preset true mlp fp32 1"
-  "zero1-block $preset true block fp32 1"
-  "plain-bf16 $preset false none bf16 1"
-  "tp$dp $preset false none fp32 $dp"
-  "tp$dp-block $preset false block fp32 $dp"
-  "tiny tiny false none fp32 1"
+  "plain $preset none none fp32 1"
+  "zero1 $preset zero1 none fp32 1"
+  "zero1-mlp $preset zero1 mlp fp32 1"
+  "zero1-block $preset zero1 block fp32 1"
+  "fsdp $preset fsdp none fp32 1"
+  "fsdp-block $preset fsdp block fp32 1"
+  "plain-bf16 $preset none none bf16 1"
+  "tp$dp $preset none none fp32 $dp"
+  "tp$dp-block $preset none block fp32 $dp"
+  "tiny tiny none none fp32 1"
 )
 for row in "${layouts[@]:${PLAN_FROM:-0}}"; do
-  read -r name p zero1 ac precision tp <<< "$row"
+  read -r name p sharding ac precision tp <<< "$row"
+  if [[ -n ${PLAN_ONLY:-} && " $PLAN_ONLY " != *" $name "* ]]; then continue; fi
+  zero1=false fsdp=false
+  [[ $sharding == zero1 ]] && zero1=true
+  [[ $sharding == fsdp ]] && fsdp=true
   job=$work/$name.toml
   cat > "$job" <<EOF
 name = "plan-$name"
@@ -60,6 +68,7 @@ activation_checkpointing = "$ac"
 
 [parallel]
 zero1 = $zero1
+fsdp = $fsdp
 tp = $tp
 
 [checkpoint]

@@ -142,6 +142,19 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
         "{err}"
     );
 
+    // Recomputing every block and ZeRO-1 on 8 GPUs still holds a whole fp32 copy of 8B and
+    // its gradients on each: full sharding.
+    let path = job(
+        &dir,
+        "shard",
+        &format!("{EIGHT_B}\nactivation_checkpointing = \"block\"\n[parallel]\nzero1 = true"),
+    );
+    let err = refused(&path, "8");
+    assert!(
+        err.contains("the smallest change that fits: parallel.fsdp = true"),
+        "{err}"
+    );
+
     // No mesh of 2 GPUs holds 8B: more devices.
     let path = job(
         &dir,
@@ -163,6 +176,8 @@ fn a_job_that_does_not_fit_is_refused_with_the_change_that_would() {
     );
     let err = refused(&path, "64");
     assert!(err.contains("nothing Kiln runs today"), "{err}");
+    // What is left, fully sharded and recomputing: the block inputs at 8192 tokens.
+    assert!(err.contains("the most of it activations"), "{err}");
 }
 
 #[test]

@@ -121,6 +121,7 @@ impl Commands {
             dp,
             tp: job.parallel.tp,
             zero1: job.parallel.zero1,
+            fsdp: job.parallel.fsdp,
             activation_checkpointing: job.train.activation_checkpointing.clone(),
             micro_batch_size: job.micro_batch_size(),
         };

@@ -5,7 +5,13 @@
 //!
 //! The memory model follows the code, so it changes with it:
 //!
-//! - the flat fp32 parameter and gradient buffers (`params`), each `4 * P / tp` bytes;
+//! - the flat fp32 parameter and gradient buffers (`params`), each `4 * P / tp` bytes; fully
+//!   sharded (`fsdp`), this rank's chunk of each segment, plus what is whole at the peak:
+//!   every block's parameters gathered at the end of the forward pass (autograd holds them
+//!   until each block's backward), or with block recomputation the embedding, the head and
+//!   two blocks (the one running and the one prefetched); and the whole gradients of the
+//!   segments in backward or waiting for their reduce-scatter (two blocks, and the tied
+//!   embedding's from the head's backward on);
 //! - AdamW's two moments, `8 * P / tp` bytes, divided by `dp` with ZeRO-1, and its scratch
 //!   buffer, as long as the longest range it updates (the whole buffer without ZeRO-1, this
 //!   rank's chunk of the largest gradient bucket with it: `optim`, `parallel::plan_buckets`);
@@ -74,6 +80,8 @@ pub struct Layout {
     pub dp: usize,
     pub tp: usize,
     pub zero1: bool,
+    /// Fully sharded data parallelism.
+    pub fsdp: bool,
     /// `none`, `mlp` or `block`.
     pub activation_checkpointing: String,
     pub micro_batch_size: i64,
@@ -233,7 +241,27 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
         gradients: 4.0 * local,
         ..Memory::default()
     };
-    if layout.zero1 && dp > 1 {
+    let recompute = Recompute::parse(&layout.activation_checkpointing).unwrap_or_default();
+    if layout.fsdp {
+        let chunk = |r: &Range<i64>| ((r.end - r.start) as f64 / dp as f64).ceil();
+        let owned: f64 = segs.iter().map(chunk).sum();
+        let longest = segs.iter().map(chunk).fold(0.0, f64::max);
+        let len = |r: Option<&Range<i64>>| r.map_or(0.0, |r| (r.end - r.start) as f64);
+        let (embed, block, head) = (len(segs.first()), len(segs.get(1)), len(segs.last()));
+        let gathered = if recompute == Recompute::Block {
+            embed + head + 2.0 * block
+        } else {
+            local
+        };
+        let whole_grads = 2.0 * block + if c.tie_embeddings { embed } else { head };
+        m.parameters = 4.0 * (owned + gathered);
+        m.gradients = 4.0 * (owned + whole_grads);
+        m.optimizer_state = 8.0 * owned;
+        m.optimizer_scratch = 4.0 * longest;
+        if shape.bf16 {
+            m.low_precision_weights = 2.0 * gathered;
+        }
+    } else if layout.zero1 && dp > 1 {
         let buckets = plan_buckets(&segs, (shape.bucket_mb * MIB) as u64);
         let chunk = |len: i64| (len as f64 / dp as f64).ceil();
         let owned: f64 = buckets
@@ -250,13 +278,12 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
         m.optimizer_state = 8.0 * local;
         m.optimizer_scratch = 4.0 * local;
     }
-    if shape.bf16 {
+    if shape.bf16 && !layout.fsdp {
         m.low_precision_weights = 2.0 * local;
     }
     let tokens = (layout.micro_batch_size * shape.seq_len) as f64;
     let layers = c.n_layers as f64;
     let (attn, mlp, input) = block_bytes(shape, tp, cuda);
-    let recompute = Recompute::parse(&layout.activation_checkpointing).unwrap_or_default();
     let kept = match recompute {
         Recompute::None => attn + mlp,
         Recompute::Mlp => attn + input,
@@ -298,7 +325,11 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
     let full = 4.0 * c.num_params() as f64;
     // The host copy; under tensor parallelism the model gathered whole first (a tensor at a
     // time, whose buffers are freed before the copy).
-    m.final_weights = if tp == 1 { full } else { 2.0 * full };
+    m.final_weights = if tp == 1 && !layout.fsdp {
+        full
+    } else {
+        2.0 * full
+    };
     let state = m.parameters + m.gradients + m.optimizer_state + m.optimizer_scratch + m.runtime;
     let training = m.low_precision_weights + m.activations + m.backward_working_set + m.loss;
     m.total = state
@@ -345,16 +376,32 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
     } else {
         0.0
     };
-    let dp_comm_s = (dp_comm - compute_s * 2.0 / 3.0).max(0.0)
-        + if dp > 1 {
-            // The last bucket cannot overlap.
-            dp_comm / (segs.len() as f64).max(1.0)
-        } else {
-            0.0
-        };
-    let step_s = compute_s + tp_comm_s + dp_comm_s;
     let accumulation_steps =
         (shape.batch_size / (dp as i64 * layout.micro_batch_size).max(1)).max(1);
+    let dp_comm_s = if layout.fsdp && dp > 1 {
+        // Every micro-batch gathers the parameters for its forward pass (overlapped with
+        // it, a third of the compute), again for its backward with block recomputation,
+        // and reduce-scatters the gradients (overlapped with the backward pass). A gather
+        // or a reduce-scatter moves half an all-reduce's bytes.
+        let pass = dp_comm / 2.0 * accumulation_steps as f64;
+        let backward = pass
+            * if recompute == Recompute::Block {
+                2.0
+            } else {
+                1.0
+            };
+        (pass - compute_s / 3.0).max(0.0)
+            + (backward - compute_s * 2.0 / 3.0).max(0.0)
+            // The first gather and the last reduce-scatter cannot overlap.
+            + 2.0 * pass / (segs.len() as f64).max(1.0)
+    } else if dp > 1 {
+        (dp_comm - compute_s * 2.0 / 3.0).max(0.0)
+            // The last bucket cannot overlap.
+            + dp_comm / (segs.len() as f64).max(1.0)
+    } else {
+        0.0
+    };
+    let step_s = compute_s + tp_comm_s + dp_comm_s;
     Estimate {
         layout: layout.clone(),
         fits: m.total <= hw.memory_bytes,
@@ -385,8 +432,8 @@ pub fn plan(job: &JobConfig, shape: Shape, layout: Layout, hw: Hardware) -> Plan
     let n = hw.devices;
     for tp in (1..=n.min(8)).filter(|t| n.is_multiple_of(*t)) {
         let dp = n / tp;
-        for zero1 in [false, true] {
-            if zero1 && dp == 1 {
+        for (zero1, fsdp) in [(false, false), (true, false), (false, true)] {
+            if (zero1 || fsdp) && dp == 1 {
                 continue;
             }
             for ac in ["none", "mlp", "block"] {
@@ -394,6 +441,7 @@ pub fn plan(job: &JobConfig, shape: Shape, layout: Layout, hw: Hardware) -> Plan
                     dp,
                     tp,
                     zero1,
+                    fsdp,
                     activation_checkpointing: ac.into(),
                     micro_batch_size: layout.micro_batch_size.min(shape.batch_size / dp as i64),
                 };
@@ -423,7 +471,8 @@ pub fn plan(job: &JobConfig, shape: Shape, layout: Layout, hw: Hardware) -> Plan
 }
 
 /// The first single change to `layout` that fits, in the order of what it costs: more
-/// recomputation, ZeRO-1, a smaller micro-batch, more tensor parallelism, then more devices.
+/// recomputation, ZeRO-1, full sharding, a smaller micro-batch, another mesh, then more
+/// devices.
 fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -> String {
     let fits = |l: &Layout, hw: &Hardware| valid(shape, l) && estimate(shape, l, hw).fits;
     let mut tries: Vec<(String, Layout)> = Vec::new();
@@ -440,11 +489,21 @@ fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -
             ));
         }
     }
-    if !layout.zero1 && layout.dp > 1 {
+    if !layout.zero1 && !layout.fsdp && layout.dp > 1 {
         tries.push((
             "parallel.zero1 = true".into(),
             Layout {
                 zero1: true,
+                ..layout.clone()
+            },
+        ));
+    }
+    if !layout.fsdp && layout.dp > 1 {
+        tries.push((
+            "parallel.fsdp = true".into(),
+            Layout {
+                zero1: false,
+                fsdp: true,
                 ..layout.clone()
             },
         ));
@@ -472,6 +531,7 @@ fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -
         );
     }
     // More devices: the smallest count (up to 64 times as many) at which some mesh fits.
+    let mut smallest: Option<(Hardware, Layout, Memory)> = None;
     for k in 2..=64 {
         let more = Hardware {
             devices: hw.devices * k,
@@ -479,7 +539,8 @@ fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -
         };
         let probe = Layout {
             dp: more.devices / layout.tp.max(1),
-            zero1: true,
+            zero1: false,
+            fsdp: true,
             activation_checkpointing: "block".into(),
             micro_batch_size: 1,
             ..layout.clone()
@@ -490,7 +551,11 @@ fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -
                 dp: (more.devices / tp).max(1),
                 ..probe.clone()
             };
-            if more.devices.is_multiple_of(tp) && fits(&l, &more) {
+            if !(more.devices.is_multiple_of(tp) && valid(shape, &l)) {
+                continue;
+            }
+            let e = estimate(shape, &l, &more);
+            if e.fits {
                 return format!(
                     "{} devices with {} (no mesh of {} fits)",
                     more.devices,
@@ -498,12 +563,47 @@ fn suggest(shape: &Shape, layout: &Layout, hw: &Hardware, meshes: &[Estimate]) -
                     hw.devices
                 );
             }
+            if smallest
+                .as_ref()
+                .is_none_or(|(_, _, m)| e.memory.total < m.total)
+            {
+                smallest = Some((more.clone(), l, e.memory));
+            }
         }
     }
-    "nothing Kiln runs today: the parameters, gradients and optimizer state alone exceed a \
-     device at every mesh up to 64 times as many devices (fully sharded data parallelism \
-     would divide them by the data-parallel size)"
-        .into()
+    let Some((more, l, m)) = smallest else {
+        return "nothing Kiln runs today: no mesh of up to 64 times as many devices is valid \
+                for this model and batch"
+            .into();
+    };
+    let (term, bytes) = m.largest();
+    format!(
+        "nothing Kiln runs today: up to 64 times as many devices, fully sharded and \
+         recomputing every block, the smallest rank ({} on {} devices) still needs {}, the \
+         most of it {} ({})",
+        describe(&l),
+        more.devices,
+        gib(m.total),
+        term,
+        gib(bytes)
+    )
+}
+
+impl Memory {
+    /// The largest of what training holds, by name.
+    pub fn largest(&self) -> (&'static str, f64) {
+        [
+            ("parameters", self.parameters),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("bf16 weight copies", self.low_precision_weights),
+            ("activations", self.activations),
+            ("the backward working set", self.backward_working_set),
+            ("the loss", self.loss),
+        ]
+        .into_iter()
+        .fold(("nothing", 0.0), |a, b| if b.1 > a.1 { b } else { a })
+    }
 }
 
 /// `dp 4 x tp 2, ZeRO-1, recompute block, micro-batch 2`.
@@ -511,6 +611,9 @@ pub fn describe(l: &Layout) -> String {
     let mut s = format!("dp {} x tp {}", l.dp, l.tp);
     if l.zero1 {
         s.push_str(", ZeRO-1");
+    }
+    if l.fsdp {
+        s.push_str(", fully sharded");
     }
     if l.activation_checkpointing != "none" {
         let _ = write!(s, ", recompute {}", l.activation_checkpointing);
@@ -646,6 +749,7 @@ mod tests {
             dp,
             tp,
             zero1,
+            fsdp: false,
             activation_checkpointing: ac.into(),
             micro_batch_size: micro,
         }
@@ -710,6 +814,52 @@ mod tests {
         let s = shape("405b", 8192, 512, true);
         let p = plan(&job, s, layout(8, 8, true, "block", 1), h100(8));
         assert!(p.meshes.iter().all(|e| !e.fits));
-        assert!(p.suggestion.unwrap().contains("nothing Kiln runs today"));
+        let why = p.suggestion.unwrap();
+        assert!(why.contains("nothing Kiln runs today"), "{why}");
+        // Fully sharded and recomputing, what is left is the block inputs it keeps.
+        assert!(why.contains("the most of it activations"), "{why}");
+        // 70b does fit on 64: fully sharded with block recomputation.
+        let s = shape("70b", 8192, 128, true);
+        let p = plan(&job, s, layout(8, 8, true, "block", 1), h100(64));
+        let best = p
+            .meshes
+            .iter()
+            .find(|e| e.fits)
+            .expect("a mesh of 64 fits 70b");
+        assert!(best.layout.fsdp, "{}", p.render());
+    }
+
+    #[test]
+    fn full_sharding_divides_the_state_and_holds_what_is_gathered() {
+        let s = shape("8b", 8192, 64, true);
+        let fsdp = |ac: &str| Layout {
+            zero1: false,
+            fsdp: true,
+            ..layout(8, 1, false, ac, 1)
+        };
+        let p = s.model.num_params() as f64;
+        let none = estimate(&s, &fsdp("none"), &h100(8));
+        let block = estimate(&s, &fsdp("block"), &h100(8));
+        let zero1 = estimate(&s, &layout(8, 1, true, "block", 1), &h100(8));
+        // AdamW's state is an eighth of 8 bytes a parameter, as with ZeRO-1.
+        assert!((block.memory.optimizer_state - p).abs() / p < 0.01);
+        assert!((block.memory.optimizer_state - zero1.memory.optimizer_state).abs() / p < 0.01);
+        // Without recomputation autograd holds every block's gathered weights: the whole
+        // model's 4 bytes a parameter, and the shard.
+        assert!(none.memory.parameters > 4.0 * p);
+        // With it: the shard, the embedding, the head and two blocks (for 8b's 128k
+        // vocabulary, the embedding and the head are 13% of the model).
+        assert!(
+            block.memory.parameters < none.memory.parameters / 3.0,
+            "{:?}",
+            block.memory
+        );
+        // Gradients: the shard and at most a few whole segments, far below ZeRO-1's whole.
+        assert!(block.memory.gradients < zero1.memory.gradients / 4.0);
+        // 8b fits on 8 GPUs fully sharded, without tensor parallelism.
+        assert!(block.fits, "{:?}", block.memory);
+        assert!(!zero1.fits);
+        // Gathering again for the recomputed backward costs traffic, not compute.
+        assert!(block.dp_comm_s >= none.dp_comm_s);
     }
 }
