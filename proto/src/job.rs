@@ -760,6 +760,13 @@ dir = "out"
             err,
             "invalid job file job.toml: train.activation_checkpointing: expected none, mlp or block, got \"layer\""
         );
+        let text = format!("{GOOD}\n[parallel]\nzero1 = true\nfsdp = true\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid job file job.toml: parallel.fsdp: fsdp shards the optimizer state as zero1 \
+             does, and the parameters and gradients too: set one of them, not both"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Kiln's parameter names are Hugging Face's, so loading is a name-for-name copy (with dtype
 //! conversion to fp32) and export writes the same names back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -173,9 +174,6 @@ pub fn load_weights(model: &Llama, dir: &Path) -> Result<(), HfError> {
     Ok(())
 }
 
-/// A tensor's name, shape and bytes, on the host, ready to serialize.
-type HostTensor = (String, Vec<i64>, Vec<u8>);
-
 /// How [`save`] writes weights.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
@@ -197,76 +195,205 @@ impl Default for SaveOptions {
 }
 
 /// Writes `model` as a Hugging Face directory that `transformers` loads with
-/// `LlamaForCausalLM.from_pretrained`.
+/// `LlamaForCausalLM.from_pretrained`, one tensor in host memory at a time.
 pub fn save(model: &Llama, dir: &Path, options: &SaveOptions) -> Result<(), HfError> {
-    let write_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| HfError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    let mut config = model.config.to_hf_json(options.eos_id);
-    let (dtype, dtype_name) = match options.kind {
-        Kind::BFloat16 => (Dtype::BF16, "bfloat16"),
-        _ => (Dtype::F32, "float32"),
-    };
-    config["torch_dtype"] = json!(dtype_name);
-    let config_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    std::fs::write(&config_path, text).map_err(write_err(&config_path))?;
+    let tensors: Vec<(String, Vec<u64>)> = model
+        .params
+        .entries()
+        .iter()
+        .map(|e| {
+            (
+                e.spec.name.clone(),
+                e.spec.shape.iter().map(|&d| d as u64).collect(),
+            )
+        })
+        .collect();
+    let mut out = HfWriter::create(dir, &model.config, options, &tensors)?;
+    for i in 0..tensors.len() {
+        out.write_tensor(&model.params.view(i))?;
+    }
+    out.finish()
+}
 
-    // Group tensors into shards of at most max_shard_bytes, in parameter order.
-    let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
-    let mut shard_bytes = 0u64;
-    for (i, e) in model.params.entries().iter().enumerate() {
-        let t = model
-            .params
-            .view(i)
+/// A Hugging Face directory written tensor by tensor, in the order given up front (the
+/// headers are written first): `config.json`, then the weights files, then their index.
+pub struct HfWriter {
+    dir: PathBuf,
+    bf16: bool,
+    /// Per file: its tensors' names and shapes, in order.
+    files: Vec<Vec<(String, Vec<u64>)>>,
+    weight_map: BTreeMap<String, String>,
+    /// The file being written and the index of the next tensor in it.
+    file: usize,
+    next: usize,
+    out: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+impl HfWriter {
+    /// Writes `config.json` for `config` and prepares weights files for `tensors` (whole
+    /// shapes, in the order they will be written), at most `options.max_shard_bytes` each.
+    pub fn create(
+        dir: &Path,
+        config: &LlamaConfig,
+        options: &SaveOptions,
+        tensors: &[(String, Vec<u64>)],
+    ) -> Result<HfWriter, HfError> {
+        std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+        let bf16 = options.kind == Kind::BFloat16;
+        let mut hf = config.to_hf_json(options.eos_id);
+        hf["torch_dtype"] = json!(if bf16 { "bfloat16" } else { "float32" });
+        let config_path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&hf).unwrap_or_default();
+        std::fs::write(&config_path, text).map_err(write_err(&config_path))?;
+        let elem = if bf16 { 2u64 } else { 4 };
+        let mut files: Vec<Vec<(String, Vec<u64>)>> = vec![Vec::new()];
+        let mut in_file = 0u64;
+        for (name, shape) in tensors {
+            let bytes = shape.iter().product::<u64>() * elem;
+            if in_file > 0 && in_file + bytes > options.max_shard_bytes {
+                files.push(Vec::new());
+                in_file = 0;
+            }
+            in_file += bytes;
+            if let Some(f) = files.last_mut() {
+                f.push((name.clone(), shape.clone()));
+            }
+        }
+        let mut w = HfWriter {
+            dir: dir.to_owned(),
+            bf16,
+            files,
+            weight_map: BTreeMap::new(),
+            file: 0,
+            next: 0,
+            out: None,
+            bytes: 0,
+            tensors: 0,
+        };
+        w.open(0)?;
+        Ok(w)
+    }
+
+    /// The number of weights files.
+    pub fn files(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Starts weights file `k`: its safetensors header.
+    fn open(&mut self, k: usize) -> Result<(), HfError> {
+        let n = self.files.len();
+        let name = weights_file(k, n);
+        let path = self.dir.join(&name);
+        let elem = if self.bf16 { 2u64 } else { 4 };
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({ "format": "pt" }));
+        let mut at = 0u64;
+        for (tensor, shape) in &self.files[k] {
+            let len = shape.iter().product::<u64>() * elem;
+            header.insert(
+                tensor.clone(),
+                json!({
+                    "dtype": if self.bf16 { "BF16" } else { "F32" },
+                    "shape": shape,
+                    "data_offsets": [at, at + len],
+                }),
+            );
+            self.weight_map.insert(tensor.clone(), name.clone());
+            at += len;
+        }
+        let mut head = serde_json::to_vec(&header).unwrap_or_default();
+        while !(8 + head.len()).is_multiple_of(8) {
+            head.push(b' ');
+        }
+        let file = std::fs::File::create(&path).map_err(write_err(&path))?;
+        let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+        out.write_all(&(head.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(&head))
+            .map_err(write_err(&path))?;
+        self.out = Some((path, out));
+        self.file = k;
+        self.next = 0;
+        Ok(())
+    }
+
+    /// The next tensor, as fp32 little-endian bytes of its whole shape.
+    pub fn write_f32_bytes(&mut self, data: &[u8]) -> Result<(), HfError> {
+        if self.next == self.files[self.file].len() {
+            self.close()?;
+            self.open(self.file + 1)?;
+        }
+        let (name, shape) = &self.files[self.file][self.next];
+        let expected = shape.iter().product::<u64>() * 4;
+        let Some((path, out)) = self.out.as_mut() else {
+            return Ok(());
+        };
+        if data.len() as u64 != expected {
+            return Err(HfError::Safetensors {
+                path: path.clone(),
+                message: format!("tensor {name}: {} bytes, expected {expected}", data.len()),
+            });
+        }
+        let written = if self.bf16 {
+            let half: Vec<u8> = data
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+                })
+                .collect();
+            out.write_all(&half).map(|()| half.len())
+        } else {
+            out.write_all(data).map(|()| data.len())
+        }
+        .map_err(write_err(path))?;
+        self.bytes += written as u64;
+        self.tensors += 1;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The next tensor, from any device and float kind.
+    pub fn write_tensor(&mut self, t: &Tensor) -> Result<(), HfError> {
+        let t = t
             .detach()
             .to_device(Device::Cpu)
-            .to_kind(options.kind)
+            .to_kind(Kind::Float)
             .contiguous();
         let numel = t.numel();
-        let mut data = vec![0u8; numel * options.kind.elt_size_in_bytes()];
+        let mut data = vec![0u8; numel * 4];
         t.f_copy_data_u8(&mut data, numel)
             .map_err(|err| HfError::Safetensors {
-                path: dir.to_owned(),
-                message: format!("tensor {}: {err}", e.spec.name),
+                path: self.dir.clone(),
+                message: err.to_string(),
             })?;
-        if shard_bytes > 0 && shard_bytes + data.len() as u64 > options.max_shard_bytes {
-            shards.push(Vec::new());
-            shard_bytes = 0;
-        }
-        shard_bytes += data.len() as u64;
-        if let Some(last) = shards.last_mut() {
-            last.push((e.spec.name.clone(), e.spec.shape.clone(), data));
-        }
+        self.write_f32_bytes(&data)
     }
-    let n = shards.len();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0u64;
-    for (s, shard) in shards.iter().enumerate() {
-        let file = weights_file(s, n);
-        let mut views = Vec::with_capacity(shard.len());
-        for (name, shape, data) in shard {
-            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            let view = TensorView::new(dtype, shape, data).map_err(|e| HfError::Safetensors {
-                path: dir.join(&file),
-                message: e.to_string(),
-            })?;
-            weight_map.insert(name.clone(), file.clone());
-            total += data.len() as u64;
-            views.push((name.clone(), view));
+
+    fn close(&mut self) -> Result<(), HfError> {
+        if let Some((path, mut out)) = self.out.take() {
+            out.flush().map_err(write_err(&path))?;
         }
-        let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-        let path = dir.join(&file);
-        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| {
-            HfError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        Ok(())
     }
-    write_index(dir, n, total, &weight_map)
+
+    /// Flushes the last file and writes the index; every tensor must have been written.
+    pub fn finish(mut self) -> Result<(), HfError> {
+        let written = self.file + 1 == self.files.len() && self.next == self.files[self.file].len();
+        if !written {
+            return Err(HfError::Safetensors {
+                path: self.dir.clone(),
+                message: format!("only {} tensors were written", self.tensors),
+            });
+        }
+        self.close()?;
+        write_index(&self.dir, self.files.len(), self.bytes, &self.weight_map)
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError {
+    let path = path.to_owned();
+    move |source| HfError::Write { path, source }
 }
 
 /// The name of weights file `k` of `n`: `model.safetensors` alone, else Hugging Face's

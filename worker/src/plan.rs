@@ -28,7 +28,8 @@
 //!   the head weight's gradient, made in the forward pass and held until the backward's;
 //! - the runtime: libtorch and the loader on the CPU (measured, see the README), the CUDA
 //!   context, cuBLAS workspace and NCCL buffers on a GPU (assumed);
-//! - after the last step, on the first rank, writing the final weights (host memory): on the
+//! - after the last step, on the first rank, writing the final weights a tensor at a time
+//!   (host memory): on the
 //!   CPU that phase is the peak when it adds more than training's activations did.
 //!
 //! Step time is `compute + tensor-parallel traffic + what of the data-parallel traffic the
@@ -105,9 +106,10 @@ pub struct Memory {
     /// The output head's loss.
     pub loss: f64,
     pub runtime: f64,
-    /// Host memory the first rank adds after the last step to write the final weights: the
-    /// fp32 copy `hf::save` makes of every tensor and, under tensor parallelism, the
-    /// gathered model. On the CPU it counts towards `total` when
+    /// Host memory the first rank adds after the last step to write the final weights, which
+    /// go out a tensor at a time (`hf::HfWriter`): the host copy of the largest tensor and,
+    /// under tensor parallelism, the buffers gathering it; fully sharded, its gathered
+    /// segment too. On the CPU it counts towards `total` when
     /// it is larger than what training adds (activations, working set, loss); on a GPU it
     /// is host memory and does not.
     pub final_weights: f64,
@@ -322,14 +324,16 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
     } else {
         CPU_RUNTIME_BYTES
     };
-    let full = 4.0 * c.num_params() as f64;
-    // The host copy; under tensor parallelism the model gathered whole first (a tensor at a
-    // time, whose buffers are freed before the copy).
-    m.final_weights = if tp == 1 && !layout.fsdp {
-        full
-    } else {
-        2.0 * full
-    };
+    // The largest whole tensor: the embedding (or the head, the same size).
+    let largest = 4.0 * (c.vocab_size * c.dim) as f64;
+    // Its host bytes; under tensor parallelism the gather's padded input, its output, the
+    // concatenation and the bytes; fully sharded, the largest segment gathered as well.
+    m.final_weights = if tp == 1 { largest } else { 4.0 * largest }
+        + if layout.fsdp {
+            4.0 * segs.iter().map(|r| r.end - r.start).max().unwrap_or(0) as f64
+        } else {
+            0.0
+        };
     let state = m.parameters + m.gradients + m.optimizer_state + m.optimizer_scratch + m.runtime;
     let training = m.low_precision_weights + m.activations + m.backward_working_set + m.loss;
     m.total = state

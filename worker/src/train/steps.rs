@@ -11,14 +11,13 @@ use kiln_shard_loader::order::LedgerEntry;
 use tch::Tensor;
 
 use super::log::{Emitter, Ledger};
-use super::setup::{decay_policy, manifest_meta, Setup};
+use super::setup::{manifest_meta, Setup};
 use super::{Event, Phases, Summary, TrainError, KILN_META};
 use crate::checkpoint::Saver;
 use crate::collective::ReduceOp;
 use crate::device;
 use crate::eval::evaluate;
 use crate::hf::{self, SaveOptions};
-use crate::model::Llama;
 use crate::optim::LrSchedule;
 use crate::parallel::train_step;
 
@@ -342,14 +341,35 @@ impl<'a> Trainer<'a> {
         meta["data_cursor"] = serde_json::to_value(&cursor).unwrap_or_default();
         let eos_id = run.manifest.eos_id;
         let params = &run.model.params;
+        let options = SaveOptions {
+            eos_id: Some(eos_id),
+            ..SaveOptions::default()
+        };
         if run.groups.tp.size() > 1 || params.sharding().is_some() {
             // Every rank gathers (collectives need all members): fully sharded, a segment at a
             // time from the data-parallel group, then a parameter at a time from the
-            // tensor-parallel group. The leader alone keeps them, in a model without
-            // gradients, and writes.
-            let whole = run.leader.then(|| {
-                Llama::new(&run.config, decay_policy(self.job), tch::Device::Cpu).without_grads()
-            });
+            // tensor-parallel group. The leader alone writes each whole parameter as it
+            // comes, holding one at a time.
+            let mut out = match run.leader {
+                true => {
+                    let tensors: Vec<(String, Vec<u64>)> = params
+                        .entries()
+                        .iter()
+                        .map(|e| {
+                            let shape = e.spec.full_shape().iter().map(|&d| d as u64).collect();
+                            (e.spec.name.clone(), shape)
+                        })
+                        .collect();
+                    Some(hf::HfWriter::create(
+                        &model_dir,
+                        &run.config,
+                        &options,
+                        &tensors,
+                    )?)
+                }
+                false => None,
+            };
+            // Parameters are laid out in segment order, so this is the order declared.
             for s in 0..params.segments().len() {
                 params.gather(s)?;
                 for (i, e) in params.entries().iter().enumerate() {
@@ -357,17 +377,19 @@ impl<'a> Trainer<'a> {
                         continue;
                     }
                     let full = run.model.full_param(i)?;
-                    if let Some(whole) = &whole {
-                        whole.params.set(i, &full);
+                    if let Some(out) = out.as_mut() {
+                        out.write_tensor(&full)?;
                     }
                 }
                 params.release(s);
             }
-            if let Some(whole) = &whole {
-                save_model(whole, &model_dir, &meta, eos_id)?;
+            if let Some(out) = out {
+                out.finish()?;
+                write_meta(&model_dir, &meta)?;
             }
         } else if run.leader {
-            save_model(&run.model, &model_dir, &meta, eos_id)?;
+            hf::save(&run.model, &model_dir, &options)?;
+            write_meta(&model_dir, &meta)?;
         }
         run.groups.world.barrier()?;
         self.summary.cursor = Some(cursor);
@@ -383,18 +405,8 @@ impl<'a> Trainer<'a> {
 /// the seconds reading them took.
 type StepBatches = (Vec<(Tensor, Tensor)>, u64, f64);
 
-/// Writes the weights (fp32) and Kiln's sidecar with the tokenizer the model was trained with.
-fn save_model(
-    model: &Llama,
-    dir: &Path,
-    meta: &serde_json::Value,
-    eos_id: u32,
-) -> Result<(), TrainError> {
-    let options = SaveOptions {
-        eos_id: Some(eos_id),
-        ..SaveOptions::default()
-    };
-    hf::save(model, dir, &options)?;
+/// Writes Kiln's sidecar next to the weights: the tokenizer the model was trained with.
+fn write_meta(dir: &Path, meta: &serde_json::Value) -> Result<(), TrainError> {
     let path = dir.join(KILN_META);
     let text = serde_json::to_string_pretty(meta).unwrap_or_default();
     std::fs::write(&path, text).map_err(|source| TrainError::Write { path, source })
