@@ -235,54 +235,10 @@ fn segments(c: &LlamaConfig, tp: usize) -> Vec<Range<i64>> {
 pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
     let c = &shape.model;
     let cuda = hw.device == "cuda";
-    let (tp, dp) = (layout.tp, layout.dp);
+    let tp = layout.tp;
     let segs = segments(c, tp);
-    let local = segs.last().map_or(0, |r| r.end) as f64;
-    let mut m = Memory {
-        parameters: 4.0 * local,
-        gradients: 4.0 * local,
-        ..Memory::default()
-    };
     let recompute = Recompute::parse(&layout.activation_checkpointing).unwrap_or_default();
-    if layout.fsdp {
-        let chunk = |r: &Range<i64>| ((r.end - r.start) as f64 / dp as f64).ceil();
-        let owned: f64 = segs.iter().map(chunk).sum();
-        let longest = segs.iter().map(chunk).fold(0.0, f64::max);
-        let len = |r: Option<&Range<i64>>| r.map_or(0.0, |r| (r.end - r.start) as f64);
-        let (embed, block, head) = (len(segs.first()), len(segs.get(1)), len(segs.last()));
-        let gathered = if recompute == Recompute::Block {
-            embed + head + 2.0 * block
-        } else {
-            local
-        };
-        let whole_grads = 2.0 * block + if c.tie_embeddings { embed } else { head };
-        m.parameters = 4.0 * (owned + gathered);
-        m.gradients = 4.0 * (owned + whole_grads);
-        m.optimizer_state = 8.0 * owned;
-        m.optimizer_scratch = 4.0 * longest;
-        if shape.bf16 {
-            m.low_precision_weights = 2.0 * gathered;
-        }
-    } else if layout.zero1 && dp > 1 {
-        let buckets = plan_buckets(&segs, (shape.bucket_mb * MIB) as u64);
-        let chunk = |len: i64| (len as f64 / dp as f64).ceil();
-        let owned: f64 = buckets
-            .iter()
-            .map(|b| chunk(b.range.end - b.range.start))
-            .sum();
-        let longest = buckets
-            .iter()
-            .map(|b| chunk(b.range.end - b.range.start))
-            .fold(0.0, f64::max);
-        m.optimizer_state = 8.0 * owned;
-        m.optimizer_scratch = 4.0 * longest;
-    } else {
-        m.optimizer_state = 8.0 * local;
-        m.optimizer_scratch = 4.0 * local;
-    }
-    if shape.bf16 && !layout.fsdp {
-        m.low_precision_weights = 2.0 * local;
-    }
+    let mut m = state_memory(shape, layout, &segs, recompute);
     let tokens = (layout.micro_batch_size * shape.seq_len) as f64;
     let layers = c.n_layers as f64;
     let (attn, mlp, input) = block_bytes(shape, tp, cuda);
@@ -343,7 +299,103 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
             training.max(m.final_weights)
         };
 
-    // Work and time.
+    let t = timing(shape, layout, hw, &segs, recompute);
+    Estimate {
+        layout: layout.clone(),
+        fits: m.total <= hw.memory_bytes,
+        memory: m,
+        flops_per_token: t.flops_per_token,
+        executed_flops_per_token: t.executed,
+        accumulation_steps: t.accumulation_steps,
+        compute_s: t.compute_s,
+        tp_comm_s: t.tp_comm_s,
+        dp_comm_s: t.dp_comm_s,
+        step_s: t.step_s,
+        tokens_per_s: t.tokens_per_s,
+    }
+}
+
+/// The state a rank holds whatever the micro-batch: parameters, gradients, AdamW's state
+/// and scratch, bf16 weight copies (the other fields zero).
+fn state_memory(
+    shape: &Shape,
+    layout: &Layout,
+    segs: &[Range<i64>],
+    recompute: Recompute,
+) -> Memory {
+    let c = &shape.model;
+    let dp = layout.dp;
+    let local = segs.last().map_or(0, |r| r.end) as f64;
+    let mut m = Memory {
+        parameters: 4.0 * local,
+        gradients: 4.0 * local,
+        ..Memory::default()
+    };
+    if layout.fsdp {
+        let chunk = |r: &Range<i64>| ((r.end - r.start) as f64 / dp as f64).ceil();
+        let owned: f64 = segs.iter().map(chunk).sum();
+        let longest = segs.iter().map(chunk).fold(0.0, f64::max);
+        let len = |r: Option<&Range<i64>>| r.map_or(0.0, |r| (r.end - r.start) as f64);
+        let (embed, block, head) = (len(segs.first()), len(segs.get(1)), len(segs.last()));
+        let gathered = if recompute == Recompute::Block {
+            embed + head + 2.0 * block
+        } else {
+            local
+        };
+        let whole_grads = 2.0 * block + if c.tie_embeddings { embed } else { head };
+        m.parameters = 4.0 * (owned + gathered);
+        m.gradients = 4.0 * (owned + whole_grads);
+        m.optimizer_state = 8.0 * owned;
+        m.optimizer_scratch = 4.0 * longest;
+        if shape.bf16 {
+            m.low_precision_weights = 2.0 * gathered;
+        }
+    } else if layout.zero1 && dp > 1 {
+        let buckets = plan_buckets(segs, (shape.bucket_mb * MIB) as u64);
+        let chunk = |len: i64| (len as f64 / dp as f64).ceil();
+        let owned: f64 = buckets
+            .iter()
+            .map(|b| chunk(b.range.end - b.range.start))
+            .sum();
+        let longest = buckets
+            .iter()
+            .map(|b| chunk(b.range.end - b.range.start))
+            .fold(0.0, f64::max);
+        m.optimizer_state = 8.0 * owned;
+        m.optimizer_scratch = 4.0 * longest;
+    } else {
+        m.optimizer_state = 8.0 * local;
+        m.optimizer_scratch = 4.0 * local;
+    }
+    if shape.bf16 && !layout.fsdp {
+        m.low_precision_weights = 2.0 * local;
+    }
+    m
+}
+
+/// Step time and work, from [`estimate`].
+struct Timing {
+    flops_per_token: f64,
+    executed: f64,
+    accumulation_steps: i64,
+    compute_s: f64,
+    tp_comm_s: f64,
+    dp_comm_s: f64,
+    step_s: f64,
+    tokens_per_s: f64,
+}
+
+fn timing(
+    shape: &Shape,
+    layout: &Layout,
+    hw: &Hardware,
+    segs: &[Range<i64>],
+    recompute: Recompute,
+) -> Timing {
+    let c = &shape.model;
+    let (tp, dp) = (layout.tp, layout.dp);
+    let layers = c.n_layers as f64;
+    let local = segs.last().map_or(0, |r| r.end) as f64;
     let flops_per_token = c.flops_per_token(shape.seq_len);
     let attn_fwd = 4.0 * (c.n_heads * c.head_dim * shape.seq_len) as f64;
     let mlp_fwd = 2.0 * 3.0 * (c.dim * c.ffn_dim) as f64;
@@ -406,12 +458,9 @@ pub fn estimate(shape: &Shape, layout: &Layout, hw: &Hardware) -> Estimate {
         0.0
     };
     let step_s = compute_s + tp_comm_s + dp_comm_s;
-    Estimate {
-        layout: layout.clone(),
-        fits: m.total <= hw.memory_bytes,
-        memory: m,
+    Timing {
         flops_per_token,
-        executed_flops_per_token: executed,
+        executed,
         accumulation_steps,
         compute_s,
         tp_comm_s,
