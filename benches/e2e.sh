@@ -81,7 +81,7 @@ EOF
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 command="benches/e2e.sh $size $steps $rounds"
-[[ $systems == "kiln ddp" ]] || command="SYSTEMS=\"$systems\" $command"
+[[ $systems == "kiln ddp" ]] || command="SYSTEMS='$systems' $command"
 [[ $batch == 16 && $micro == 8 ]] || command="BATCH=$batch MICRO=$micro $command"
 "$py" - "$dir/meta.json" <<EOF
 import json, sys

@@ -479,7 +479,9 @@ def cmd_summarize(a):
         r["same_samples_as_other_runs"] = same_samples
         print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}))
     best = {}
-    for s in dict.fromkeys(r["system"] for r in runs):
+    known = ["kiln", "kiln-fsdp", "ddp", "fsdp2"]
+    order = sorted({r["system"] for r in runs}, key=lambda s: (known.index(s) if s in known else len(known), s))
+    for s in order:
         best[s] = max((r for r in runs if r["system"] == s), key=lambda r: r["tokens_per_s"])
     if set(best) != {"kiln", "ddp"}:
         _table(meta, runs, best)
