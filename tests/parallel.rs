@@ -165,8 +165,17 @@ fn activation_checkpointing_gives_the_same_curve_bit_for_bit() {
 
 #[test]
 fn a_killed_rank_fails_the_others_with_its_name() {
+    killed_rank_is_named("kill", "");
+    // Fully sharded: the gathers and reduce-scatters on the communication thread fail, and
+    // the training thread reports it the same way.
+    killed_rank_is_named("kill-fsdp", "fsdp = true");
+}
+
+/// Kills rank 1 of 3 data-parallel ranks (`parallel` settings) mid-run: ranks 0 and 2 exit
+/// with an error naming it.
+fn killed_rank_is_named(name: &str, parallel: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let path = job(dir.path(), "kill", 2, "");
+    let path = job(dir.path(), name, 2, parallel);
     // Three data-parallel ranks, long enough to be mid-run when the kill comes.
     let text = std::fs::read_to_string(&path)
         .unwrap()
@@ -176,7 +185,7 @@ fn a_killed_rank_fails_the_others_with_its_name() {
     std::fs::write(&path, text).unwrap();
     let mut children = spawn_ranks(&path, 3);
     // Wait until training runs: rank 0 has logged a step.
-    let metrics = dir.path().join("kill/metrics.jsonl");
+    let metrics = dir.path().join(name).join("metrics.jsonl");
     let started = Instant::now();
     while !std::fs::read_to_string(&metrics)
         .unwrap_or_default()
@@ -196,7 +205,7 @@ fn a_killed_rank_fails_the_others_with_its_name() {
     for (r, out) in [0, 2].iter().zip(wait_all(children)) {
         let waited = killed_at.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        println!("rank {r} after {waited:?}: {}", stderr.trim());
+        println!("{name}: rank {r} after {waited:?}: {}", stderr.trim());
         assert!(!out.status.success());
         assert!(
             stderr.contains(&format!("error: rank {r} of 3")),
