@@ -103,31 +103,17 @@ fn a_checkpoint_resumes_on_other_meshes() {
         println!("{out}");
         run_python("same_weights.py", &[path_str(&hf), path_str(&model)]);
     }
-    let base_ledger: Vec<&str> = base.ledger.lines().collect();
-    for (name, world, micro, parallel) in [
-        ("dp1tp1", 1, 4, ""),
-        ("dp4tp1", 4, 2, ""),
-        ("dp1tp2", 2, 4, "tp = 2"),
-    ] {
-        let path = tiny_job(dir.path(), name, micro, parallel, "", 12);
-        let (resumed, out) = run_out(&path, world, &["--resume", path_str(&step6)]);
-        assert!(out.contains("resumed at step 6 from"), "{name}: {out}");
-        let diff = max_diff(&resumed.losses, &base.losses[6..]);
-        let val_diff = max_diff(&resumed.val_losses, &base.val_losses[1..]);
-        println!(
-            "dp2 x tp2 -> {name}: max |loss difference| {diff:.3e} over steps 7..12, validation {val_diff:.3e}"
-        );
-        assert!(
-            diff <= 1e-5,
-            "{name}: {:?} vs {:?}",
-            resumed.losses,
-            &base.losses[6..]
-        );
-        assert!(val_diff <= 1e-5, "{name}: validation");
-        // The same samples, in the same steps: none repeated, none skipped.
-        let ledger: Vec<&str> = resumed.ledger.lines().collect();
-        assert_eq!(ledger, base_ledger[6..], "{name}: the ledgers differ");
-    }
+    resumes_as(
+        dir.path(),
+        "dp2 x tp2",
+        &base,
+        &step6,
+        &[
+            ("dp1tp1", 1, 4, ""),
+            ("dp4tp1", 4, 2, ""),
+            ("dp1tp2", 2, 4, "tp = 2"),
+        ],
+    );
 }
 
 /// Resumes `step6` (a checkpoint of `base` after step 6) as each of `layouts` and checks the
@@ -156,6 +142,7 @@ fn resumes_as(
             &base.losses[6..]
         );
         assert!(val_diff <= 1e-5, "{name}: validation");
+        // The same samples, in the same steps: none repeated, none skipped.
         let ledger: Vec<&str> = resumed.ledger.lines().collect();
         assert_eq!(ledger, base_ledger[6..], "{name}: the ledgers differ");
     }
