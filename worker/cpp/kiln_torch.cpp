@@ -59,6 +59,25 @@ int kiln_autocast_set_dtype(int device_type, int scalar_type) {
   }
 }
 
+// 1 when autocast caches its casts of leaf tensors on this thread, 0 when not, -1 on an error.
+int kiln_autocast_cache_enabled() {
+  try {
+    return at::autocast::is_autocast_cache_enabled() ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 0 on success, -1 on an error. The setting is this thread's.
+int kiln_autocast_set_cache_enabled(int enabled) {
+  try {
+    at::autocast::set_autocast_cache_enabled(enabled != 0);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // `at::show_config()`: how the loaded libtorch was built (its version, CUDA and cuDNN
 // versions, CPU capability). A malloc'd string for `kiln_free`, or null on an error.
 char* kiln_torch_config() {

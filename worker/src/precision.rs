@@ -26,6 +26,8 @@ extern "C" {
     fn kiln_autocast_set_enabled(device_type: c_int, enabled: c_int) -> c_int;
     fn kiln_autocast_get_dtype(device_type: c_int) -> c_int;
     fn kiln_autocast_set_dtype(device_type: c_int, scalar_type: c_int) -> c_int;
+    fn kiln_autocast_cache_enabled() -> c_int;
+    fn kiln_autocast_set_cache_enabled(enabled: c_int) -> c_int;
     fn kiln_torch_config() -> *mut c_char;
     fn kiln_free(p: *mut c_char);
     fn kiln_torch_header_version() -> c_int;
@@ -79,6 +81,7 @@ struct Restore {
     device_type: c_int,
     enabled: c_int,
     dtype: c_int,
+    cache: c_int,
 }
 
 impl Drop for Restore {
@@ -92,13 +95,24 @@ impl Drop for Restore {
             if self.dtype >= 0 {
                 kiln_autocast_set_dtype(self.device_type, self.dtype);
             }
+            if self.cache >= 0 {
+                kiln_autocast_set_cache_enabled(self.cache);
+            }
         }
     }
 }
 
 /// Runs `f` with bf16 autocast on `device`'s type when `enabled` (else just runs it): the
-/// matmuls of the forward pass compute in bf16 from the fp32 weights, whose bf16 copies
-/// libtorch caches until the outermost `autocast` returns.
+/// matmuls of the forward pass compute in bf16 from the fp32 weights.
+///
+/// libtorch's cast cache is off inside: every use of a tensor casts it anew. The cache is
+/// one map for the whole process, emptied whenever any thread leaves its outermost autocast,
+/// and whether a cast came from it changes the autograd graph: three linears sharing one
+/// cached bf16 copy of a leaf sum their gradients in bf16 before the cast back, three casts
+/// sum them in fp32. With the cache, another thread's autocast could change this thread's
+/// gradients in their last bits; without it they depend on the inputs alone. (Parameters are
+/// views of the flat buffer, which libtorch never caches, so this costs only re-casts of the
+/// tape's leaf activations.)
 pub fn autocast<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
     if !enabled {
         return f();
@@ -111,8 +125,10 @@ pub fn autocast<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
             device_type: t,
             enabled: kiln_autocast_is_enabled(t).max(0),
             dtype: kiln_autocast_get_dtype(t),
+            cache: kiln_autocast_cache_enabled(),
         };
         torch_sys::at_autocast_increment_nesting();
+        kiln_autocast_set_cache_enabled(0);
         let set = kiln_autocast_set_dtype(t, scalar_type(AUTOCAST_KIND));
         assert_eq!(set, 0, "libtorch refused bf16 autocast on {device:?}");
         kiln_autocast_set_enabled(t, 1);
@@ -219,6 +235,36 @@ mod tests {
             autocast(false, Device::Cpu, || x.linear::<Tensor>(&w, None).kind()),
             Kind::Float
         );
+    }
+
+    /// A leaf that two bf16 linears use gets the fp32 sum of their gradients, as when each
+    /// runs alone: every use casts it anew, so no other thread's autocast (which empties
+    /// libtorch's process-wide cast cache) changes the graph. With libtorch's cache on, both
+    /// would share one cast and sum in bf16 (0.0625 off here at most when tried), unless
+    /// another test thread happened to empty the cache between the two linears.
+    #[test]
+    fn each_use_of_a_leaf_casts_it_anew() {
+        tch::manual_seed(11);
+        let leaf = Tensor::randn([8, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w = [0, 1].map(|_| Tensor::randn([64, 64], (Kind::Float, Device::Cpu)));
+        let grad = |uses: &[&Tensor]| {
+            let out = autocast(true, Device::Cpu, || {
+                assert_eq!(
+                    unsafe { kiln_autocast_cache_enabled() },
+                    0,
+                    "cache off inside"
+                );
+                let ys: Vec<Tensor> = uses
+                    .iter()
+                    .map(|w| leaf.linear::<Tensor>(w, None))
+                    .collect();
+                Tensor::stack(&ys, 0).to_kind(Kind::Float).sum(Kind::Float)
+            });
+            Tensor::run_backward(&[out], &[&leaf], false, false).remove(0)
+        };
+        let alone = grad(&[&w[0]]) + grad(&[&w[1]]);
+        assert!(grad(&[&w[0], &w[1]]).equal(&alone));
+        assert_eq!(unsafe { kiln_autocast_cache_enabled() }, 1, "restored");
     }
 
     #[test]
