@@ -187,6 +187,7 @@ fn save_rounds(
         tp: 1,
         zero1: false,
         fsdp: false,
+        shard: 0,
     };
     let train_state = |step: u64| serde_json::json!({ "step": step, "bench": "checkpoint" });
     let open = |name: &str| -> Result<CheckpointStore> {

@@ -56,29 +56,40 @@ fn zero1_is_identical_to_plain_data_parallelism() {
     zero.assert_matches(&plain, 0.0, "ZeRO-1 vs plain dp=2");
 }
 
-/// Fully sharded data parallelism gives plain data parallelism's curve within 1e-5 (fp32):
-/// at dp = 2 with one micro-batch, with 2 accumulated micro-batches (each reduced on its
-/// own), with recomputed blocks (gathered again for backward: bitwise the curve without),
-/// and at dp = 2 x tp = 2 on four processes. It is not bitwise: the gradient norm sums its
+/// Fully sharded data parallelism gives plain data parallelism's curve within 1e-5 (fp32,
+/// 20 steps): at dp = 2 with one micro-batch, with 2 accumulated micro-batches (each reduced
+/// on its own), with recomputed blocks (gathered again for backward: bitwise the curve
+/// without), at dp = 2 x tp = 2 on four processes, and hybrid: dp = 4 as 2 replicas of
+/// shard groups of 2 (the same global batch). It is not bitwise: the gradient norm sums its
 /// squares over other chunks (a segment's, not a bucket's), so clipping differs in the last
 /// bits.
 #[test]
 fn fully_sharded_matches_plain_data_parallelism() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = run(&job(dir.path(), "dp2", 4, ""), 2);
-    let fsdp = run(&job(dir.path(), "fsdp2", 4, "fsdp = true"), 2);
+    let job = |name: &str, micro: i64, parallel: &str| {
+        tiny_job(dir.path(), name, micro, parallel, "", 20)
+    };
+    let plain = run(&job("dp2", 4, ""), 2);
+    assert_eq!(plain.losses.len(), 20);
+    let fsdp = run(&job("fsdp2", 4, "fsdp = true"), 2);
     assert_eq!(fsdp.start["fsdp"], true);
     assert_eq!(plain.start["fsdp"], false);
     fsdp.assert_matches(&plain, 1e-5, "fully sharded vs plain dp=2");
-    let accum = run(&job(dir.path(), "fsdp2-accum", 2, "fsdp = true"), 2);
+    let accum = run(&job("fsdp2-accum", 2, "fsdp = true"), 2);
     accum.assert_matches(&plain, 1e-5, "fully sharded dp=2, 2 x 2 accumulated");
     let block = run(
-        &recomputing(dir.path(), "fsdp2-block", 2, "fsdp = true", "block"),
+        &with_recompute(job("fsdp2-block", 2, "fsdp = true"), "block"),
         2,
     );
     block.assert_matches(&accum, 0.0, "fully sharded, recompute block vs none");
-    let mesh = run(&job(dir.path(), "fsdp2tp2", 2, "tp = 2\nfsdp = true"), 4);
+    let mesh = run(&job("fsdp2tp2", 2, "tp = 2\nfsdp = true"), 4);
     mesh.assert_matches(&plain, 1e-5, "fully sharded dp=2 x tp=2 vs plain dp=2");
+    let hybrid = run(&job("hsdp2x2", 2, "fsdp = true\nshard = 2"), 4);
+    assert_eq!(
+        (hybrid.start["dp"].as_u64(), hybrid.start["shard"].as_u64()),
+        (Some(4), Some(2))
+    );
+    hybrid.assert_matches(&plain, 1e-5, "hybrid: 2 replicas x shard 2 vs plain dp=2");
 }
 
 #[test]
@@ -127,7 +138,11 @@ fn tensor_parallel_matches_one_process() {
 
 /// [`job`] with `train.activation_checkpointing = ac`.
 fn recomputing(dir: &Path, name: &str, micro: i64, parallel: &str, ac: &str) -> PathBuf {
-    let path = job(dir, name, micro, parallel);
+    with_recompute(job(dir, name, micro, parallel), ac)
+}
+
+/// The job file at `path` with `train.activation_checkpointing = ac`.
+fn with_recompute(path: PathBuf, ac: &str) -> PathBuf {
     let text = std::fs::read_to_string(&path).unwrap();
     let text = text.replace(
         "[train]\n",

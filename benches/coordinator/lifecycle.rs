@@ -356,6 +356,7 @@ pub fn machine_lifecycle(n: usize) -> Value {
         name: "bench".into(),
         toml: crate::sim::job_toml(n),
         tp: 1,
+        shard: 0,
         batch_size: n as u64,
         micro_batch_size: 1,
         steps: 1000,

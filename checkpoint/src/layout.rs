@@ -117,6 +117,9 @@ pub struct Mesh {
     /// any other: this is what it was written at, for display.
     #[serde(default)]
     pub fsdp: bool,
+    /// Hybrid sharding's shard group size; 0 when the run was not hybrid (or predates it).
+    #[serde(default)]
+    pub shard: usize,
 }
 
 /// `manifest.json`: a checkpoint exists exactly when this object does and parses.

@@ -681,7 +681,7 @@ impl Machine {
         if let Some((job, rank)) = self.index.get(worker_id, &self.jobs) {
             if job.phase.live() && r.finished(&job.id, job.generation).is_none() {
                 let world = job.ranks.len() as u32;
-                let peers = ring_neighbours(rank as u32, world, job.spec.tp)
+                let peers = ring_neighbours(rank as u32, world, job.spec.tp, job.spec.shard)
                     .into_iter()
                     .map(|r| (r, job.peers[r as usize].clone()))
                     .collect();

@@ -233,6 +233,7 @@ pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32, JobConfig), S
             name: job.name.clone(),
             toml: req.job_toml.clone(),
             tp,
+            shard: job.parallel.shard as u32,
             batch_size: job.train.batch_size as u64,
             micro_batch_size: job.micro_batch_size() as u64,
             steps: job.train.steps as u64,

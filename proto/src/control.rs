@@ -144,9 +144,11 @@ pub fn gone_rank(error: &str) -> Option<u32> {
 /// The ranks whose addresses `rank` needs in a `world`-rank mesh of tensor-parallel size `tp`
 /// (tensor-parallel innermost: rank = dp_rank * tp + tp_rank): itself, and the next and
 /// previous member of each ring it belongs to (the world, its data-parallel group, its
-/// tensor-parallel group). At most 7, sorted, whatever the world: the rendezvous connects
-/// to each ring's next member and accepts its previous one, and nothing else.
-pub fn ring_neighbours(rank: u32, world: u32, tp: u32) -> Vec<u32> {
+/// tensor-parallel group, and with hybrid sharding, `shard` > 0 dividing the data-parallel
+/// size, its shard group of `shard` neighbouring data-parallel ranks and its replica group
+/// across them). At most 11, sorted, whatever the world: the rendezvous connects to each
+/// ring's next member and accepts its previous one, and nothing else.
+pub fn ring_neighbours(rank: u32, world: u32, tp: u32, shard: u32) -> Vec<u32> {
     let (world, tp) = (world.max(1), tp.clamp(1, world.max(1)));
     let dp = world / tp;
     let (d, t) = (rank / tp, rank % tp);
@@ -159,6 +161,16 @@ pub fn ring_neighbours(rank: u32, world: u32, tp: u32) -> Vec<u32> {
         d * tp + (t + 1) % tp,
         d * tp + (t + tp - 1) % tp,
     ];
+    if shard > 0 && shard < dp && dp.is_multiple_of(shard) {
+        let (group, s) = (d / shard, d % shard);
+        let replicas = dp / shard;
+        out.extend([
+            (group * shard + (s + 1) % shard) * tp + t,
+            (group * shard + (s + shard - 1) % shard) * tp + t,
+            (((group + 1) % replicas) * shard + s) * tp + t,
+            (((group + replicas - 1) % replicas) * shard + s) * tp + t,
+        ]);
+    }
     out.sort_unstable();
     out.dedup();
     out
@@ -571,20 +583,33 @@ mod tests {
     #[test]
     fn ring_neighbours_are_the_next_and_previous_member_of_each_ring() {
         // dp 4 x tp 2: rank 3 is dp rank 1, tp rank 1.
-        assert_eq!(ring_neighbours(3, 8, 2), vec![1, 2, 3, 4, 5]);
-        assert_eq!(ring_neighbours(0, 8, 2), vec![0, 1, 2, 6, 7]);
-        assert_eq!(ring_neighbours(0, 1, 1), vec![0]);
-        assert_eq!(ring_neighbours(1, 2, 1), vec![0, 1]);
+        assert_eq!(ring_neighbours(3, 8, 2, 0), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ring_neighbours(0, 8, 2, 0), vec![0, 1, 2, 6, 7]);
+        assert_eq!(ring_neighbours(0, 1, 1, 0), vec![0]);
+        assert_eq!(ring_neighbours(1, 2, 1, 0), vec![0, 1]);
         // At most 7, whatever the world (the tensor-parallel ring's neighbours mostly are the
         // world ring's).
         assert_eq!(
-            ring_neighbours(8191, 16_384, 8),
+            ring_neighbours(8191, 16_384, 8, 0),
             vec![8183, 8184, 8190, 8191, 8192, 8199]
         );
         for rank in 0..64 {
-            assert!(ring_neighbours(rank, 64, 4).len() <= 7);
+            assert!(ring_neighbours(rank, 64, 4, 0).len() <= 7);
         }
-        assert_eq!(ring_neighbours(5000, 16_384, 1), vec![4999, 5000, 5001]);
+        assert_eq!(ring_neighbours(5000, 16_384, 1, 0), vec![4999, 5000, 5001]);
+        // Hybrid sharding, dp 8 = 2 replicas x shard 4: rank 5 is in shard group 4..8 and
+        // replica group {1, 5}.
+        assert_eq!(ring_neighbours(5, 8, 1, 4), vec![1, 4, 5, 6]);
+        // dp 8 x tp 2, shard 2: rank 6 is dp 3, tp 0: shard group dp {2, 3}, replicas dp
+        // {1, 3, 5, 7}.
+        assert_eq!(ring_neighbours(6, 16, 2, 2), vec![2, 4, 5, 6, 7, 8, 10]);
+        // A shard of the whole data-parallel group, or one that does not divide it, adds
+        // nothing.
+        assert_eq!(ring_neighbours(5, 8, 1, 8), ring_neighbours(5, 8, 1, 0));
+        assert_eq!(ring_neighbours(5, 8, 1, 3), ring_neighbours(5, 8, 1, 0));
+        for rank in 0..64 {
+            assert!(ring_neighbours(rank, 64, 4, 2).len() <= 11);
+        }
     }
 
     #[test]

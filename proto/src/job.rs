@@ -200,6 +200,12 @@ pub struct ParallelSpec {
     /// gathered for its forward and backward passes and its gradients reduce-scattered as
     /// soon as its backward returns. Excludes `zero1`, which it contains.
     pub fsdp: bool,
+    /// With `fsdp`: shard within groups of this many data-parallel ranks (neighbours in rank
+    /// order, so one node's ranks) and replicate across the `dp / shard` groups (hybrid
+    /// sharding, HSDP: `dp = replicate x shard`). Gathers and reduce-scatters stay inside a
+    /// group; each gradient chunk is then averaged across the replicas. 0: one group of all
+    /// the data-parallel ranks.
+    pub shard: usize,
     /// Gradients are all-reduced in buckets of about this many MiB, each as soon as backward
     /// has finished with it.
     pub bucket_mb: f64,
@@ -211,6 +217,7 @@ impl Default for ParallelSpec {
             tp: 1,
             zero1: false,
             fsdp: false,
+            shard: 0,
             bucket_mb: 25.0,
         }
     }
@@ -469,6 +476,15 @@ impl ParallelSpec {
                 "fsdp shards the optimizer state as zero1 does, and the parameters and \
                  gradients too: set one of them, not both"
                     .into(),
+            );
+        }
+        if self.shard > 0 && !self.fsdp {
+            return fail(
+                "parallel.shard",
+                format!(
+                    "shard = {} groups the fully sharded ranks; it needs fsdp = true",
+                    self.shard
+                ),
             );
         }
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
@@ -767,6 +783,14 @@ dir = "out"
             "invalid job file job.toml: parallel.fsdp: fsdp shards the optimizer state as zero1 \
              does, and the parameters and gradients too: set one of them, not both"
         );
+        let text = format!("{GOOD}\n[parallel]\nshard = 2\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid job file job.toml: parallel.shard: shard = 2 groups the fully sharded \
+             ranks; it needs fsdp = true"
+        );
+        assert!(parse(&format!("{GOOD}\n[parallel]\nshard = 2\nfsdp = true\n")).is_ok());
     }
 
     #[test]

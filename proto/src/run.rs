@@ -36,6 +36,10 @@ pub enum Event {
         /// model's store was built (absent in older logs).
         #[serde(default)]
         fsdp: bool,
+        /// Hybrid sharding: the shard group's size, read from the store as built; 0 when the
+        /// run was not hybrid (and in older logs).
+        #[serde(default)]
+        shard: usize,
         /// What the forward pass drops and the backward pass recomputes, as the model ran
         /// it: `none`, `mlp` or `block` (empty in logs written before it was kept).
         #[serde(default)]
@@ -406,6 +410,7 @@ mod tests {
                 tp: 2,
                 zero1: true,
                 fsdp: false,
+                shard: 0,
                 activation_checkpointing: "block".into(),
                 device: "Cuda(0)".into(),
                 bf16: true,
@@ -473,7 +478,7 @@ mod tests {
         );
         assert_eq!(
             lines[0],
-            r#"{"type":"start","job":"tiny","params":3315072,"world":4,"dp":2,"tp":2,"zero1":true,"fsdp":false,"activation_checkpointing":"block","device":"Cuda(0)","bf16":true,"precision":"bf16","flops_per_token":19988736.0,"peak_flops":100000000000000.0,"train_sequences":2060,"validation_sequences":769}"#
+            r#"{"type":"start","job":"tiny","params":3315072,"world":4,"dp":2,"tp":2,"zero1":true,"fsdp":false,"shard":0,"activation_checkpointing":"block","device":"Cuda(0)","bf16":true,"precision":"bf16","flops_per_token":19988736.0,"peak_flops":100000000000000.0,"train_sequences":2060,"validation_sequences":769}"#
         );
         assert_eq!(
             lines[2],

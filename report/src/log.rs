@@ -29,6 +29,8 @@ pub struct Start {
     pub zero1: Option<bool>,
     /// Whether the run was fully sharded; older logs lack it.
     pub fsdp: Option<bool>,
+    /// Hybrid sharding's shard group size (0: not hybrid); older logs lack it.
+    pub shard: Option<u64>,
     /// What the forward pass dropped and the backward recomputed (`none`, `mlp`, `block`);
     /// older logs lack it.
     pub activation_checkpointing: Option<String>,

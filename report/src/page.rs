@@ -162,12 +162,13 @@ fn summary(log: &RunLog) -> String {
     let mesh_note = match (start.dp, start.tp) {
         (Some(dp), Some(tp)) => format!(
             "dp {dp} \u{d7} tp {tp}{}{}",
-            if start.fsdp == Some(true) {
-                ", fully sharded"
-            } else if start.zero1 == Some(true) {
-                ", ZeRO-1"
-            } else {
-                ""
+            match (start.fsdp, start.shard) {
+                (Some(true), Some(shard)) if shard > 0 => {
+                    format!(", fully sharded in groups of {shard}, replicated across them")
+                }
+                (Some(true), _) => ", fully sharded".into(),
+                _ if start.zero1 == Some(true) => ", ZeRO-1".into(),
+                _ => String::new(),
             },
             match start.activation_checkpointing.as_deref() {
                 Some(ac @ ("mlp" | "block")) => format!(", recomputing each {ac}"),

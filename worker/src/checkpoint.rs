@@ -177,7 +177,7 @@ fn state_offsets(owned: &[Range<i64>]) -> Vec<i64> {
 fn owned_sources(
     model: &Llama,
     optimizer: &AdamW,
-    dp: usize,
+    mesh: &Mesh,
     dp_rank: usize,
     tp_rank: usize,
 ) -> Vec<Source> {
@@ -186,9 +186,20 @@ fn owned_sources(
     let owned = optimizer.owned();
     if owned.len() == 1 && owned[0] == (0..numel) {
         // Every data-parallel rank holds everything: each writes an even share.
-        let c = chunk_range(numel as usize, dp, dp_rank);
+        let c = chunk_range(numel as usize, mesh.dp, dp_rank);
         let mine: Vec<Range<i64>> = std::iter::once(c.start as i64..c.end as i64).collect();
         sources(model, &mine, &[mine[0].start], true, true, replicated)
+    } else if mesh.shard > 0 && mesh.shard < mesh.dp {
+        // Hybrid sharding: the replicas of a shard hold the same chunks; each writes an even
+        // share of every one.
+        let (replicas, replica) = (mesh.dp / mesh.shard, dp_rank / mesh.shard);
+        let (mut mine, mut at) = (Vec::new(), Vec::new());
+        for (r, a) in owned.iter().zip(state_offsets(owned)) {
+            let c = chunk_range((r.end - r.start) as usize, replicas, replica);
+            mine.push(r.start + c.start as i64..r.start + c.end as i64);
+            at.push(a + c.start as i64);
+        }
+        sources(model, &mine, &at, true, true, replicated)
     } else {
         sources(model, owned, &state_offsets(owned), true, true, replicated)
     }
@@ -321,7 +332,7 @@ impl Saver {
     ) -> Result<(Option<Saved>, f64), CheckpointError> {
         let start = Instant::now();
         let previous = self.wait()?;
-        let sources = owned_sources(model, optimizer, self.mesh.dp, self.dp_rank, self.tp_rank);
+        let sources = owned_sources(model, optimizer, &self.mesh, self.dp_rank, self.tp_rank);
         let pieces = sources
             .iter()
             .map(|s| (s.region.clone(), Dtype::F32))

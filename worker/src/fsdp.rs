@@ -15,6 +15,12 @@
 //! its shard of the gradient; the whole gradient is freed then. With gradient accumulation
 //! every micro-batch reduce-scatters (the sum of the averages is the average of the sums).
 //!
+//! With hybrid sharding (HSDP, `parallel.shard`) the store is split over a shard group of
+//! neighbouring data-parallel ranks and replicated across the groups: gathers and
+//! reduce-scatters stay inside the shard group, and each reduced chunk is then averaged over
+//! the replica group, the ranks holding the same chunk, before it lands in the shard
+//! gradient. Every replica's chunk, and so its AdamW update, is then the same.
+//!
 //! Gathers and reduce-scatters run in order on one background thread per rank, so they
 //! overlap the compute and every rank issues them in the same order. Parameters are gathered
 //! in fp32 (with bf16 autocast, the cast to bf16 happens after the gather, as it does
@@ -30,10 +36,23 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{chunk_range, Collective, CollectiveError, ReduceOp};
 use crate::params::ParamEntry;
 
+/// The groups a fully sharded store communicates over.
+#[derive(Debug, Clone)]
+pub struct Groups {
+    /// The ranks that split the store between them: segments are gathered from and
+    /// reduce-scattered over these.
+    pub shard: Arc<dyn Collective>,
+    /// The ranks holding the same chunks (hybrid sharding): each reduced chunk is averaged
+    /// over them. A group of one without hybrid sharding.
+    pub replica: Arc<dyn Collective>,
+}
+
 /// This rank's part of a fully sharded parameter store.
 #[derive(Debug)]
 pub struct Sharding {
+    /// The shard group.
     pub group: Arc<dyn Collective>,
+    pub replica: Arc<dyn Collective>,
     /// Per segment, this rank's chunk of it, in flat coordinates.
     pub chunks: Vec<Range<i64>>,
     /// Per segment, where that chunk starts in the shard buffers.
@@ -78,8 +97,12 @@ struct Comm {
 }
 
 impl Sharding {
-    /// The layout of `segments` (flat ranges, in order) sharded over `group`.
-    pub fn new(group: Arc<dyn Collective>, segments: &[Range<i64>], device: Device) -> Self {
+    /// The layout of `segments` (flat ranges, in order) sharded over `groups.shard`.
+    pub fn new(groups: Groups, segments: &[Range<i64>], device: Device) -> Self {
+        let Groups {
+            shard: group,
+            replica,
+        } = groups;
         let (n, r) = (group.size(), group.rank());
         let mut chunks = Vec::with_capacity(segments.len());
         let mut at = Vec::with_capacity(segments.len());
@@ -90,9 +113,10 @@ impl Sharding {
             at.push(offset);
             offset += c.len() as i64;
         }
-        let comm = Comm::start(group.clone());
+        let comm = Comm::start(group.clone(), replica.clone());
         Sharding {
             group,
+            replica,
             chunks,
             at,
             segments: segments.to_vec(),
@@ -253,7 +277,7 @@ impl Sharding {
 }
 
 impl Comm {
-    fn start(group: Arc<dyn Collective>) -> Comm {
+    fn start(group: Arc<dyn Collective>, replica: Arc<dyn Collective>) -> Comm {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (done_tx, reduced) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -272,10 +296,13 @@ impl Comm {
                         }
                         Job::Reduce(whole, into, overwrite) => {
                             let start = Instant::now();
-                            let result = group.reduce_scatter_flat(&whole, ReduceOp::Avg);
+                            let c = chunk_range(whole.numel(), n, r);
+                            let mine = whole.narrow(0, c.start as i64, c.len() as i64);
+                            let mut result = group.reduce_scatter_flat(&whole, ReduceOp::Avg);
+                            if result.is_ok() && replica.size() > 1 {
+                                result = replica.all_reduce(&mine, ReduceOp::Avg);
+                            }
                             if result.is_ok() {
-                                let c = chunk_range(whole.numel(), n, r);
-                                let mine = whole.narrow(0, c.start as i64, c.len() as i64);
                                 let mut into = into;
                                 tch::no_grad(|| {
                                     if overwrite {

@@ -81,14 +81,14 @@ impl Llama {
     /// This rank's part of a model split over the tensor-parallel group `tp` (Megatron's
     /// layout): q, k, v, gate and up split by output rows (column-parallel), o and down by
     /// input columns (row-parallel), embedding and head by vocabulary rows; norms replicated.
-    /// With `shard`, the data-parallel group, this rank keeps only its chunk of each segment
-    /// of that part ([`crate::fsdp`]).
+    /// With `shard`, this rank keeps only its chunk of each segment of that part among the
+    /// shard group ([`crate::fsdp`]).
     pub fn new_parallel(
         config: &LlamaConfig,
         decay: DecayPolicy,
         device: Device,
         tp: Arc<dyn Collective>,
-        shard: Option<Arc<dyn Collective>>,
+        shard: Option<crate::fsdp::Groups>,
     ) -> Result<Self, ConfigError> {
         config.check_tensor_parallel(tp.size())?;
         Ok(Self::build(config, decay, device, tp, shard))
@@ -99,7 +99,7 @@ impl Llama {
         decay: DecayPolicy,
         device: Device,
         tp: Arc<dyn Collective>,
-        shard: Option<Arc<dyn Collective>>,
+        shard: Option<crate::fsdp::Groups>,
     ) -> Self {
         let c = config;
         let (d, hd) = (c.dim, c.head_dim);

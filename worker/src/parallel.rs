@@ -331,7 +331,13 @@ impl DataParallel {
             .to_kind(Kind::Double);
             total += &n * &n;
         }
-        self.groups.dp.all_reduce(&total, ReduceOp::Sum)?;
+        // Fully sharded, the shard group holds each element once (its replicas, with hybrid
+        // sharding, the same chunks again).
+        let holders = match &self.shards {
+            Some(_) => &self.groups.shard,
+            None => &self.groups.dp,
+        };
+        holders.all_reduce(&total, ReduceOp::Sum)?;
         self.groups.tp.all_reduce(&total, ReduceOp::Sum)?;
         Ok(total.double_value(&[0]).sqrt())
     }

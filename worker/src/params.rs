@@ -15,11 +15,10 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::CollectiveError;
 use crate::fsdp::Sharding;
 
 /// What the store needs to know about one parameter.
@@ -109,16 +108,16 @@ impl ParamStore {
         segments: &[String],
         specs: Vec<ParamSpec>,
         device: Device,
-        group: Arc<dyn Collective>,
+        groups: crate::fsdp::Groups,
     ) -> Self {
-        Self::build(segments, specs, device, Some(group))
+        Self::build(segments, specs, device, Some(groups))
     }
 
     fn build(
         segments: &[String],
         specs: Vec<ParamSpec>,
         device: Device,
-        group: Option<Arc<dyn Collective>>,
+        groups: Option<crate::fsdp::Groups>,
     ) -> Self {
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&i| (specs[i].segment, !specs[i].decay));
@@ -146,7 +145,7 @@ impl ParamStore {
             seg.range.end = offset;
         }
         let ranges: Vec<Range<i64>> = segs.iter().map(|s| s.range.clone()).collect();
-        let sharding = group.map(|g| Sharding::new(g, &ranges, device));
+        let sharding = groups.map(|g| Sharding::new(g, &ranges, device));
         let local = sharding.as_ref().map_or(offset, Sharding::shard_numel);
         let flat = Tensor::zeros([local], (Kind::Float, device));
         let grad = Tensor::zeros([local], (Kind::Float, device));

@@ -126,7 +126,7 @@ fn a_mesh_forms_from_the_neighbours_addresses_alone() {
         .into_iter()
         .enumerate()
         .map(|(r, listener)| {
-            let given = kiln_proto::control::ring_neighbours(r as u32, 8, tp as u32);
+            let given = kiln_proto::control::ring_neighbours(r as u32, 8, tp as u32, 0);
             let sparse: Vec<String> = (0..peers.len())
                 .map(|q| {
                     if given.contains(&(q as u32)) {

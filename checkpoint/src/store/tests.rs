@@ -58,6 +58,7 @@ const MESH: Mesh = Mesh {
     tp: 1,
     zero1: false,
     fsdp: false,
+    shard: 0,
 };
 
 #[test]

@@ -103,7 +103,7 @@ impl Machine {
         let Some(tally) = self.tallies.get_mut(&job.id) else {
             return;
         };
-        for rank in tally.abandoned(job.spec.tp) {
+        for rank in tally.abandoned(job.spec.tp, job.spec.shard) {
             let id = job.ranks[rank].clone();
             if let Some(w) = self.workers.remove(&id) {
                 self.idle -= usize::from(w.idle());

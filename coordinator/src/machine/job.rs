@@ -55,6 +55,10 @@ pub struct JobSpec {
     /// The job file as the workers receive it (paths resolved).
     pub toml: String,
     pub tp: u32,
+    /// Hybrid sharding's group size (`parallel.shard`): the data-parallel size must be a
+    /// multiple of it. 0: none.
+    #[serde(default)]
+    pub shard: u32,
     pub batch_size: u64,
     pub micro_batch_size: u64,
     pub steps: u64,
@@ -91,10 +95,14 @@ impl JobSpec {
         })
     }
 
-    /// Whether `world` workers can run this job: whole tensor-parallel groups, and a batch
-    /// that splits evenly over the data-parallel ranks' micro-batches.
+    /// Whether `world` workers can run this job: whole tensor-parallel groups, whole shard
+    /// groups with hybrid sharding, and a batch that splits evenly over the data-parallel
+    /// ranks' micro-batches.
     pub fn fits(&self, world: u32) -> bool {
         if world == 0 || !world.is_multiple_of(self.tp) {
+            return false;
+        }
+        if self.shard > 0 && !(world / self.tp).is_multiple_of(self.shard) {
             return false;
         }
         let dp = u64::from(world / self.tp);
@@ -131,8 +139,13 @@ impl JobSpec {
             ));
         }
         if !self.fits(workers) {
+            let shard = if self.shard > 0 {
+                format!(", a multiple of parallel.shard = {}", self.shard)
+            } else {
+                String::new()
+            };
             return Err(format!(
-                "{workers} workers cannot run this job: it needs a multiple of parallel.tp = {} whose data-parallel size divides train.batch_size = {} in micro-batches of {}",
+                "{workers} workers cannot run this job: it needs a multiple of parallel.tp = {} whose data-parallel size{shard} divides train.batch_size = {} in micro-batches of {}",
                 self.tp, self.batch_size, self.micro_batch_size
             ));
         }

@@ -115,14 +115,14 @@ impl Tally {
     /// The ranks still counted running whose every ring neighbour (the ranks it had
     /// connections to) failed saying it is gone: its process is dead although nobody
     /// reported it, as when its host died with its agent. O(blamed ranks).
-    pub fn abandoned(&self, tp: u32) -> Vec<usize> {
+    pub fn abandoned(&self, tp: u32, shard: u32) -> Vec<usize> {
         let world = self.ranks.len() as u32;
         self.blamed
             .keys()
             .copied()
             .filter(|&x| self.ranks.get(x).is_some_and(|r| r.0 == Standing::Running))
             .filter(|&x| {
-                let neighbours: Vec<u32> = ring_neighbours(x as u32, world, tp)
+                let neighbours: Vec<u32> = ring_neighbours(x as u32, world, tp, shard)
                     .into_iter()
                     .filter(|&n| n as usize != x)
                     .collect();

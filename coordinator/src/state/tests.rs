@@ -8,6 +8,7 @@ fn spec(n: usize, toml_bytes: usize) -> JobSpec {
         name: "job".into(),
         toml: format!("# {}\n[train]\nsteps = 10\n", "x".repeat(toml_bytes)),
         tp: 1,
+        shard: 0,
         batch_size: 1,
         micro_batch_size: 1,
         steps: 10,

@@ -241,6 +241,13 @@ pub fn train(
         tp: run.dims.tp,
         zero1: job.parallel.zero1,
         fsdp: run.model.params.sharding().is_some(),
+        shard: run.model.params.sharding().map_or(0, |s| {
+            if s.replica.size() > 1 {
+                s.group.size()
+            } else {
+                0
+            }
+        }),
         activation_checkpointing: run.model.recompute.name().to_owned(),
         device: format!("{:?}", run.device),
         bf16: run.compute == crate::precision::AUTOCAST_KIND,

@@ -57,7 +57,7 @@ impl Setup {
             tch::set_num_threads(t.threads as i32);
         }
         let world = launch.world_size();
-        let dims = ParallelDims::new(0, job.parallel.tp, world)?;
+        let dims = ParallelDims::new(0, job.parallel.tp, world)?.with_shard(job.parallel.shard)?;
         let (dp, leader) = (dims.dp, launch.rank == 0);
         // Everything that can be checked alone is checked before waiting for the other ranks.
         let accum = job
@@ -97,7 +97,10 @@ impl Setup {
         let manifest = datasets[0].manifest().clone();
 
         // Fully sharded: the store holds this rank's shard only, from the start.
-        let shard = job.parallel.fsdp.then(|| groups.dp.clone());
+        let shard = job.parallel.fsdp.then(|| crate::fsdp::Groups {
+            shard: groups.shard.clone(),
+            replica: groups.replica.clone(),
+        });
         let mut model =
             Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone(), shard)?;
         model.recompute = Recompute::parse(&t.activation_checkpointing)
@@ -132,6 +135,7 @@ impl Setup {
             tp: dims.tp,
             zero1: job.parallel.zero1,
             fsdp: job.parallel.fsdp,
+            shard: if dims.hybrid() { dims.shard } else { 0 },
         };
         let data_id = datasets
             .iter()

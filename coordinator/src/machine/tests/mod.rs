@@ -12,6 +12,7 @@ fn spec(tp: u32, batch: u64, micro: u64) -> JobSpec {
         name: "test".into(),
         toml: "[train]\nsteps = 100\n".into(),
         tp,
+        shard: 0,
         batch_size: batch,
         micro_batch_size: micro,
         steps: 100,

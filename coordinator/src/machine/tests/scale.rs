@@ -33,7 +33,7 @@ fn a_large_job_moves_when_its_last_rank_reports() {
         let run = run_of(&reply);
         assert_eq!((run.rank, run.world_size), (rank as u32, WORLD as u32));
         let named: Vec<u32> = run.peers.iter().map(|(r, _)| *r).collect();
-        assert_eq!(named, ring_neighbours(rank as u32, WORLD as u32, 4));
+        assert_eq!(named, ring_neighbours(rank as u32, WORLD as u32, 4, 0));
         for (r, a) in &run.peers {
             assert_eq!(*a, m.jobs[&job].peers[*r as usize]);
         }

@@ -19,6 +19,19 @@ fn fits_needs_tp_multiples_and_a_dividing_batch() {
     for w in [1, 3, 6, 12, 16] {
         assert!(!s.fits(w), "world {w}");
     }
+    // Hybrid sharding in groups of 2 data-parallel ranks: dp 1 no longer fits, and a world
+    // of 5 shrinks to 4, not 3.
+    let mut s = spec(1, 8, 1);
+    s.shard = 2;
+    for w in [2, 4, 8] {
+        assert!(s.fits(w), "world {w}");
+    }
+    for w in [1, 3, 6] {
+        assert!(!s.fits(w), "world {w}");
+    }
+    assert_eq!(s.plan_world(5, 8), Some(4));
+    let e = s.check_workers(1).unwrap_err();
+    assert!(e.contains("a multiple of parallel.shard = 2"), "{e}");
 }
 
 #[test]
