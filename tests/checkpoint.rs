@@ -150,7 +150,7 @@ fn resumes_as(
 
 /// A fully sharded checkpoint (each rank wrote its chunk of every segment) resumes plain on
 /// one process, on ZeRO-1 at dp 4 and fully sharded at dp 2 x tp 2; a ZeRO-1 checkpoint
-/// resumes fully sharded.
+/// resumes fully sharded and hybrid (2 replicas x shard 2); a hybrid one resumes plain.
 #[test]
 fn fully_sharded_checkpoints_resume_at_any_layout() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,7 +180,36 @@ fn fully_sharded_checkpoints_resume_at_any_layout() {
         "ZeRO-1 dp2",
         &zero1,
         &step6,
-        &[("fsdp-dp2", 2, 2, "fsdp = true")],
+        &[
+            ("fsdp-dp2", 2, 2, "fsdp = true"),
+            ("hsdp-2x2", 4, 2, "fsdp = true\nshard = 2"),
+        ],
+    );
+    // Hybrid: the two replicas of each shard split its writing between them.
+    let hsdp_job = tiny_job(
+        dir.path(),
+        "hsdp-2x2-run",
+        2,
+        "fsdp = true\nshard = 2",
+        "every = 6",
+        12,
+    );
+    let (hsdp, _) = run_out(&hsdp_job, 4, &[]);
+    let step6 = output_dir(&hsdp_job).join("checkpoints/step-6");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step6.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&manifest["mesh"]["dp"], &manifest["mesh"]["shard"]),
+        (&4.into(), &2.into()),
+        "{manifest}"
+    );
+    resumes_as(
+        dir.path(),
+        "hybrid 2 x 2",
+        &hsdp,
+        &step6,
+        &[("plain-dp2", 2, 4, "")],
     );
 }
 
