@@ -122,6 +122,7 @@ impl Commands {
             tp: job.parallel.tp,
             zero1: job.parallel.zero1,
             fsdp: job.parallel.fsdp,
+            shard: job.parallel.shard,
             activation_checkpointing: job.train.activation_checkpointing.clone(),
             micro_batch_size: job.micro_batch_size(),
         };
