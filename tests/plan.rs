@@ -208,3 +208,29 @@ fn bad_arguments_are_named() {
     assert!(!ok);
     assert!(err.contains("expected cpu or cuda"), "{err}");
 }
+
+/// A hybrid-sharded job is planned as written, and a device count its shard groups do not
+/// divide is refused with the message `kiln train` gives.
+#[test]
+fn a_hybrid_sharded_job_is_planned_in_its_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(
+        &dir,
+        "hybrid",
+        &format!(
+            "{EIGHT_B}\nactivation_checkpointing = \"block\"\n[parallel]\nfsdp = true\nshard = 8"
+        ),
+    );
+    let p = path.to_str().unwrap();
+    let (ok, out, err) = run(&["plan", p, "--gpus", "16"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("per rank at dp 16 x tp 1, fully sharded in groups of 8, recompute block"),
+        "{out}"
+    );
+    let err = refused(&path, "12");
+    assert!(
+        err.contains("--devices 12: parallel.shard = 8 does not divide the data-parallel size 12"),
+        "{err}"
+    );
+}

@@ -81,6 +81,10 @@ impl Commands {
             );
         }
         let dp = devices / job.parallel.tp;
+        // What `kiln train` would refuse with at this many ranks.
+        kiln_worker::collective::ParallelDims::new(dp, job.parallel.tp, devices)
+            .and_then(|d| d.with_shard(job.parallel.shard))
+            .map_err(|e| anyhow::anyhow!("--devices {devices}: {e}"))?;
         if job.accumulation_steps_at(dp as i64).is_none() {
             // What `kiln train` would refuse with at this many ranks.
             bail!(
