@@ -57,7 +57,8 @@ fn zero1_is_identical_to_plain_data_parallelism() {
 }
 
 /// Fully sharded data parallelism gives plain data parallelism's curve within 1e-5 (fp32,
-/// 20 steps): at dp = 2 with one micro-batch, with 2 accumulated micro-batches (each reduced
+/// 20 steps): at dp = 2 with one micro-batch (its blocks resharded after forward and gathered
+/// again for backward, or kept: bitwise the same), with 2 accumulated micro-batches (each reduced
 /// on its own), with recomputed blocks (gathered again for backward: bitwise the curve
 /// without), at dp = 2 x tp = 2 on four processes, and hybrid: dp = 4 as 2 replicas of
 /// shard groups of 2 (the same global batch). It is not bitwise: the gradient norm sums its
@@ -75,6 +76,20 @@ fn fully_sharded_matches_plain_data_parallelism() {
     assert_eq!(fsdp.start["fsdp"], true);
     assert_eq!(plain.start["fsdp"], false);
     fsdp.assert_matches(&plain, 1e-5, "fully sharded vs plain dp=2");
+    // Keeping the gathered blocks from forward to backward computes the same numbers.
+    let kept = run(
+        &job(
+            "fsdp2-kept",
+            4,
+            "fsdp = true\nreshard_after_forward = false",
+        ),
+        2,
+    );
+    kept.assert_matches(
+        &fsdp,
+        0.0,
+        "fully sharded, gathered blocks kept vs resharded",
+    );
     let accum = run(&job("fsdp2-accum", 2, "fsdp = true"), 2);
     accum.assert_matches(&plain, 1e-5, "fully sharded dp=2, 2 x 2 accumulated");
     let block = run(

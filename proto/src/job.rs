@@ -206,6 +206,12 @@ pub struct ParallelSpec {
     /// group; each gradient chunk is then averaged across the replicas. 0: one group of all
     /// the data-parallel ranks.
     pub shard: usize,
+    /// With `fsdp`: free a block's gathered parameters right after its forward pass and
+    /// gather them again for its backward (PyTorch FSDP's default), so about two blocks are
+    /// whole at a time. `false` keeps them from the forward to the backward pass: one gather
+    /// less per block and micro-batch, every block whole at the end of the forward pass.
+    /// Under `activation_checkpointing = "block"` they are freed after the forward anyway.
+    pub reshard_after_forward: bool,
     /// Gradients are all-reduced in buckets of about this many MiB, each as soon as backward
     /// has finished with it.
     pub bucket_mb: f64,
@@ -218,6 +224,7 @@ impl Default for ParallelSpec {
             zero1: false,
             fsdp: false,
             shard: 0,
+            reshard_after_forward: true,
             bucket_mb: 25.0,
         }
     }

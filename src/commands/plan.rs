@@ -127,6 +127,7 @@ impl Commands {
             zero1: job.parallel.zero1,
             fsdp: job.parallel.fsdp,
             shard: job.parallel.shard,
+            reshard_after_forward: job.parallel.reshard_after_forward,
             activation_checkpointing: job.train.activation_checkpointing.clone(),
             micro_batch_size: job.micro_batch_size(),
         };

@@ -1,11 +1,14 @@
 // The few libtorch C++ entry points Kiln needs that tch does not bind: autocast per device type
-// with an explicit dtype, and the build description of the libtorch loaded at run time.
+// with an explicit dtype, freeing and refilling a storage under its views (fully sharded
+// parameters), and the build description of the libtorch loaded at run time.
 //
 // Every function is `extern "C"`, takes and returns plain integers or a heap string, and
 // catches every C++ exception: nothing C++ crosses into Rust. Device types and scalar types
 // are c10's enum values (CPU = 0, CUDA = 1; Half = 5, Float = 6, BFloat16 = 15).
 #include <ATen/Version.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/StorageImpl.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 
@@ -75,6 +78,36 @@ int kiln_autocast_set_cache_enabled(int enabled) {
     return 0;
   } catch (...) {
     return -1;
+  }
+}
+
+// Gives the storage of `*t` `nbytes` of fresh, uninitialized memory from the allocator that
+// made it, in place: with 0, its memory is freed. Every view of the storage (autograd's saved
+// tensors among them) keeps its sizes and offset and sees the new memory. `t` is a tch tensor
+// handle (a `torch::Tensor*`). 0 on success, -1 on an error.
+int kiln_storage_reallocate(const at::Tensor* t, size_t nbytes) {
+  try {
+    c10::StorageImpl* storage = t->storage().unsafeGetStorageImpl();
+    c10::Allocator* allocator = storage->allocator();
+    if (allocator == nullptr) {
+      return -1;
+    }
+    storage->set_data_ptr_noswap(allocator->allocate(nbytes));
+    storage->set_nbytes(nbytes);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// A new handle on `*t`'s data with a version counter of its own (`variable_data`): writing
+// through it does not mark the tensors autograd saved from `*t`'s views as modified. Null on
+// an error.
+at::Tensor* kiln_untracked(const at::Tensor* t) {
+  try {
+    return new at::Tensor(t->variable_data());
+  } catch (...) {
+    return nullptr;
   }
 }
 

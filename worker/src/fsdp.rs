@@ -36,7 +36,7 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{chunk_range, Collective, CollectiveError, ReduceOp};
 use crate::params::ParamEntry;
 
-/// The groups a fully sharded store communicates over.
+/// The groups a fully sharded store communicates over, and when it frees what it gathered.
 #[derive(Debug, Clone)]
 pub struct Groups {
     /// The ranks that split the store between them: segments are gathered from and
@@ -45,6 +45,10 @@ pub struct Groups {
     /// The ranks holding the same chunks (hybrid sharding): each reduced chunk is averaged
     /// over them. A group of one without hybrid sharding.
     pub replica: Arc<dyn Collective>,
+    /// Free a block's gathered parameters after its forward pass even when autograd keeps
+    /// them for the backward pass (their storage is emptied under the saved views and
+    /// gathered again before the block's backward).
+    pub reshard_after_forward: bool,
 }
 
 /// This rank's part of a fully sharded parameter store.
@@ -53,6 +57,7 @@ pub struct Sharding {
     /// The shard group.
     pub group: Arc<dyn Collective>,
     pub replica: Arc<dyn Collective>,
+    pub reshard_after_forward: bool,
     /// Per segment, this rank's chunk of it, in flat coordinates.
     pub chunks: Vec<Range<i64>>,
     /// Per segment, where that chunk starts in the shard buffers.
@@ -76,10 +81,14 @@ struct Live {
 
 #[derive(Debug)]
 enum Gathered {
-    /// Sent to the background thread; the receiver says when the buffer is whole.
-    Pending(Tensor, mpsc::Receiver<Result<(), CollectiveError>>),
+    /// Sent to the background thread; the receiver says when the buffer is whole. `true`
+    /// when it is a refill of a [`Gathered::Freed`] buffer, whose views exist already.
+    Pending(Tensor, mpsc::Receiver<Result<(), CollectiveError>>, bool),
     /// Whole: its parameters' views are in [`Live::views`].
-    Ready,
+    Ready(Tensor),
+    /// Resharded after the forward pass: the buffer's memory is freed, its views (which
+    /// autograd saved) kept for the refill before the backward pass.
+    Freed(Tensor),
 }
 
 enum Job {
@@ -102,6 +111,7 @@ impl Sharding {
         let Groups {
             shard: group,
             replica,
+            reshard_after_forward,
         } = groups;
         let (n, r) = (group.size(), group.rank());
         let mut chunks = Vec::with_capacity(segments.len());
@@ -117,6 +127,7 @@ impl Sharding {
         Sharding {
             group,
             replica,
+            reshard_after_forward,
             chunks,
             at,
             segments: segments.to_vec(),
@@ -151,25 +162,37 @@ impl Sharding {
         live
     }
 
-    /// Starts gathering segment `s` unless it is gathered or on its way.
+    /// Starts gathering segment `s` unless it is gathered or on its way (again into its
+    /// buffer when it was resharded after the forward pass).
     pub fn prefetch(&self, s: usize, flat: &Tensor) {
         if s >= self.segments.len() {
             return;
         }
         let mut live = self.live();
-        if live.params[s].is_some() {
-            return;
-        }
-        let seg = &self.segments[s];
-        let c = &self.chunks[s];
-        let buf = Tensor::zeros([seg.end - seg.start], (Kind::Float, self.device));
+        let (buf, refill) = match live.params[s].take() {
+            None => {
+                let len = self.segments[s].end - self.segments[s].start;
+                (Tensor::zeros([len], (Kind::Float, self.device)), false)
+            }
+            Some(Gathered::Freed(buf)) => {
+                crate::storage::refill(&buf);
+                (buf, true)
+            }
+            other => {
+                live.params[s] = other;
+                return;
+            }
+        };
+        let (seg, c) = (&self.segments[s], &self.chunks[s]);
+        // Written through an untracked handle: to autograd, the views it saved are unchanged.
+        let fill = crate::storage::untracked(&buf);
         tch::no_grad(|| {
-            buf.narrow(0, c.start - seg.start, c.end - c.start)
+            fill.narrow(0, c.start - seg.start, c.end - c.start)
                 .copy_(&flat.narrow(0, self.at[s], c.end - c.start))
         });
         let (tx, rx) = mpsc::channel();
-        self.comm().send(Job::Gather(buf.shallow_clone(), tx));
-        live.params[s] = Some(Gathered::Pending(buf, rx));
+        self.comm().send(Job::Gather(fill, tx));
+        live.params[s] = Some(Gathered::Pending(buf, rx, refill));
     }
 
     /// Makes segment `s` whole (waiting for a prefetch in flight) and its parameters' views
@@ -182,13 +205,21 @@ impl Sharding {
     ) -> Result<(), CollectiveError> {
         self.prefetch(s, flat);
         let mut live = self.live();
-        let Some(Gathered::Pending(buf, rx)) = live.params[s].take() else {
-            return Ok(());
+        let (buf, rx, refill) = match live.params[s].take() {
+            Some(Gathered::Pending(buf, rx, refill)) => (buf, rx, refill),
+            other => {
+                live.params[s] = other;
+                return Ok(());
+            }
         };
         match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(self.comm().failure()),
+        }
+        if refill {
+            live.params[s] = Some(Gathered::Ready(buf));
+            return Ok(());
         }
         if live.views.len() < entries.len() {
             live.views.resize_with(entries.len(), || None);
@@ -204,8 +235,22 @@ impl Sharding {
                 live.views[i] = Some(view);
             }
         }
-        live.params[s] = Some(Gathered::Ready);
+        live.params[s] = Some(Gathered::Ready(buf));
         Ok(())
+    }
+
+    /// After segment `s`'s forward pass, with `reshard_after_forward`: frees its gathered
+    /// parameters' memory, keeping the views autograd saved; [`Sharding::gather`] fills
+    /// them again for the backward pass.
+    pub fn reshard(&self, s: usize) {
+        if !self.reshard_after_forward {
+            return;
+        }
+        let mut live = self.live();
+        if let Some(Gathered::Ready(buf)) = live.params[s].take() {
+            crate::storage::free(&buf);
+            live.params[s] = Some(Gathered::Freed(buf));
+        }
     }
 
     /// Parameter `i` (named `name`) of a gathered segment.

@@ -7,6 +7,7 @@
 //! - [`parallel`]: data parallelism (bucketed, overlapped all-reduce; ZeRO-1) and one step.
 //! - [`params`]: parameters and gradients as views into flat buffers.
 //! - [`precision`]: bf16 autocast with its dtype set explicitly, on CUDA and the CPU.
+//! - [`storage`]: a tensor's memory freed and refilled under its views (fully sharded).
 //! - [`model`]: the Llama 3 transformer.
 //! - [`optim`]: AdamW, gradient clipping, learning-rate schedules.
 //! - [`hf`]: Hugging Face checkpoint directories in and out.
@@ -38,5 +39,6 @@ pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod precision;
+pub mod storage;
 pub mod supervised;
 pub mod train;

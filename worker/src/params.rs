@@ -253,6 +253,15 @@ impl ParamStore {
         }
     }
 
+    /// After segment `s`'s forward pass, when autograd keeps its parameters for the backward
+    /// pass: frees their memory under the saved views if the store reshards after forward
+    /// ([`Sharding::reshard`]); [`ParamStore::gather`] fills them again.
+    pub fn reshard(&self, s: usize) {
+        if let Some(sh) = &self.sharding {
+            sh.reshard(s);
+        }
+    }
+
     /// Frees every gathered segment.
     pub fn release_all(&self) {
         for s in 0..self.segments.len() {

@@ -161,7 +161,8 @@ impl Llama {
         let t = tokens.size2().map_or(0, |(_, t)| t);
         let (cos, sin) = self.rope(t);
         // Fully sharded: each segment is gathered before it runs, the next one prefetched.
-        // It is freed after its forward pass unless autograd keeps its weights for backward.
+        // It is freed after its forward pass unless autograd keeps its weights for backward;
+        // then resharding after forward frees their memory under autograd's saved views.
         let release = !with_grads || self.recompute == Recompute::Block;
         self.params.gather(0)?;
         self.params.prefetch(1);
@@ -205,6 +206,8 @@ impl Llama {
             blocks.push(tape);
             if release {
                 self.params.release(l + 1);
+            } else {
+                self.params.reshard(l + 1);
             }
         }
         let head_segment = self.blocks.len() + 1;
@@ -330,9 +333,10 @@ impl Llama {
         let mut gx = g[1].shallow_clone();
         for (l, tape) in blocks.into_iter().enumerate().rev() {
             let b = &self.blocks[l];
-            // Fully sharded: gathered again when the forward pass freed it (recomputation).
+            // Fully sharded: gathered again when the forward pass freed it (recomputation, or
+            // resharding after forward), the block before it prefetched.
             self.params.gather(l + 1)?;
-            if matches!(tape, BlockTape::Dropped(_)) && l > 0 {
+            if l > 0 {
                 self.params.prefetch(l);
             }
             // A dropped half runs forward again as it first did: same input, same autocast.

@@ -166,8 +166,12 @@ fn state_memory(
         let longest = segs.iter().map(chunk).fold(0.0, f64::max);
         let len = |r: Option<&Range<i64>>| r.map_or(0.0, |r| (r.end - r.start) as f64);
         let (embed, block, head) = (len(segs.first()), len(segs.get(1)), len(segs.last()));
-        let gathered = if recompute == Recompute::Block {
-            embed + head + 2.0 * block
+        // Whole at a time: the embedding, the head and two blocks (the one running and the
+        // one prefetched) when blocks are freed after their forward pass, by recomputation
+        // or resharding; otherwise every block at the end of the forward pass.
+        let two_blocks = embed + head + 2.0 * block;
+        let gathered = if recompute == Recompute::Block || layout.reshard_after_forward {
+            two_blocks
         } else {
             local
         };
@@ -177,7 +181,14 @@ fn state_memory(
         m.optimizer_state = 8.0 * owned;
         m.optimizer_scratch = 4.0 * longest;
         if shape.bf16 {
-            m.low_precision_weights = 2.0 * gathered;
+            // Without recomputation the linear layers keep every block's bf16 copies for
+            // the backward pass, resharded or not.
+            m.low_precision_weights = 2.0
+                * if recompute == Recompute::Block {
+                    two_blocks
+                } else {
+                    local
+                };
         }
     } else if layout.zero1 && dp > 1 {
         let buckets = plan_buckets(segs, (shape.bucket_mb * MIB) as u64);

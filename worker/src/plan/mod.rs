@@ -95,6 +95,9 @@ pub struct Layout {
     /// Hybrid sharding: fully sharded within groups of this many data-parallel ranks,
     /// replicated across them (0: one group of all of them).
     pub shard: usize,
+    /// Fully sharded: blocks freed after their forward pass and gathered again for their
+    /// backward.
+    pub reshard_after_forward: bool,
     /// `none`, `mlp` or `block`.
     pub activation_checkpointing: String,
     pub micro_batch_size: i64,
@@ -231,6 +234,7 @@ pub fn plan(job: &JobConfig, shape: Shape, layout: Layout, hw: Hardware) -> Plan
                     zero1,
                     fsdp,
                     shard: 0,
+                    reshard_after_forward: true,
                     activation_checkpointing: ac.into(),
                     micro_batch_size: layout.micro_batch_size.min(shape.batch_size / dp as i64),
                 };
@@ -388,6 +392,9 @@ pub fn describe(l: &Layout) -> String {
         let _ = write!(s, ", fully sharded in groups of {}", l.shard_group());
     } else if l.fsdp {
         s.push_str(", fully sharded");
+    }
+    if l.fsdp && !l.reshard_after_forward {
+        s.push_str(" (blocks kept from forward to backward)");
     }
     if l.activation_checkpointing != "none" {
         let _ = write!(s, ", recompute {}", l.activation_checkpointing);

@@ -28,6 +28,7 @@ fn layout(dp: usize, tp: usize, zero1: bool, ac: &str, micro: i64) -> Layout {
         zero1,
         fsdp: false,
         shard: 0,
+        reshard_after_forward: true,
         activation_checkpointing: ac.into(),
         micro_batch_size: micro,
     }
@@ -117,28 +118,45 @@ fn full_sharding_divides_the_state_and_holds_what_is_gathered() {
     };
     let p = s.model.num_params() as f64;
     let none = estimate(&s, &fsdp("none"), &h100(8));
+    let kept = estimate(
+        &s,
+        &Layout {
+            reshard_after_forward: false,
+            ..fsdp("none")
+        },
+        &h100(8),
+    );
     let block = estimate(&s, &fsdp("block"), &h100(8));
     let zero1 = estimate(&s, &layout(8, 1, true, "block", 1), &h100(8));
     // AdamW's state is an eighth of 8 bytes a parameter, as with ZeRO-1.
     assert!((block.memory.optimizer_state - p).abs() / p < 0.01);
     assert!((block.memory.optimizer_state - zero1.memory.optimizer_state).abs() / p < 0.01);
-    // Without recomputation autograd holds every block's gathered weights: the whole
-    // model's 4 bytes a parameter, and the shard.
-    assert!(none.memory.parameters > 4.0 * p);
-    // With it: the shard, the embedding, the head and two blocks (for 8b's 128k
-    // vocabulary, the embedding and the head are 13% of the model).
-    assert!(
-        block.memory.parameters < none.memory.parameters / 3.0,
-        "{:?}",
-        block.memory
+    // Gathered blocks kept from forward to backward: the whole model's 4 bytes a parameter,
+    // and the shard.
+    assert!(kept.memory.parameters > 4.0 * p);
+    // Resharded after forward, or recomputed: the shard, the embedding, the head and two
+    // blocks (for 8b's 128k vocabulary, the embedding and the head are 13% of the model).
+    for e in [&none, &block] {
+        assert!(
+            e.memory.parameters < kept.memory.parameters / 3.0,
+            "{:?}",
+            e.memory
+        );
+    }
+    // bf16 copies: every block's, kept by the linear layers, unless blocks are recomputed.
+    assert_eq!(
+        none.memory.low_precision_weights,
+        kept.memory.low_precision_weights
     );
+    assert!(block.memory.low_precision_weights < none.memory.low_precision_weights / 3.0);
     // Gradients: the shard and at most a few whole segments, far below ZeRO-1's whole.
     assert!(block.memory.gradients < zero1.memory.gradients / 4.0);
     // 8b fits on 8 GPUs fully sharded, without tensor parallelism.
     assert!(block.fits, "{:?}", block.memory);
     assert!(!zero1.fits);
-    // Gathering again for the recomputed backward costs traffic, not compute.
-    assert!(block.dp_comm_s >= none.dp_comm_s);
+    // Gathering again for the backward pass costs traffic, not compute.
+    assert!(none.dp_comm_s >= kept.dp_comm_s);
+    assert_eq!(none.compute_s, kept.compute_s);
 }
 
 /// Hybrid sharding divides the state by the shard group, not the data-parallel group. (Its

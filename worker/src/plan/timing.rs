@@ -82,7 +82,7 @@ pub(super) fn timing(
             0.0
         };
         let backward =
-            pass * if recompute == Recompute::Block {
+            pass * if recompute == Recompute::Block || layout.reshard_after_forward {
                 2.0
             } else {
                 1.0

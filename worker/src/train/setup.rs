@@ -100,6 +100,7 @@ impl Setup {
         let shard = job.parallel.fsdp.then(|| crate::fsdp::Groups {
             shard: groups.shard.clone(),
             replica: groups.replica.clone(),
+            reshard_after_forward: job.parallel.reshard_after_forward,
         });
         let mut model =
             Llama::new_parallel(&config, decay_policy(job), device, groups.tp.clone(), shard)?;
