@@ -66,7 +66,7 @@ mod tests {
         free(&buf);
         assert_eq!(w.size(), [2]);
         refill(&buf);
-        let _ = untracked(&buf).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 7.0, 8.0]));
+        untracked(&buf).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 7.0, 8.0]));
         let g = Tensor::run_backward(&[y], &[&x], false, false).remove(0);
         assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![7.0, 8.0]);
         assert_eq!(buf.device(), Device::Cpu);
