@@ -7,7 +7,8 @@
 #   benches/plan.sh [PRESET=125m] [MICRO=4] [SEQ=256] [STEPS=3] [DP=2]
 #
 # Layouts: plain, ZeRO-1, ZeRO-1 with recomputation of the MLP half and of whole blocks
-# (fp32), fully sharded (without and with block recomputation), plain in bf16 (CPU
+# (fp32), fully sharded (resharding after forward or keeping the gathered blocks, and with
+# block recomputation), plain in bf16 (CPU
 # autocast), tensor parallelism over all DP ranks (without and with block recomputation),
 # and the `tiny` preset (which is mostly the runtime). PLAN_FROM=K starts at the K-th layout;
 # PLAN_ONLY="name ..." runs only those.
@@ -24,13 +25,15 @@ trap 'rm -rf "$work"' EXIT
 results=$work/results.jsonl
 port=$((29500 + RANDOM % 2000))
 # name preset sharding recompute precision tp (with tp = DP, the ranks form one tensor-parallel
-# group); sharding: none, zero1 or fsdp
+# group); sharding: none, zero1, fsdp (blocks resharded after forward) or fsdp-kept (gathered
+# blocks kept from forward to backward)
 layouts=(
   "plain $preset none none fp32 1"
   "zero1 $preset zero1 none fp32 1"
   "zero1-mlp $preset zero1 mlp fp32 1"
   "zero1-block $preset zero1 block fp32 1"
   "fsdp $preset fsdp none fp32 1"
+  "fsdp-kept $preset fsdp-kept none fp32 1"
   "fsdp-block $preset fsdp block fp32 1"
   "plain-bf16 $preset none none bf16 1"
   "tp$dp $preset none none fp32 $dp"
@@ -40,9 +43,10 @@ layouts=(
 for row in "${layouts[@]:${PLAN_FROM:-0}}"; do
   read -r name p sharding ac precision tp <<< "$row"
   if [[ -n ${PLAN_ONLY:-} && " $PLAN_ONLY " != *" $name "* ]]; then continue; fi
-  zero1=false fsdp=false
+  zero1=false fsdp=false reshard=true
   [[ $sharding == zero1 ]] && zero1=true
-  [[ $sharding == fsdp ]] && fsdp=true
+  [[ $sharding == fsdp* ]] && fsdp=true
+  [[ $sharding == fsdp-kept ]] && reshard=false
   job=$work/$name.toml
   cat > "$job" <<EOF
 name = "plan-$name"
@@ -69,6 +73,7 @@ activation_checkpointing = "$ac"
 [parallel]
 zero1 = $zero1
 fsdp = $fsdp
+reshard_after_forward = $reshard
 tp = $tp
 
 [checkpoint]

@@ -2,13 +2,16 @@
 //! keeps only its chunk of every segment of the flat parameter buffer (an embedding, a block,
 //! the head), and of its gradient and AdamW state.
 //!
-//! A segment's whole parameters exist only while it is gathered: before its forward pass
-//! ([`Sharding::gather`], the next segment prefetched while this one computes), until its
-//! backward pass has returned, or, when the block's activations are recomputed
-//! (`activation_checkpointing = "block"`), freed right after its forward pass and gathered
-//! again for its backward. Without recomputation autograd's saved tensors hold a block's
-//! weights from its forward to its backward, so the gathered weights live that long (FSDP's
-//! `reshard_after_forward = False`); with it, one or two blocks' weights are whole at a time.
+//! A segment's whole parameters exist only while it is gathered: from before its forward pass
+//! ([`Sharding::gather`], the next segment prefetched while this one computes) to right after
+//! it, and again, gathered anew, for its backward pass. When the block's activations are
+//! recomputed (`activation_checkpointing = "block"`) nothing holds them in between and they
+//! are dropped ([`Sharding::release`]). Without recomputation autograd's saved tensors hold
+//! views of them, so dropping frees nothing: [`Sharding::reshard`] empties the buffer's
+//! storage under those views ([`crate::storage`]) and the gather before the backward pass
+//! fills it again, with the values autograd saved (FSDP's `reshard_after_forward`). Either
+//! way one or two blocks' weights are whole at a time. With `reshard_after_forward = false`
+//! a block's gathered weights stay from its forward to its backward pass.
 //!
 //! A segment's gradient is written whole as its backward runs, then averaged over the group
 //! by a reduce-scatter the moment the segment is complete, each rank adding its chunk into
