@@ -148,6 +148,11 @@ fn resumes_as(
     }
 }
 
+/// The `manifest.json` of the checkpoint directory `step`.
+fn manifest_of(step: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(step.join("manifest.json")).unwrap()).unwrap()
+}
+
 /// A fully sharded checkpoint (each rank wrote its chunk of every segment) resumes plain on
 /// one process, on ZeRO-1 at dp 4 and fully sharded at dp 2 x tp 2; a ZeRO-1 checkpoint
 /// resumes fully sharded and hybrid (2 replicas x shard 2); a hybrid one resumes plain.
@@ -157,9 +162,7 @@ fn fully_sharded_checkpoints_resume_at_any_layout() {
     let fsdp_job = tiny_job(dir.path(), "fsdp2", 2, "fsdp = true", "every = 6", 12);
     let (fsdp, _) = run_out(&fsdp_job, 2, &[]);
     let step6 = output_dir(&fsdp_job).join("checkpoints/step-6");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(step6.join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest = manifest_of(&step6);
     assert_eq!(manifest["mesh"]["fsdp"], true, "{manifest}");
     resumes_as(
         dir.path(),
@@ -196,9 +199,7 @@ fn fully_sharded_checkpoints_resume_at_any_layout() {
     );
     let (hsdp, _) = run_out(&hsdp_job, 4, &[]);
     let step6 = output_dir(&hsdp_job).join("checkpoints/step-6");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(step6.join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest = manifest_of(&step6);
     assert_eq!(
         (&manifest["mesh"]["dp"], &manifest["mesh"]["shard"]),
         (&4.into(), &2.into()),
