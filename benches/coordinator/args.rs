@@ -22,6 +22,8 @@ pub struct Args {
     pub lifecycle_holds_ms: Vec<u64>,
     /// How long the workers wait before a bring-up or a recovery starts.
     pub lifecycle_settle: Duration,
+    /// Workers per simulated host (one heartbeat call carries a host's workers).
+    pub lifecycle_per_host: Vec<usize>,
     pub machine_workers: Vec<usize>,
 }
 
@@ -54,6 +56,7 @@ pub fn parse_args() -> Result<Args, Error> {
         lifecycle_poll: Duration::from_millis(100),
         lifecycle_holds_ms: vec![1000, 0],
         lifecycle_settle: Duration::from_secs(3),
+        lifecycle_per_host: vec![1, 8],
         machine_workers: vec![4000, 16_384, 65_536],
     };
     let mut it = std::env::args().skip(1);
@@ -76,6 +79,7 @@ pub fn parse_args() -> Result<Args, Error> {
             "--lifecycle-workers" => a.lifecycle_workers = list(&flag, &value()?)?,
             "--lifecycle-poll-ms" => a.lifecycle_poll = Duration::from_millis(value()?.parse()?),
             "--lifecycle-hold-ms" => a.lifecycle_holds_ms = list(&flag, &value()?)?,
+            "--lifecycle-per-host" => a.lifecycle_per_host = list(&flag, &value()?)?,
             "--lifecycle-settle-s" => {
                 a.lifecycle_settle = Duration::from_secs_f64(value()?.parse()?)
             }
@@ -86,6 +90,9 @@ pub fn parse_args() -> Result<Args, Error> {
             "--machine-workers" => a.machine_workers = list(&flag, &value()?)?,
             other => return Err(format!("unknown argument {other:?}").into()),
         }
+    }
+    if a.lifecycle_per_host.contains(&0) {
+        return Err("--lifecycle-per-host: a host has at least 1 worker".into());
     }
     if a.connections == 0 || a.rounds == 0 || a.client_threads == 0 {
         return Err("--connections, --rounds and --client-threads must be at least 1".into());

@@ -18,9 +18,11 @@
 //! A worker waits as the agent does: with `hold` > 0 each heartbeat is a long poll that the
 //! coordinator answers when it has something for the worker (or after `hold`), and the next
 //! goes out at once; with `hold` = 0 it heartbeats every `poll`, as the agent does with a
-//! coordinator that does not hold. A worker's answer to its `Run` (RUNNING) and the ranks
-//! other than 0 reporting their shard written are sent unheld, so that the phase's tasks end
-//! with it; what they change at the coordinator is the same.
+//! coordinator that does not hold. The workers come in hosts of `per_host`, whose heartbeats
+//! go in one call (`HeartbeatHost`, as `kiln worker --nproc-per-node` sends them; one worker
+//! a host: `Heartbeat`). A host's final RUNNING reports and the reports of hosts without
+//! rank 0 that their shards are written are sent unheld, so that the phase's tasks end with
+//! them; what they change at the coordinator is the same.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,8 +33,8 @@ use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
 use crate::sim::{
-    connect, heartbeat_request, held_request, idle_report, job_phase, register, running_report,
-    submit, Coordinator, Sim,
+    connect, held_request, idle_report, job_phase, register, running_report, submit, Coordinator,
+    Sim,
 };
 use crate::{cpu_seconds, load_average, Error, SERVER_THREADS};
 
@@ -65,13 +67,46 @@ async fn until(
     }
 }
 
-/// Heartbeats sent by the simulated workers so far.
+/// Heartbeat calls sent by the simulated workers so far (a host's call counts once).
 static SENT: AtomicU64 = AtomicU64::new(0);
 
-/// Sends one heartbeat, counted.
-async fn send(sim: &mut Sim, request: rpc::HeartbeatRequest) -> Result<rpc::HeartbeatReply, Error> {
-    SENT.fetch_add(1, Ordering::Relaxed);
-    Ok(sim.client.heartbeat(request).await?.into_inner())
+/// A simulated host: its workers' heartbeats go in one call, `Heartbeat` for one worker,
+/// `HeartbeatHost` for several (as `kiln worker --nproc-per-node` sends them).
+#[derive(Clone)]
+struct Host {
+    sims: Vec<Sim>,
+}
+
+impl Host {
+    /// One call with each worker's report, held up to `hold`; each worker's reply, in order.
+    async fn send(
+        &mut self,
+        reports: &[rpc::WorkerReport],
+        hold: Duration,
+        commit_told: u64,
+    ) -> Result<Vec<rpc::HeartbeatReply>, Error> {
+        SENT.fetch_add(1, Ordering::Relaxed);
+        let mut requests: Vec<_> = self
+            .sims
+            .iter()
+            .zip(reports)
+            .map(|(sim, report)| held_request(sim, report, hold, commit_told))
+            .collect();
+        let client = &mut self.sims[0].client;
+        if requests.len() == 1 {
+            let request = requests.pop().expect("one request");
+            return Ok(vec![client.heartbeat(request).await?.into_inner()]);
+        }
+        let request = rpc::HeartbeatHostRequest { workers: requests };
+        let answers = client.heartbeat_host(request).await?.into_inner().workers;
+        answers
+            .into_iter()
+            .map(|a| {
+                a.reply
+                    .ok_or_else(|| format!("heartbeat refused: {}", a.message).into())
+            })
+            .collect()
+    }
 }
 
 /// How a simulated worker waits for a decision.
@@ -84,19 +119,8 @@ pub struct Wait {
 }
 
 impl Wait {
-    /// One heartbeat, held if asked, and the pause after it.
-    async fn heartbeat(
-        self,
-        sim: &mut Sim,
-        report: &rpc::WorkerReport,
-        commit_told: u64,
-    ) -> Result<rpc::HeartbeatReply, Error> {
-        let request = held_request(sim, report, self.hold, commit_told);
-        send(sim, request).await
-    }
-
-    async fn pause(self, reply: &rpc::HeartbeatReply) {
-        if self.hold.is_zero() || !reply.holds {
+    async fn pause(self, replies: &[rpc::HeartbeatReply]) {
+        if self.hold.is_zero() || !replies.iter().all(|r| r.holds) {
             tokio::time::sleep(self.poll).await;
         }
     }
@@ -106,43 +130,50 @@ impl Wait {
 /// cluster (held, or polling).
 type Clock = tokio::sync::watch::Receiver<Option<Instant>>;
 
-/// Heartbeats `report` until the reply is a `Run` of `generation`; answers it with RUNNING at
-/// once. The time the `Run` came (after the phase started), and the RUNNING report.
+/// Heartbeats the host's `reports` until every worker's reply has been a `Run` of
+/// `generation`; a worker given its `Run` reports RUNNING in the host's next call, and once
+/// all have, they are reported RUNNING once more unheld. When each `Run` came (after the
+/// phase started), and the RUNNING reports.
 async fn until_run(
-    sim: &mut Sim,
-    mut report: rpc::WorkerReport,
+    host: &mut Host,
+    mut reports: Vec<rpc::WorkerReport>,
     generation: u64,
     wait: Wait,
     clock: Clock,
-) -> Result<(f64, rpc::WorkerReport), Error> {
+) -> Result<(Vec<f64>, Vec<rpc::WorkerReport>), Error> {
+    let mut run_at: Vec<Option<f64>> = vec![None; reports.len()];
     for _ in 0..30_000 {
-        let reply = wait.heartbeat(sim, &report, 0).await?;
-        match reply.command {
-            Some(Command::Run(a)) if a.generation == generation => {
-                let t0 = clock.borrow().ok_or("a Run before the phase started")?;
-                let at = t0.elapsed().as_secs_f64();
-                let running = running_report(&a);
-                let request = heartbeat_request(sim, &running);
-                send(sim, request).await?;
-                return Ok((at, running));
+        let replies = host.send(&reports, wait.hold, 0).await?;
+        for (i, reply) in replies.iter().enumerate() {
+            match &reply.command {
+                Some(Command::Run(a)) if a.generation == generation && run_at[i].is_none() => {
+                    let t0 = clock.borrow().ok_or("a Run before the phase started")?;
+                    run_at[i] = Some(t0.elapsed().as_secs_f64());
+                    reports[i] = running_report(a);
+                }
+                // Told to abort what it runs: it stops, and says so.
+                Some(Command::Abort(_)) => reports[i] = idle_report(host.sims[i].index),
+                _ => {}
             }
-            // Told to abort what it runs: it stops, and says so.
-            Some(Command::Abort(_)) => {
-                report = idle_report(sim.index);
-                continue;
-            }
-            _ => {}
         }
-        wait.pause(&reply).await;
+        if run_at.iter().all(Option::is_some) {
+            host.send(&reports, Duration::ZERO, 0).await?;
+            return Ok((run_at.into_iter().flatten().collect(), reports));
+        }
+        wait.pause(&replies).await;
     }
-    Err(format!("worker {} was given no generation {generation}", sim.id).into())
+    Err(format!(
+        "host of {} was given no generation {generation}",
+        host.sims[0].id
+    )
+    .into())
 }
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// The coordinator's CPU seconds and the heartbeats sent over one phase.
+/// The coordinator's CPU seconds and the heartbeat calls sent over one phase.
 struct Meter {
     cpu: f64,
     sent: u64,
@@ -156,7 +187,7 @@ impl Meter {
         }
     }
 
-    /// Since [`Meter::start`]: (CPU seconds, heartbeats).
+    /// Since [`Meter::start`]: (CPU seconds, heartbeat calls).
     fn read(&self) -> (f64, u64) {
         (
             cpu_seconds(SERVER_THREADS) - self.cpu,
@@ -165,35 +196,36 @@ impl Meter {
     }
 }
 
-/// Phase 2: every rank reports step 10's checkpoint written at once; rank 0 waits until it is
-/// told to commit and reports it committed. The reports after it, by worker.
+/// Phase 2: every rank reports step 10's checkpoint written at once; the host of rank 0
+/// waits until rank 0 is told to commit and reports it committed. The reports after it, by
+/// host.
 async fn commit_step_10(
-    sims: &[Sim],
-    reports: &[rpc::WorkerReport],
+    hosts: &[Host],
+    reports: &[Vec<rpc::WorkerReport>],
     wait: Wait,
-) -> Result<Vec<rpc::WorkerReport>, Error> {
-    let tasks: Vec<_> = sims
+) -> Result<Vec<Vec<rpc::WorkerReport>>, Error> {
+    let tasks: Vec<_> = hosts
         .iter()
         .zip(reports)
-        .map(|(sim, report)| {
-            let mut sim = sim.clone();
-            let mut report = report.clone();
-            report.checkpoint_written = 10;
+        .map(|(host, reports)| {
+            let mut host = host.clone();
+            let mut reports = reports.clone();
+            for r in &mut reports {
+                r.checkpoint_written = 10;
+            }
             tokio::spawn(async move {
-                if report.rank != 0 {
-                    let request = heartbeat_request(&sim, &report);
-                    send(&mut sim, request).await?;
-                    return Ok::<_, Error>(report);
-                }
+                let Some(zero) = reports.iter().position(|r| r.rank == 0) else {
+                    host.send(&reports, Duration::ZERO, 0).await?;
+                    return Ok::<_, Error>(reports);
+                };
                 for _ in 0..3000 {
-                    let reply = wait.heartbeat(&mut sim, &report, 0).await?;
-                    if reply.commit_step == 10 {
-                        report.checkpoint_committed = 10;
-                        let request = heartbeat_request(&sim, &report);
-                        send(&mut sim, request).await?;
-                        return Ok(report);
+                    let replies = host.send(&reports, wait.hold, 0).await?;
+                    if replies[zero].commit_step == 10 {
+                        reports[zero].checkpoint_committed = 10;
+                        host.send(&reports, Duration::ZERO, 0).await?;
+                        return Ok(reports);
                     }
-                    wait.pause(&reply).await;
+                    wait.pause(&replies).await;
                 }
                 Err("rank 0 was never told to commit step 10".into())
             })
@@ -206,34 +238,51 @@ async fn commit_step_10(
     Ok(written)
 }
 
-/// The three phases for `n` workers on a fresh coordinator; a JSON row.
+/// The three phases for `n` workers in hosts of `per_host` on a fresh coordinator; a JSON
+/// row.
 pub fn lifecycle(
     server_rt: &Runtime,
     client_rt: &Runtime,
     n: usize,
+    per_host: usize,
     connections: usize,
     wait: Wait,
     settle: Duration,
 ) -> Result<Value, Error> {
     let coordinator = Coordinator::start(server_rt, Duration::from_secs(1))?;
     let target = coordinator.target();
-    let connections = connections.min(n);
+    let per_host = per_host.clamp(1, n.max(1));
+    let connections = connections.min(n.div_ceil(per_host));
     let load_before = load_average();
     let limit = Duration::from_secs(600);
     let row = client_rt.block_on(async {
         let clients = connect(&target, connections).await?;
         let mut control = target.connect().await?;
         let (sims, registered) = register(&clients, n).await?;
+        // A host's workers share its connection.
+        let hosts: Vec<Host> = sims
+            .chunks(per_host)
+            .enumerate()
+            .map(|(h, chunk)| Host {
+                sims: chunk
+                    .iter()
+                    .map(|sim| Sim {
+                        client: clients[h % clients.len()].clone(),
+                        ..sim.clone()
+                    })
+                    .collect(),
+            })
+            .collect();
 
         // 1. Bring-up: the workers wait idle, then a job for all of them is submitted.
         let (start, clock) = tokio::sync::watch::channel(None);
-        let tasks: Vec<_> = sims
+        let tasks: Vec<_> = hosts
             .iter()
-            .map(|sim| {
-                let (mut sim, clock) = (sim.clone(), clock.clone());
+            .map(|host| {
+                let (mut host, clock) = (host.clone(), clock.clone());
                 tokio::spawn(async move {
-                    let idle = idle_report(sim.index);
-                    until_run(&mut sim, idle, 1, wait, clock).await
+                    let idle = host.sims.iter().map(|s| idle_report(s.index)).collect();
+                    until_run(&mut host, idle, 1, wait, clock).await
                 })
             })
             .collect();
@@ -242,11 +291,11 @@ pub fn lifecycle(
         let t0 = Instant::now();
         start.send_replace(Some(t0));
         let job_id = submit(&mut control, n).await?;
-        let mut reports = Vec::with_capacity(n);
+        let mut reports = Vec::with_capacity(hosts.len());
         let mut run_at = Vec::with_capacity(n);
         for t in tasks {
             let (at, report) = t.await??;
-            run_at.push(at);
+            run_at.extend(at);
             reports.push(report);
         }
         let all_acked = t0.elapsed().as_secs_f64();
@@ -256,7 +305,7 @@ pub fn lifecycle(
         // 2. Commit of step 10.
         let meter = Meter::start();
         let t0 = Instant::now();
-        let written = commit_step_10(&sims, &reports, wait).await?;
+        let written = commit_step_10(&hosts, &reports, wait).await?;
         let commit = until(&mut control, &job_id, t0, limit, |s| {
             s.0 == "running" && s.2 == 10
         })
@@ -266,20 +315,21 @@ pub fn lifecycle(
         // 3. Recovery: the ranks wait running, then rank N/2 reports its process failed.
         let (start, clock) = tokio::sync::watch::channel(None);
         let failed = n / 2;
-        let tasks: Vec<_> = sims
+        let tasks: Vec<_> = hosts
             .iter()
             .zip(&written)
-            .map(|(sim, report)| {
-                let (mut sim, mut clock) = (sim.clone(), clock.clone());
-                let mut report = report.clone();
+            .map(|(host, reports)| {
+                let (mut host, mut clock) = (host.clone(), clock.clone());
+                let mut reports = reports.clone();
                 tokio::spawn(async move {
-                    if sim.index == failed {
+                    if let Some(i) = host.sims.iter().position(|s| s.index == failed) {
                         clock.changed().await?;
+                        let report = &mut reports[i];
                         report.state = rpc::WorkerState::Failed as i32;
                         report.error = "simulated failure".into();
-                        report.ready_addr = crate::sim::ready_addr(sim.index);
+                        report.ready_addr = crate::sim::ready_addr(failed);
                     }
-                    until_run(&mut sim, report, 2, wait, clock).await
+                    until_run(&mut host, reports, 2, wait, clock).await
                 })
             })
             .collect();
@@ -289,7 +339,7 @@ pub fn lifecycle(
         start.send_replace(Some(t0));
         let mut rerun_at = Vec::with_capacity(n);
         for t in tasks {
-            rerun_at.push(t.await??.0);
+            rerun_at.extend(t.await??.0);
         }
         let re_acked = t0.elapsed().as_secs_f64();
         let recovery = until(&mut control, &job_id, t0, limit, |s| {
@@ -298,9 +348,10 @@ pub fn lifecycle(
         .await?;
         let (recovery_cpu, recovery_heartbeats) = meter.read();
         let (phase, generation) = job_phase(&mut control, &job_id).await?;
-        drop((sims, clients, control));
+        drop((hosts, sims, clients, control));
         Ok::<_, Error>(json!({
             "workers": n,
+            "per_host": per_host,
             "connections": connections,
             "poll_ms": wait.poll.as_millis() as u64,
             "hold_ms": wait.hold.as_millis() as u64,

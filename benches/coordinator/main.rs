@@ -21,7 +21,7 @@
 //!     [--rendezvous-workers 1000] [--rendezvous-intervals 1000,200] [--rounds 3]
 //!     [--client-threads 2] [--skip-heartbeat] [--skip-rendezvous]
 //!     [--lifecycle-workers 4000,16384] [--lifecycle-hold-ms 1000,0] [--lifecycle-poll-ms 100]
-//!     [--lifecycle-settle-s 3]
+//!     [--lifecycle-settle-s 3] [--lifecycle-per-host 1,8]
 //!     [--skip-lifecycle]
 //! ```
 //!
@@ -131,21 +131,24 @@ fn main() -> Result<(), Error> {
 
     let mut lifecycle_rows = Vec::new();
     for &n in &args.lifecycle_workers {
-        for &hold in &args.lifecycle_holds_ms {
-            let wait = lifecycle::Wait {
-                poll: args.lifecycle_poll,
-                hold: Duration::from_millis(hold),
-            };
-            let row = lifecycle::lifecycle(
-                &server_rt,
-                &client_rt,
-                n,
-                args.connections,
-                wait,
-                args.lifecycle_settle,
-            )?;
-            eprintln!("[lifecycle {n} workers, hold {hold} ms] {row}");
-            lifecycle_rows.push(row);
+        for &per_host in &args.lifecycle_per_host {
+            for &hold in &args.lifecycle_holds_ms {
+                let wait = lifecycle::Wait {
+                    poll: args.lifecycle_poll,
+                    hold: Duration::from_millis(hold),
+                };
+                let row = lifecycle::lifecycle(
+                    &server_rt,
+                    &client_rt,
+                    n,
+                    per_host,
+                    args.connections,
+                    wait,
+                    args.lifecycle_settle,
+                )?;
+                eprintln!("[lifecycle {n} workers, {per_host} a host, hold {hold} ms] {row}");
+                lifecycle_rows.push(row);
+            }
         }
     }
     let machine_rows: Vec<Value> = args
@@ -249,18 +252,20 @@ fn print_lifecycle(rows: &[Value]) {
     println!(
         "\nA job's life over N simulated workers: bring-up from the submit and recovery from the \
          failure, after the workers waited {} s; the commit from its first request. Coordinator \
-         CPU seconds and heartbeats over the phase in brackets. A worker waits with heartbeats \
-         held up to the hold (a long poll), or, where that is 0, with one every {} ms.\n",
+         CPU seconds and heartbeat calls over the phase in brackets (one call carries a host's \
+         workers). A worker waits with heartbeats held up to the hold (a long poll), or, where \
+         that is 0, with one every {} ms.\n",
         rows[0]["settle_s"], rows[0]["poll_ms"]
     );
     println!(
-        "| workers | hold | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
+        "| workers | a host | hold | register | bring-up: all have Run | all RUNNING answered | Status \"running\" | commit: Status committed | recovery: all have Run | all RUNNING answered | Status \"running\" |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) | {:.2} s ({:.2}, {}) | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) |",
+            "| {} | {} | {} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) | {:.2} s ({:.2}, {}) | {:.2} s | {:.2} s | {:.2} s ({:.2}, {}) |",
             r["workers"],
+            r["per_host"],
             r["hold_ms"],
             f(r, "register_s"),
             f(r, "bring_up_all_run_s"),

@@ -16,7 +16,7 @@ use kiln_proto::rpc;
 use kiln_proto::run::Event;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -112,62 +112,147 @@ const TAIL_LINES: usize = 20;
 
 /// Runs the agent until it is killed or refused.
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
-    let client = options.target.connect_lazy()?;
-    let wake = Arc::new(Notify::new());
-    let mut agent = Agent {
-        options,
-        client,
-        id: String::new(),
-        interval: Duration::from_millis(1000),
-        running: None,
-        last: WorkerReport::default(),
-        ready_addr: String::new(),
-        wake: wake.clone(),
-        lost_since: None,
-        hurry_until: None,
-        holds: false,
+    run_host(vec![options]).await
+}
+
+/// Runs `n` agents in this process (one per GPU of the host); their heartbeats go to the
+/// coordinator together, in one call.
+pub async fn run_many(options: AgentOptions, n: usize) -> Result<(), AgentError> {
+    if n <= 1 {
+        return run(options).await;
+    }
+    let threads = options.threads.or(threads_per_process(n));
+    let agents = (0..n)
+        .map(|local| AgentOptions {
+            local_rank: Some(local),
+            label: format!("{} local {local}", options.label),
+            threads,
+            ..options.clone()
+        })
+        .collect();
+    run_host(agents).await
+}
+
+/// Runs one agent per element of `options` until one is refused or fails to start its
+/// training process (all of them stop then: their processes are killed with them).
+async fn run_host(options: Vec<AgentOptions>) -> Result<(), AgentError> {
+    let Some(first) = options.first() else {
+        return Ok(());
     };
-    agent.ready_addr = free_addr(&agent.options.host);
-    agent.register().await?;
+    let client = first.target.connect_lazy()?;
+    let wake = Arc::new(Notify::new());
+    let mut agents: Vec<Agent> = options
+        .into_iter()
+        .map(|options| Agent {
+            ready_addr: free_addr(&options.host),
+            options,
+            client: client.clone(),
+            id: String::new(),
+            interval: Duration::from_millis(1000),
+            running: None,
+            last: WorkerReport::default(),
+            wake: wake.clone(),
+            lost_since: None,
+            hurry_until: None,
+            holds: false,
+        })
+        .collect();
+    for agent in &mut agents {
+        agent.register().await?;
+    }
     loop {
-        // A coordinator that holds heartbeats answers as soon as it has something for this
-        // worker, so the next one goes out at once; something to report here (a checkpoint
-        // written, the process exited) cuts a held one short.
-        let hold = if agent.holds {
-            agent.interval
+        // A coordinator that holds heartbeats answers as soon as it has something for one of
+        // these workers, so the next call goes out at once; something to report here (a
+        // checkpoint written, a process exited) cuts a held one short.
+        let hold = if agents.iter().all(|a| a.holds) {
+            agents.iter().map(|a| a.interval).min().unwrap_or_default()
         } else {
             Duration::ZERO
         };
-        let request = agent.request(hold);
-        let mut client = agent.client.clone();
-        let call = async move { client.heartbeat(request).await };
+        let requests = agents.iter().map(|a| a.request(hold)).collect();
+        let call = heartbeat_all(client.clone(), requests);
         let answered = if hold.is_zero() {
-            Some(call.await)
+            Some(call.await?)
         } else {
-            let exited = exited(&mut agent.running);
             tokio::select! {
-                r = call => Some(r),
+                r = call => Some(r?),
                 _ = wake.notified() => None,
-                _ = exited => None,
+                _ = any_exited(&mut agents) => None,
             }
         };
         let mut at_once = answered.is_none();
-        if let Some(answer) = answered {
-            if let Some(reply) = agent.answered(answer).await? {
-                at_once = agent.holds;
-                agent.act(reply).await?;
+        if let Some(answers) = answered {
+            let mut all = true;
+            for (agent, answer) in agents.iter_mut().zip(answers) {
+                match agent.answered(answer).await? {
+                    Some(reply) => agent.act(reply).await?,
+                    None => all = false,
+                }
             }
+            at_once = all && agents.iter().all(|a| a.holds);
         }
         if !at_once {
-            let interval = agent.next_heartbeat();
-            let exited = exited(&mut agent.running);
+            let interval = agents
+                .iter()
+                .map(Agent::next_heartbeat)
+                .min()
+                .unwrap_or_default();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = wake.notified() => {}
-                _ = exited => {}
+                _ = any_exited(&mut agents) => {}
             }
         }
-        agent.reap().await;
+        for agent in &mut agents {
+            agent.reap().await;
+        }
+    }
+}
+
+/// Sends one heartbeat per agent: alone as `Heartbeat` for one agent, together in one
+/// `HeartbeatHost` call for several. Each agent's answer, in order.
+async fn heartbeat_all(
+    mut client: Client,
+    requests: Vec<rpc::HeartbeatRequest>,
+) -> Result<Vec<Result<rpc::HeartbeatReply, tonic::Status>>, AgentError> {
+    let n = requests.len();
+    if n == 1 {
+        let request = requests.into_iter().next().expect("one request");
+        return Ok(vec![client
+            .heartbeat(request)
+            .await
+            .map(|r| r.into_inner())]);
+    }
+    let request = rpc::HeartbeatHostRequest { workers: requests };
+    match client.heartbeat_host(request).await {
+        Ok(reply) => {
+            let answers = reply.into_inner().workers;
+            if answers.len() != n {
+                return Err(AgentError::Refused(format!(
+                    "bad reply from the coordinator: {} answers to {n} heartbeats",
+                    answers.len()
+                )));
+            }
+            Ok(answers
+                .into_iter()
+                .map(|a| match a.reply {
+                    Some(reply) => Ok(reply),
+                    None => Err(tonic::Status::new(a.code.into(), a.message)),
+                })
+                .collect())
+        }
+        Err(s) => Ok((0..n).map(|_| Err(s.clone())).collect()),
+    }
+}
+
+/// Resolves when the training process of any of `agents` exits.
+async fn any_exited(agents: &mut [Agent]) {
+    let waits: Vec<_> = agents
+        .iter_mut()
+        .map(|a| Box::pin(exited(&mut a.running)))
+        .collect();
+    if !waits.is_empty() {
+        futures::future::select_all(waits).await;
     }
 }
 
@@ -330,14 +415,13 @@ impl Agent {
     /// goes on).
     async fn answered(
         &mut self,
-        answer: Result<tonic::Response<rpc::HeartbeatReply>, tonic::Status>,
+        answer: Result<rpc::HeartbeatReply, tonic::Status>,
     ) -> Result<Option<Reply>, AgentError> {
         match answer {
             Ok(reply) => {
                 if self.lost_since.take().is_some() {
                     eprintln!("{}: the coordinator is back", self.options.label);
                 }
-                let reply = reply.into_inner();
                 self.holds = reply.holds;
                 Reply::try_from(reply).map(Some).map_err(|e| {
                     AgentError::Refused(format!("bad reply from the coordinator: {e}"))
@@ -640,40 +724,6 @@ pub fn status_text(s: &tonic::Status) -> String {
             Some(src) => format!("{m}: {}", source_chain(src)),
             None => m,
         }
-    }
-}
-
-/// Runs `n` agents in this process (one per GPU of the host).
-pub async fn run_many(options: AgentOptions, n: usize) -> Result<(), AgentError> {
-    if n <= 1 {
-        return run(options).await;
-    }
-    let options = AgentOptions {
-        threads: options.threads.or(threads_per_process(n)),
-        ..options
-    };
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for local in 0..n {
-        let o = AgentOptions {
-            local_rank: Some(local),
-            label: format!("{} local {local}", options.label),
-            ..options.clone()
-        };
-        let errors = errors.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = run(o).await {
-                errors.lock().await.push(e);
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let first = errors.lock().await.pop();
-    match first {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
 

@@ -80,7 +80,8 @@ struct Shared {
     /// Set when the state can no longer be written: the coordinator must stop.
     fatal: watch::Sender<Option<String>>,
     data_check: DataCheck,
-    /// Heartbeats held until something changes for their worker (a long poll), by worker.
+    /// Heartbeats held until something changes for their worker (a long poll), by worker;
+    /// the workers of one `HeartbeatHost` call share their slot.
     held: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
     /// The longest a heartbeat is held: the interval, and well inside the timeout.
     max_hold: Duration,
@@ -135,52 +136,55 @@ impl Shared {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for (worker, slot) in held.iter() {
             if machine.concerns(worker, woken) {
-                *slot.reply.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(machine.command_for(worker));
+                slot.replies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((worker.clone(), machine.command_for(worker)));
                 slot.notify.notify_one();
             }
         }
     }
 
-    /// `worker`'s heartbeat is about to be held: the returned guard is woken by
-    /// [`Shared::wake`] until it is dropped.
-    fn hold(self: &Arc<Self>, worker: &str) -> Held {
+    /// The heartbeats of `workers` (one call) are about to be held: the returned guard is
+    /// woken by [`Shared::wake`] until it is dropped.
+    fn hold(self: &Arc<Self>, workers: Vec<String>) -> Held {
         let slot = Arc::new(Slot::default());
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(worker.to_owned(), slot.clone());
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for worker in &workers {
+            held.insert(worker.clone(), slot.clone());
+        }
+        drop(held);
         Held {
             shared: self.clone(),
-            worker: worker.to_owned(),
+            workers,
             slot,
         }
     }
 }
 
-/// Where a held heartbeat is woken, and the command it is woken with.
+/// Where a held call is woken, and the commands its workers are woken with, in order.
 #[derive(Default)]
 struct Slot {
     notify: Notify,
-    reply: std::sync::Mutex<Option<Reply>>,
+    replies: std::sync::Mutex<Vec<(String, Reply)>>,
 }
 
-/// A heartbeat being held; unregisters itself when dropped (answered, or the call given up).
+/// A call's heartbeats being held; unregisters them when dropped (answered, or the call
+/// given up).
 struct Held {
     shared: Arc<Shared>,
-    worker: String,
+    workers: Vec<String>,
     slot: Arc<Slot>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let mut held = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
-        // A newer call of the same worker may have taken the slot: leave that one.
-        if held
-            .get(&self.worker)
-            .is_some_and(|n| Arc::ptr_eq(n, &self.slot))
-        {
-            held.remove(&self.worker);
+        for worker in &self.workers {
+            // A newer call of the same worker may have taken the slot: leave that one.
+            if held.get(worker).is_some_and(|n| Arc::ptr_eq(n, &self.slot)) {
+                held.remove(worker);
+            }
         }
     }
 }
@@ -489,54 +493,149 @@ impl rpc::coordinator_server::Coordinator for Service {
         &self,
         request: Request<rpc::HeartbeatRequest>,
     ) -> Result<Response<rpc::HeartbeatReply>, Status> {
-        let r = request.into_inner();
-        check_id("worker_id", &r.worker_id, true).map_err(invalid)?;
-        let Some(raw) = r.report else {
-            return Err(invalid("report: missing"));
-        };
-        let report = report(Some(raw))?;
-        let hold = Duration::from_millis(r.hold_ms.into()).min(self.shared.max_hold);
-        // Registered before the first answer is computed, so that a change right after it
-        // is not missed.
-        let held = (!hold.is_zero()).then(|| self.shared.hold(&r.worker_id));
-        let mut reply = self
-            .shared
-            .with(|m, now| m.heartbeat(&r.worker_id, report, now))
-            .await?
-            .map_err(refusal)?;
-        if let Some(held) = held {
-            reply = self.hold(held, reply, hold, r.commit_told).await;
-        }
+        let mut answers = self.beats(vec![request.into_inner()]).await?;
+        let reply = answers.pop().expect("one answer per heartbeat")?;
         let mut wire = rpc::HeartbeatReply::from(reply);
         wire.holds = true;
         Ok(Response::new(wire))
     }
+
+    async fn heartbeat_host(
+        &self,
+        request: Request<rpc::HeartbeatHostRequest>,
+    ) -> Result<Response<rpc::HeartbeatHostReply>, Status> {
+        let r = request.into_inner();
+        if r.workers.is_empty() {
+            return Err(invalid("workers: no heartbeat in the call"));
+        }
+        if r.workers.len() > MAX_HOST_WORKERS {
+            return Err(invalid(format!(
+                "workers: {} heartbeats in one call, at most {MAX_HOST_WORKERS}",
+                r.workers.len()
+            )));
+        }
+        let workers = self
+            .beats(r.workers)
+            .await?
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(reply) => {
+                    let mut wire = rpc::HeartbeatReply::from(reply);
+                    wire.holds = true;
+                    rpc::HeartbeatAnswer {
+                        reply: Some(wire),
+                        ..Default::default()
+                    }
+                }
+                Err(s) => rpc::HeartbeatAnswer {
+                    reply: None,
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                },
+            })
+            .collect();
+        Ok(Response::new(rpc::HeartbeatHostReply { workers }))
+    }
 }
 
+/// The most heartbeats one `HeartbeatHost` call may carry.
+pub const MAX_HOST_WORKERS: usize = 256;
+
 impl Service {
-    /// Holds `reply` while it tells the worker nothing new, until it is woken with something
-    /// that does, `hold` has passed, or the coordinator stops.
-    async fn hold(&self, held: Held, mut reply: Reply, hold: Duration, commit_told: u64) -> Reply {
+    /// Takes in heartbeats together (one pass of the machine, one save) and holds them while
+    /// no reply tells its worker anything new: until one does, the shortest `hold_ms` among
+    /// them has passed, or the coordinator stops. A malformed heartbeat fails the call; a
+    /// refused one (an unknown worker) fails its own answer, which is then given at once.
+    async fn beats(
+        &self,
+        requests: Vec<rpc::HeartbeatRequest>,
+    ) -> Result<Vec<Result<Reply, Status>>, Status> {
+        let mut workers = Vec::with_capacity(requests.len());
+        let mut reports = Vec::with_capacity(requests.len());
+        let mut told = Vec::with_capacity(requests.len());
+        let mut hold_ms = u32::MAX;
+        for r in requests {
+            check_id("worker_id", &r.worker_id, true).map_err(invalid)?;
+            if workers.contains(&r.worker_id) {
+                return Err(invalid(format!(
+                    "worker_id: {} heartbeats twice in one call",
+                    r.worker_id
+                )));
+            }
+            let Some(raw) = r.report else {
+                return Err(invalid("report: missing"));
+            };
+            reports.push(report(Some(raw))?);
+            workers.push(r.worker_id);
+            told.push(r.commit_told);
+            hold_ms = hold_ms.min(r.hold_ms);
+        }
+        let hold = Duration::from_millis(hold_ms.into()).min(self.shared.max_hold);
+        // Registered before the first answers are computed, so that a change right after
+        // them is not missed.
+        let held = (!hold.is_zero()).then(|| self.shared.hold(workers.clone()));
+        let ids = workers.clone();
+        let mut replies: Vec<Result<Reply, Status>> = self
+            .shared
+            .with(move |m, now| {
+                ids.iter()
+                    .zip(reports)
+                    .map(|(id, report)| m.heartbeat(id, report, now).map_err(refusal))
+                    .collect()
+            })
+            .await?;
+        if let Some(held) = held {
+            self.hold(held, &mut replies, hold, &told).await;
+        }
+        Ok(replies)
+    }
+
+    /// Holds `replies` while none tells its worker anything new (an error is news), until one
+    /// is woken with something that does, `hold` has passed, or the coordinator stops.
+    async fn hold(
+        &self,
+        held: Held,
+        replies: &mut [Result<Reply, Status>],
+        hold: Duration,
+        told: &[u64],
+    ) {
+        let news = |replies: &[Result<Reply, Status>]| {
+            replies
+                .iter()
+                .zip(told)
+                .any(|(r, &t)| r.as_ref().map_or(true, |r| r.is_news(t)))
+        };
         let deadline = tokio::time::Instant::now() + hold;
         let mut stopping = self.shared.stopping.clone();
-        while !reply.is_news(commit_told) && !*stopping.borrow_and_update() {
+        while !news(replies) && !*stopping.borrow_and_update() {
             tokio::select! {
                 _ = held.slot.notify.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stopping.changed() => break,
             }
-            let woken = held
-                .slot
-                .reply
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            reply = match woken {
-                Some(r) => r,
-                None => self.shared.machine.lock().await.0.command_for(&held.worker),
+            // Taken under the map's lock, which [`Shared::wake`] holds while it hands out one
+            // save's commands: all of this call's workers' commands of that save, or none.
+            let woken = {
+                let _map = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::take(&mut *held.slot.replies.lock().unwrap_or_else(|p| p.into_inner()))
             };
+            if woken.is_empty() {
+                let guard = self.shared.machine.lock().await;
+                for (reply, worker) in replies.iter_mut().zip(&held.workers) {
+                    if reply.is_ok() {
+                        *reply = Ok(guard.0.command_for(worker));
+                    }
+                }
+                continue;
+            }
+            for (worker, command) in woken {
+                if let Some(i) = held.workers.iter().position(|w| *w == worker) {
+                    if replies[i].is_ok() {
+                        replies[i] = Ok(command);
+                    }
+                }
+            }
         }
-        reply
     }
 }
 

@@ -26,7 +26,7 @@ path = "/nonexistent/held/data"
 
 [train]
 seq_len = 128
-batch_size = 1
+batch_size = 2
 micro_batch_size = 1
 steps = 1000
 
@@ -75,14 +75,12 @@ fn held(
     tokio::spawn(async move { client.heartbeat(request).await.unwrap().into_inner() })
 }
 
-#[test]
-fn a_held_heartbeat_is_answered_when_its_worker_has_something_to_do() {
-    let state = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// A coordinator whose heartbeats are held up to [`HOLD`], its state in `state`.
+fn start(rt: &tokio::runtime::Runtime, state: &std::path::Path) -> (service::Running, Target) {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
-        state_url: state.path().to_string_lossy().into_owned(),
+        state_url: state.to_string_lossy().into_owned(),
         policy: Policy {
             heartbeat_timeout_s: 600.0,
             ..Policy::default()
@@ -93,40 +91,56 @@ fn a_held_heartbeat_is_answered_when_its_worker_has_something_to_do() {
         metrics_listen: None,
         data_check: DataCheck::Skip,
     };
-    let running_coordinator = rt.block_on(service::start(config)).unwrap();
+    let running = rt.block_on(service::start(config)).unwrap();
     let target = Target {
-        url: format!("http://{}", running_coordinator.addr),
+        url: format!("http://{}", running.addr),
         token: TOKEN.into(),
         tls_ca: None,
     };
+    (running, target)
+}
+
+async fn register(client: &mut Client) -> String {
+    client
+        .register(rpc::RegisterRequest {
+            host: "127.0.0.1".into(),
+            previous_id: String::new(),
+            report: Some(idle()),
+            kiln_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id
+}
+
+async fn submit(client: &mut Client, workers: u32) -> String {
+    client
+        .submit(rpc::SubmitRequest {
+            job_toml: job_toml(),
+            workers,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+#[test]
+fn a_held_heartbeat_is_answered_when_its_worker_has_something_to_do() {
+    let state = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (running_coordinator, target) = start(&rt, state.path());
     rt.block_on(async {
         let mut client = target.connect().await.unwrap();
-        let worker = client
-            .register(rpc::RegisterRequest {
-                host: "127.0.0.1".into(),
-                previous_id: String::new(),
-                report: Some(idle()),
-                kiln_version: "test".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .worker_id;
+        let worker = register(&mut client).await;
 
         // Idle, nothing to run: held. A job is submitted: answered with its rank.
         let waiting = held(&client, &worker, idle(), 0);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "an idle worker's heartbeat is held");
-        let job = client
-            .submit(rpc::SubmitRequest {
-                job_toml: job_toml(),
-                workers: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
+        let job = submit(&mut client, 1).await;
         let reply = waiting.await.unwrap();
         assert!(reply.holds);
         let Some(Command::Run(a)) = reply.command else {
@@ -157,6 +171,95 @@ fn a_held_heartbeat_is_answered_when_its_worker_has_something_to_do() {
         match reply.command {
             Some(Command::Abort(a)) => assert!(a.reason.contains("stopped"), "{}", a.reason),
             other => panic!("expected an Abort, got {other:?}"),
+        }
+    });
+    running_coordinator.shutdown();
+}
+
+/// The heartbeats of `workers` (reports in the same order) in one `HeartbeatHost` call, held
+/// up to [`HOLD`], in the background.
+fn host_call(
+    client: &Client,
+    workers: &[(&str, rpc::WorkerReport)],
+) -> tokio::task::JoinHandle<Result<rpc::HeartbeatHostReply, tonic::Status>> {
+    let mut client = client.clone();
+    let request = rpc::HeartbeatHostRequest {
+        workers: workers
+            .iter()
+            .map(|(id, report)| rpc::HeartbeatRequest {
+                worker_id: (*id).into(),
+                report: Some(report.clone()),
+                hold_ms: HOLD.as_millis() as u32,
+                commit_told: 0,
+            })
+            .collect(),
+    };
+    tokio::spawn(async move { Ok(client.heartbeat_host(request).await?.into_inner()) })
+}
+
+/// One call carries a host's heartbeats: held while none of its workers has anything new,
+/// answered for all of them by the decision that concerns them; an unknown worker's answer
+/// says so without failing the others'; a malformed call is refused whole.
+#[test]
+fn one_call_carries_the_heartbeats_of_a_hosts_workers() {
+    let state = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (running_coordinator, target) = start(&rt, state.path());
+    rt.block_on(async {
+        let mut client = target.connect().await.unwrap();
+        let (a, b) = (register(&mut client).await, register(&mut client).await);
+        let waiting = host_call(&client, &[(&a, idle()), (&b, idle())]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "two idle workers' heartbeats are held"
+        );
+        let job = submit(&mut client, 2).await;
+        let answers = waiting.await.unwrap().unwrap().workers;
+        let runs: Vec<rpc::Assignment> = answers
+            .iter()
+            .map(
+                |answer| match answer.reply.as_ref().and_then(|r| r.command.clone()) {
+                    Some(Command::Run(run)) => run,
+                    other => panic!("expected a Run for each worker, got {other:?}"),
+                },
+            )
+            .collect();
+        assert_eq!(runs[0].job_id, job);
+        let mut ranks: Vec<u32> = runs.iter().map(|r| r.rank).collect();
+        ranks.sort();
+        assert_eq!(ranks, [0, 1]);
+
+        // A worker the coordinator does not know: its answer says so, the other's is taken.
+        let answers = host_call(&client, &[(&a, running(&runs[0], 0)), ("nobody", idle())])
+            .await
+            .unwrap()
+            .unwrap()
+            .workers;
+        assert!(answers[0].reply.is_some(), "{answers:?}");
+        assert_eq!(answers[1].code, tonic::Code::NotFound as i32);
+        assert!(
+            answers[1]
+                .message
+                .contains("unknown worker \"nobody\": register again"),
+            "{}",
+            answers[1].message
+        );
+
+        for (call, expected) in [
+            (vec![], "workers: no heartbeat in the call"),
+            (
+                vec![(a.as_str(), idle()), (a.as_str(), idle())],
+                "heartbeats twice in one call",
+            ),
+        ] {
+            let refused = host_call(&client, &call).await.unwrap().unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+            assert!(
+                refused.message().contains(expected),
+                "{}",
+                refused.message()
+            );
         }
     });
     running_coordinator.shutdown();
