@@ -132,16 +132,28 @@ impl Shared {
 
     /// Answers the held heartbeats of the workers `woken` concerns, with their commands
     /// computed here, under the machine's lock and once what changed is saved. O(held).
+    ///
+    /// A call holding several workers' heartbeats gets all of their commands from one change
+    /// in one hand-over, so that it answers them together.
     fn wake(&self, machine: &Machine, woken: &Woken) {
+        let mut by_slot: HashMap<*const Slot, (Arc<Slot>, Commands)> = HashMap::new();
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for (worker, slot) in held.iter() {
             if machine.concerns(worker, woken) {
-                slot.replies
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                by_slot
+                    .entry(Arc::as_ptr(slot))
+                    .or_insert_with(|| (slot.clone(), Vec::new()))
+                    .1
                     .push((worker.clone(), machine.command_for(worker)));
-                slot.notify.notify_one();
             }
+        }
+        drop(held);
+        for (slot, commands) in by_slot.into_values() {
+            slot.replies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(commands);
+            slot.notify.notify_one();
         }
     }
 
@@ -162,11 +174,14 @@ impl Shared {
     }
 }
 
+/// Commands for workers, by worker id, in the order they were decided.
+type Commands = Vec<(String, Reply)>;
+
 /// Where a held call is woken, and the commands its workers are woken with, in order.
 #[derive(Default)]
 struct Slot {
     notify: Notify,
-    replies: std::sync::Mutex<Vec<(String, Reply)>>,
+    replies: std::sync::Mutex<Commands>,
 }
 
 /// A call's heartbeats being held; unregisters them when dropped (answered, or the call
@@ -613,12 +628,8 @@ impl Service {
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stopping.changed() => break,
             }
-            // Taken under the map's lock, which [`Shared::wake`] holds while it hands out one
-            // save's commands: all of this call's workers' commands of that save, or none.
-            let woken = {
-                let _map = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
-                std::mem::take(&mut *held.slot.replies.lock().unwrap_or_else(|p| p.into_inner()))
-            };
+            let woken =
+                std::mem::take(&mut *held.slot.replies.lock().unwrap_or_else(|p| p.into_inner()));
             if woken.is_empty() {
                 let guard = self.shared.machine.lock().await;
                 for (reply, worker) in replies.iter_mut().zip(&held.workers) {
