@@ -11,6 +11,13 @@
 #       [--warmup 3] [--modes idle,running] [--rendezvous-workers 1000]
 #       [--rendezvous-intervals 1000,200] [--rounds 3] [--client-threads 2]
 #       [--skip-heartbeat] [--skip-rendezvous]
+#       [--lifecycle-workers 4000,16384] [--lifecycle-hold-ms 1000,0] [--lifecycle-poll-ms 100]
+#       [--lifecycle-per-host 1,8] [--lifecycle-settle-s 3] [--machine-workers 4000,16384,65536]
+#       [--skip-lifecycle]
+#
+# The lifecycle part (benches/coordinator/lifecycle.rs) times a job's bring-up, a checkpoint
+# commit and the recovery from a failed rank over simulated workers in hosts of
+# --lifecycle-per-host (one heartbeat call carries a host's workers).
 #
 # The peer (benches/coordinator_tcpstore.py): the same number of clients through a barrier on
 # torch.distributed's TCPStore, then each reading every client's address (the peer list
