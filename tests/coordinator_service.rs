@@ -82,6 +82,27 @@ fn refuses_wrong_and_missing_tokens(cluster: &Cluster) {
         err.contains("the coordinator refused this worker: wrong token"),
         "{err}"
     );
+    // A host's workers are refused together; a host of more workers than one heartbeat call
+    // carries is refused before it starts.
+    for (nproc, expected) in [
+        ("2", "the coordinator refused this worker: wrong token"),
+        ("257", "--nproc-per-node must be between 1 and 256, not 257"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "worker",
+                "--coordinator",
+                &cluster.url(),
+                "--token",
+                "wrong",
+            ])
+            .args(["--nproc-per-node", nproc])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--nproc-per-node {nproc}");
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 /// Unknown ids and bad fields, through the CLI.

@@ -18,7 +18,8 @@ pub enum Commands {
         /// The address other workers reach this host at.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
-        /// Workers on this host (one per GPU).
+        /// Workers on this host (one per GPU, at most 256); their heartbeats go to the
+        /// coordinator together, in one call.
         #[arg(long, default_value_t = 1)]
         nproc_per_node: usize,
         /// Where the ranks' job files go (default: `kiln-worker-PID` in the system's temporary
@@ -90,8 +91,9 @@ impl Commands {
                     label: name,
                     threads: None,
                 };
-                if nproc_per_node == 0 {
-                    bail!("--nproc-per-node must be at least 1");
+                let most = kiln_coordinator::service::MAX_HOST_WORKERS;
+                if nproc_per_node == 0 || nproc_per_node > most {
+                    bail!("--nproc-per-node must be between 1 and {most}, not {nproc_per_node}");
                 }
                 let ran = runtime()?.block_on(agent::run_many(options, nproc_per_node));
                 cleanup();
