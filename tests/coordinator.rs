@@ -255,6 +255,57 @@ fn a_killed_worker_is_replaced_and_the_curve_continues() {
     assert!(list.contains("step-40: committed"), "{list}");
 }
 
+/// `checkpoint.memory_every = 1` with the store's checkpoint only at the end: a worker
+/// (its agent, its training process and the snapshots it held) is killed mid-run, and the
+/// job resumes from the newest step every rank still finds in the surviving workers' memory,
+/// rank 1's from the peer that held its copy, and trains the uninterrupted curve.
+#[test]
+fn a_lost_worker_resumes_from_its_peers_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = run(&twin(dir.path(), "base", 8, 4, "", 40), 2);
+    let mut cluster = Cluster::new(dir.path(), "60");
+    for _ in 0..3 {
+        cluster.add_worker(1);
+    }
+    let job_path = tiny_job_with(
+        dir.path(),
+        "memory",
+        8,
+        4,
+        "",
+        "every = 40\nmemory_every = 1",
+        40,
+    );
+    let job = cluster.submit(&job_path, 2);
+    let s = cluster.wait(&job, "step 8", |s| {
+        s.progress.as_ref().is_some_and(|p| p.step >= 8) && s.phase == "running"
+    });
+    let seen = s.progress.as_ref().map_or(0, |p| p.step);
+    let victim = cluster.worker_of_rank(&job, 1);
+    cluster.kill_worker(victim);
+    assert_eq!(
+        cluster.status(&job).committed_step,
+        0,
+        "the store has no checkpoint before the end"
+    );
+    println!("killed worker {victim} (rank 1) after step {seen}");
+    let s = cluster.wait_done(&job);
+    assert!(s.restarts >= 1, "{s:?}");
+    let out = output_dir(&job_path);
+    let resumed: Vec<serde_json::Value> = read_metrics(&out.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|m| m["type"] == "resumed")
+        .collect();
+    println!("{resumed:?}");
+    let last = resumed.last().expect("a resumed event");
+    let step = last["step"].as_i64().unwrap();
+    let from = last["from"].as_str().unwrap();
+    assert!(from.contains("in workers' memory"), "{from}");
+    // At most the step in flight is redone: the snapshots are of every step.
+    assert!(step + 1 >= seen as i64, "resumed at {step}, seen at {seen}");
+    Run::read(&out).assert_matches(&base, 1e-6, "resumed from memory after a lost worker");
+}
+
 /// SIGKILL the coordinator mid-run and start it again on the same state: the workers
 /// register again, the job is picked up where it is (no restart) and finishes.
 #[test]

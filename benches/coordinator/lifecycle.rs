@@ -412,6 +412,7 @@ pub fn machine_lifecycle(n: usize) -> Value {
         micro_batch_size: 1,
         steps: 1000,
         checkpoint_every: 10,
+        memory_every: 0,
         min_workers: 1,
         max_workers: 0,
         outputs: Vec::new(),

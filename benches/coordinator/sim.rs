@@ -158,6 +158,7 @@ pub async fn register(clients: &[Client], n: usize) -> Result<(Vec<Sim>, Duratio
                     previous_id: String::new(),
                     report: Some(idle_report(i)),
                     kiln_version: "bench".into(),
+                    memory_addr: String::new(),
                 })
                 .await?
                 .into_inner();

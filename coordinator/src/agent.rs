@@ -34,7 +34,13 @@ pub struct AgentOptions {
     /// CPU threads of each training process (`OMP_NUM_THREADS`), when this host runs
     /// several; `None`: libtorch's default (every core) or the environment's.
     pub threads: Option<usize>,
+    /// Host memory this process may hold ranks' snapshots in (`checkpoint.memory_every`),
+    /// its own ranks' and its peers'. 0: it keeps none and offers no address for them.
+    pub memory_budget_mb: u64,
 }
+
+/// The default of `kiln worker --memory-budget-mb`.
+pub const DEFAULT_MEMORY_BUDGET_MB: u64 = 4096;
 
 /// The threads each of `n` processes on this host should use: an even share of the
 /// cores, unless `OMP_NUM_THREADS` already says.
@@ -80,20 +86,40 @@ pub fn default_work_dir(pid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("kiln-worker-{pid}"))
 }
 
+/// The interface to listen on for `host`: loopback for `localhost`, else every interface.
+fn bind_host(host: &str) -> &'static str {
+    if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    }
+}
+
+/// Starts keeping snapshots in memory for other workers (within `budget_mb`): the address
+/// to offer them, `HOST:PORT`.
+async fn serve_memory(host: &str, budget_mb: u64) -> Result<String, AgentError> {
+    let listener = tokio::net::TcpListener::bind((bind_host(host), 0))
+        .await
+        .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?
+        .port();
+    let hold = kiln_checkpoint::memory::Hold::new(budget_mb << 20);
+    tokio::spawn(kiln_checkpoint::memory::serve(
+        listener,
+        Arc::new(std::sync::Mutex::new(hold)),
+    ));
+    Ok(format!("{host}:{port}"))
+}
+
 /// A free port on this host for the next ring: bound and released, so another process
 /// could take it in between; the ring then fails to listen and the generation restarts.
 fn free_addr(host: &str) -> String {
-    let port = TcpListener::bind((
-        if host == "localhost" {
-            "127.0.0.1"
-        } else {
-            "0.0.0.0"
-        },
-        0,
-    ))
-    .ok()
-    .and_then(|l| l.local_addr().ok())
-    .map_or(0, |a| a.port());
+    let port = TcpListener::bind((bind_host(host), 0))
+        .ok()
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
     format!("{host}:{port}")
 }
 
@@ -133,11 +159,18 @@ async fn run_host(options: Vec<AgentOptions>) -> Result<(), AgentError> {
         return Ok(());
     };
     let client = first.target.connect_lazy()?;
+    // One store of snapshots for the host's agents: their ranks' and their peers'.
+    let memory_addr = if first.memory_budget_mb > 0 {
+        serve_memory(&first.host, first.memory_budget_mb).await?
+    } else {
+        String::new()
+    };
     let wake = Arc::new(Notify::new());
     let mut agents: Vec<Agent> = options
         .into_iter()
         .map(|options| Agent {
             ready_addr: free_addr(&options.host),
+            memory_addr: memory_addr.clone(),
             options,
             client: client.clone(),
             id: String::new(),
@@ -268,6 +301,8 @@ struct Agent {
     /// What the agent reports when nothing runs: how the last assignment ended.
     last: WorkerReport,
     ready_addr: String,
+    /// Where this process keeps snapshots (empty: it keeps none).
+    memory_addr: String,
     wake: Arc<Notify>,
     lost_since: Option<tokio::time::Instant>,
     /// Until when to heartbeat at [`Agent::quick`] intervals: a rank here just ended, and
@@ -345,6 +380,7 @@ impl Agent {
                 previous_id: self.id.clone(),
                 report: Some((&self.report()).into()),
                 kiln_version: env!("CARGO_PKG_VERSION").into(),
+                memory_addr: self.memory_addr.clone(),
             };
             match self.client.register(request).await {
                 Ok(reply) => {
@@ -526,6 +562,13 @@ impl Agent {
             .kill_on_drop(true);
         if !a.resume.is_empty() {
             cmd.args(["--resume", &a.resume]);
+        }
+        // Where its snapshots in memory go, and where earlier generations left them.
+        if !a.memory_to.is_empty() {
+            cmd.env("KILN_MEMORY_TO", a.memory_to.join(","));
+        }
+        if !a.memory_from.is_empty() {
+            cmd.env("KILN_MEMORY_FROM", a.memory_from.join(","));
         }
         if let Some(local) = self.options.local_rank {
             cmd.env("LOCAL_RANK", local.to_string());

@@ -45,6 +45,9 @@ pub const DEFAULT_RETAIN_FINISHED_JOBS: usize = 100;
 pub struct Worker {
     pub id: String,
     pub host: String,
+    /// Where its process keeps snapshots in memory (`RegisterRequest.memory_addr`); empty:
+    /// nowhere.
+    pub memory_addr: String,
     pub report: WorkerReport,
     pub last_seen: f64,
     /// A stand-in made at restart for a worker the persisted state names; it has not
@@ -230,6 +233,7 @@ impl Machine {
                         Worker {
                             id: id.clone(),
                             host: String::new(),
+                            memory_addr: String::new(),
                             report: WorkerReport {
                                 state: WorkerState::Running,
                                 job_id: job.id.clone(),
@@ -408,6 +412,8 @@ impl Machine {
             finished_unix_s: 0.0,
             waits_for,
             run: format!("job {id} of coordinator {}", self.epoch),
+            holders: Vec::new(),
+            best_step: 0,
         };
         let queued = if job.waits_for.is_empty() {
             String::new()
@@ -492,6 +498,7 @@ impl Machine {
         let worker = Worker {
             id: id.clone(),
             host,
+            memory_addr: String::new(),
             report,
             last_seen: now,
             placeholder: false,
@@ -635,6 +642,32 @@ impl Machine {
             .unwrap_or_default()
     }
 
+    /// Where rank `rank` of `job` sends its snapshots (`to`), or where it looks for them:
+    /// the snapshot addresses of the workers [`Job::holders`] names that are registered.
+    fn memory_addrs(&self, job: &Job, rank: usize, to: bool) -> Vec<String> {
+        let Some(held) = job.holders.get(rank) else {
+            return Vec::new();
+        };
+        let n = match (to, job.ranks.len()) {
+            (false, _) => held.len(),
+            (true, 1) => 1,
+            (true, _) => 2,
+        };
+        held.iter()
+            .take(n)
+            .filter_map(|id| self.workers.get(id))
+            .filter(|w| !w.placeholder && !w.memory_addr.is_empty())
+            .map(|w| w.memory_addr.clone())
+            .collect()
+    }
+
+    /// A registered worker's snapshot address (`RegisterRequest.memory_addr`).
+    pub fn set_memory_addr(&mut self, worker_id: &str, addr: String) {
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.memory_addr = addr;
+        }
+    }
+
     /// What `worker_id` should do now.
     pub fn command_for(&self, worker_id: &str) -> Reply {
         let Some(w) = self.workers.get(worker_id) else {
@@ -695,6 +728,8 @@ impl Machine {
                         job_toml: job.spec.toml.clone(),
                         resume: "latest".into(),
                         run: job.run(),
+                        memory_to: self.memory_addrs(job, rank, true),
+                        memory_from: self.memory_addrs(job, rank, false),
                     }),
                     commit_step: 0,
                 };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::client::{AUTHORIZATION, MAX_MESSAGE_BYTES};
-use kiln_proto::control::{check_id, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
+use kiln_proto::control::{check_host_port, check_id, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
 use kiln_proto::job::JobConfig;
 use kiln_proto::rpc::{self, coordinator_server::CoordinatorServer};
 use tokio::sync::{watch, Mutex};
@@ -189,6 +189,7 @@ pub fn job_spec(req: &rpc::SubmitRequest) -> Result<(JobSpec, u32, JobConfig), S
             micro_batch_size: job.micro_batch_size() as u64,
             steps: job.train.steps as u64,
             checkpoint_every: job.checkpoint.every as u64,
+            memory_every: job.checkpoint.memory_every as u64,
             min_workers: req.min_workers.max(1),
             max_workers: req.max_workers,
             outputs: vec![
@@ -426,9 +427,22 @@ impl rpc::coordinator_server::Coordinator for Service {
         check_id("host", &r.host, true).map_err(invalid)?;
         check_id("previous_id", &r.previous_id, false).map_err(invalid)?;
         let report = report(r.report)?;
+        if !r.memory_addr.is_empty() {
+            check_host_port(&r.memory_addr).map_err(|why| {
+                invalid(format!(
+                    "memory_addr: {:?} is not HOST:PORT ({why})",
+                    r.memory_addr
+                ))
+            })?;
+        }
+        let memory_addr = r.memory_addr;
         let worker_id = self
             .shared
-            .with(|m, now| m.register(r.host, &r.previous_id, report, now))
+            .with(|m, now| {
+                let id = m.register(r.host, &r.previous_id, report, now);
+                m.set_memory_addr(&id, memory_addr);
+                id
+            })
             .await?;
         Ok(Response::new(rpc::RegisterReply {
             worker_id,

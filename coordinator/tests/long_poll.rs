@@ -107,6 +107,7 @@ async fn register(client: &mut Client) -> String {
             previous_id: String::new(),
             report: Some(idle()),
             kiln_version: "test".into(),
+            memory_addr: String::new(),
         })
         .await
         .unwrap()

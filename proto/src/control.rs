@@ -108,6 +108,10 @@ pub struct Assignment {
     /// The job's run, as its checkpoint directory's claim names it
     /// (`kiln_store::owner`); the same for all its ranks and generations.
     pub run: String,
+    /// Snapshots in host memory: where this rank sends them, and where earlier generations
+    /// of this rank left theirs (`checkpoint.memory_every`; empty without).
+    pub memory_to: Vec<String>,
+    pub memory_from: Vec<String>,
 }
 
 impl Assignment {
@@ -477,6 +481,8 @@ impl From<Reply> for rpc::HeartbeatReply {
                 job_toml: a.job_toml,
                 resume: a.resume,
                 run: a.run,
+                memory_to: a.memory_to,
+                memory_from: a.memory_from,
             }),
         };
         rpc::HeartbeatReply {
@@ -539,6 +545,20 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
                 } else {
                     a.run
                 };
+                for (key, addrs) in [
+                    ("run.memory_to", &a.memory_to),
+                    ("run.memory_from", &a.memory_from),
+                ] {
+                    if let Some((addr, why)) = addrs
+                        .iter()
+                        .find_map(|addr| check_host_port(addr).err().map(|why| (addr, why)))
+                    {
+                        return Err(field_error(
+                            key,
+                            format!("{addr:?} is not HOST:PORT ({why})"),
+                        ));
+                    }
+                }
                 Command::Run(Assignment {
                     job_id: a.job_id,
                     generation: a.generation,
@@ -548,6 +568,8 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
                     job_toml: a.job_toml,
                     resume: a.resume,
                     run,
+                    memory_to: a.memory_to,
+                    memory_from: a.memory_from,
                 })
             }
         };
@@ -623,6 +645,8 @@ mod tests {
             job_toml: "name = \"j\"".into(),
             resume: "latest".into(),
             run: "job j-1 of coordinator e".into(),
+            memory_to: vec!["h1:9".into(), "h2:9".into()],
+            memory_from: vec!["h1:9".into()],
         };
         assert_eq!(a.peers_arg(), "0=h0:1,1=h1:1,2=h2:1");
         let wire = rpc::HeartbeatReply::from(Reply {
@@ -652,12 +676,22 @@ mod tests {
         }
         let e = Reply::try_from(bad).unwrap_err().to_string();
         assert!(e.contains("no address for the rank itself (1)"), "{e}");
-        let mut bad = wire;
+        let mut bad = wire.clone();
         if let Some(rpc::heartbeat_reply::Command::Run(r)) = &mut bad.command {
             r.peer_ranks = vec![0, 1, 1000];
         }
         let e = Reply::try_from(bad).unwrap_err().to_string();
         assert!(e.contains("rank 1000 of a world of 1000"), "{e}");
+        let mut bad = wire;
+        if let Some(rpc::heartbeat_reply::Command::Run(r)) = &mut bad.command {
+            r.peer_ranks = vec![0, 1, 2];
+            r.memory_from = vec!["h1:0".into()];
+        }
+        let e = Reply::try_from(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("run.memory_from") && e.contains("\"h1:0\" is not HOST:PORT"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub enum Commands {
         work_dir: Option<PathBuf>,
         #[arg(long, default_value = "worker")]
         name: String,
+        /// Host memory this process may keep ranks' snapshots in (`checkpoint.memory_every`:
+        /// its own ranks' and peers'); the oldest go first beyond it. 0: keep none.
+        #[arg(long, default_value_t = agent::DEFAULT_MEMORY_BUDGET_MB)]
+        memory_budget_mb: u64,
         /// Stop when stdin closes (`kiln local`'s workers: none outlives it).
         #[arg(long, hide = true)]
         exit_with_stdin: bool,
@@ -58,6 +62,7 @@ impl Commands {
                 nproc_per_node,
                 work_dir,
                 name,
+                memory_budget_mb,
                 exit_with_stdin,
             } => {
                 // Without --work-dir, the rank job files go to a folder of this process's own,
@@ -90,6 +95,7 @@ impl Commands {
                     local_rank: None,
                     label: name,
                     threads: None,
+                    memory_budget_mb,
                 };
                 let most = kiln_coordinator::service::MAX_HOST_WORKERS;
                 if nproc_per_node == 0 || nproc_per_node > most {

@@ -31,6 +31,7 @@ pub mod export;
 pub mod fsdp;
 pub mod generate;
 pub mod hf;
+pub mod memory;
 pub mod meta;
 pub mod metrics;
 pub mod model;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::job::{log, set_message, set_phase, Job, Phase};
+use super::job::{log, memory_peers, set_message, set_phase, Job, Phase, HOLDERS};
 use super::tally::{RankIndex, Standing, Tally};
 use super::{Machine, Policy, Worker};
 
@@ -242,7 +242,29 @@ fn try_form(job: &mut Job, pool: &Pool<'_>, tally: Option<&Tally>, now: f64, ful
         )
     });
     chosen.truncate(world as usize);
-    job.ranks = chosen.iter().map(|w| w.id.clone()).collect();
+    let ranks: Vec<String> = chosen.iter().map(|w| w.id.clone()).collect();
+    if job.spec.memory_every > 0 {
+        let hosts: Vec<&str> = chosen.iter().map(|w| w.host.as_str()).collect();
+        // A rank's earlier snapshots are of its rank at this world size only.
+        let earlier = if job.holders.len() == ranks.len() {
+            std::mem::take(&mut job.holders)
+        } else {
+            Vec::new()
+        };
+        job.holders = (0..ranks.len())
+            .map(|r| {
+                let mut held = memory_peers(r, &ranks, &hosts);
+                for id in earlier.get(r).into_iter().flatten() {
+                    if !held.contains(id) {
+                        held.push(id.clone());
+                    }
+                }
+                held.truncate(HOLDERS);
+                held
+            })
+            .collect();
+    }
+    job.ranks = ranks;
     job.peers = chosen
         .iter()
         .map(|w| w.report.ready_addr.clone().unwrap_or_default())
@@ -250,8 +272,13 @@ fn try_form(job: &mut Job, pool: &Pool<'_>, tally: Option<&Tally>, now: f64, ful
     job.generation += 1;
     job.commit_step = job.committed_step;
     let dp = world / job.spec.tp;
+    let snapshots = if job.spec.memory_every > 0 {
+        " or the newest snapshot in workers' memory that every rank finds"
+    } else {
+        ""
+    };
     let message = format!(
-        "generation {}: {world} workers (dp {dp} x tp {}), from {}",
+        "generation {}: {world} workers (dp {dp} x tp {}), from {}{snapshots}",
         job.generation,
         job.spec.tp,
         if job.committed_step > 0 {
@@ -338,13 +365,22 @@ fn advance_commit(job: &mut Job, written: u64, pool: &Pool<'_>, now: f64) -> boo
             format!("every rank wrote step {written}: committing"),
         );
     }
-    let committed = job
+    let leader = job
         .ranks
         .first()
         .and_then(|id| pool.workers.get(id))
         .map(|w| &w.report)
-        .filter(|r| r.job_id == job.id && r.generation == job.generation)
-        .map_or(0, |r| r.checkpoint_committed);
+        .filter(|r| r.job_id == job.id && r.generation == job.generation);
+    // With snapshots in memory, training past every step reached before keeps its progress
+    // without a store checkpoint: the failures before it are no longer in a row.
+    let step = leader
+        .and_then(|r| r.progress.as_ref())
+        .map_or(0, |p| p.step);
+    if job.spec.memory_every > 0 && step >= job.best_step + job.spec.memory_every {
+        job.best_step = step;
+        job.failures_in_row = 0;
+    }
+    let committed = leader.map_or(0, |r| r.checkpoint_committed);
     if committed > job.committed_step {
         job.committed_step = committed;
         job.failures_in_row = 0;
@@ -450,6 +486,13 @@ pub(super) fn fail_generation(job: &mut Job, max_restarts: u32, now: f64, why: S
         job,
         now,
         Phase::Recovering,
-        format!("{why}; recovering from the newest checkpoint"),
+        format!(
+            "{why}; recovering from the newest checkpoint{}",
+            if job.spec.memory_every > 0 {
+                " or snapshot in memory"
+            } else {
+                ""
+            }
+        ),
     );
 }

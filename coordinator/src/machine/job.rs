@@ -64,6 +64,10 @@ pub struct JobSpec {
     pub steps: u64,
     /// 0 when the job writes no checkpoints (it can then neither recover nor re-form).
     pub checkpoint_every: u64,
+    /// `checkpoint.memory_every`: the job's ranks also keep snapshots in workers' host
+    /// memory (0: they do not).
+    #[serde(default)]
+    pub memory_every: u64,
     pub min_workers: u32,
     /// 0: no upper bound.
     pub max_workers: u32,
@@ -197,6 +201,35 @@ pub struct Job {
     /// was kept: see [`Job::run`].
     #[serde(default)]
     pub run: String,
+    /// With snapshots in memory: for each rank, the workers that were sent its snapshots in
+    /// the generations before this one, newest first (at most [`HOLDERS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Vec<String>>,
+    /// With snapshots in memory: the furthest step rank 0 has reported.
+    #[serde(default)]
+    pub best_step: u64,
+}
+
+/// How many holders of a rank's snapshots a job remembers: the two of this generation and
+/// the two of each of the two before (in case the last failed before its first snapshot).
+pub const HOLDERS: usize = 6;
+
+/// Where rank `rank` of a generation of `world` ranks on `workers` sends its snapshots: its
+/// own worker, and the next rank's worker on another host (`hosts` gives each worker's), or
+/// the next rank's when every rank is on one host.
+pub fn memory_peers(rank: usize, workers: &[String], hosts: &[&str]) -> Vec<String> {
+    let world = workers.len();
+    let mut to = vec![workers[rank].clone()];
+    let other = (1..world)
+        .map(|d| (rank + d) % world)
+        .find(|&r| hosts[r] != hosts[rank])
+        .or((world > 1).then_some((rank + 1) % world));
+    if let Some(r) = other {
+        if workers[r] != workers[rank] {
+            to.push(workers[r].clone());
+        }
+    }
+    to
 }
 
 impl Job {

@@ -13,6 +13,7 @@ fn spec(n: usize, toml_bytes: usize) -> JobSpec {
         micro_batch_size: 1,
         steps: 10,
         checkpoint_every: 5,
+        memory_every: 0,
         min_workers: 1,
         max_workers: 0,
         outputs: vec![format!("/runs/{n}")],

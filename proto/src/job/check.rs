@@ -28,10 +28,41 @@ impl CheckpointSpec {
                 ),
             );
         }
+        if self.memory_every < 0 {
+            return fail(
+                "checkpoint.memory_every",
+                format!(
+                    "must be 0 (off) or a number of steps, got {}",
+                    self.memory_every
+                ),
+            );
+        }
+        if self.memory_every > 0 && self.every == 0 {
+            return fail(
+                "checkpoint.memory_every",
+                "needs checkpoint.every: snapshots in memory are lost with a rank and its \
+                 peer, and the store's checkpoint is what the job falls back to"
+                    .into(),
+            );
+        }
         if self.keep_last < 1 {
             return fail(
                 "checkpoint.keep_last",
                 "must be at least 1: resuming needs the newest checkpoint".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl JobConfig {
+    /// Snapshots in memory hold each rank's tensors as it holds them, which fully sharded
+    /// training frees and refills between steps.
+    pub(super) fn check_memory(&self) -> Check {
+        if self.checkpoint.memory_every > 0 && self.parallel.fsdp {
+            return fail(
+                "checkpoint.memory_every",
+                "is not available with parallel.fsdp yet: use checkpoint.every alone".into(),
             );
         }
         Ok(())

@@ -261,6 +261,12 @@ pub struct CheckpointSpec {
     /// written (a committed checkpoint then survives a machine crash; without it, a crash
     /// can damage the newest checkpoint, which resume then detects and skips).
     pub fsync: bool,
+    /// Under a coordinator, also snapshot the whole state into host memory after every this
+    /// many steps: each rank's snapshot is kept by its own host's worker and by a peer's, and
+    /// a job that loses ranks resumes from the newest step every rank still finds there when
+    /// that is newer than the newest checkpoint in the store. 0: off. Needs `every` (the store
+    /// checkpoint is what survives losing a rank together with its peer); not with `fsdp`.
+    pub memory_every: i64,
 }
 
 impl Default for CheckpointSpec {
@@ -273,6 +279,7 @@ impl Default for CheckpointSpec {
             asynchronous: true,
             host_buffer_mb: 0,
             fsync: false,
+            memory_every: 0,
         }
     }
 }
@@ -403,6 +410,7 @@ impl JobConfig {
         self.check_batch()
             .and_then(|()| self.checkpoint.check())
             .and_then(|()| self.parallel.check())
+            .and_then(|()| self.check_memory())
             .and_then(|()| self.train.check_schedule())
             .and_then(|()| self.data.check())
             .and_then(|()| self.train.check_runtime())

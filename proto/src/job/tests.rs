@@ -115,3 +115,33 @@ fn relative_paths_resolve_against_the_job_file() {
     );
     assert_eq!(job.output.dir, dir.path().join("out"));
 }
+
+#[test]
+fn snapshots_in_memory_need_store_checkpoints_and_no_fsdp() {
+    let ok = parse(&format!(
+        "{GOOD}\n[checkpoint]\nevery = 50\nmemory_every = 1\n"
+    ))
+    .unwrap();
+    assert_eq!((ok.checkpoint.every, ok.checkpoint.memory_every), (50, 1));
+    let err = |text: String| parse(&text).unwrap_err().to_string();
+    assert_eq!(
+        err(format!("{GOOD}\n[checkpoint]\nmemory_every = 1\n")),
+        "invalid job file job.toml: checkpoint.memory_every: needs checkpoint.every: snapshots \
+         in memory are lost with a rank and its peer, and the store's checkpoint is what the \
+         job falls back to"
+    );
+    assert_eq!(
+        err(format!(
+            "{GOOD}\n[checkpoint]\nevery = 5\nmemory_every = -1\n"
+        )),
+        "invalid job file job.toml: checkpoint.memory_every: must be 0 (off) or a number of \
+         steps, got -1"
+    );
+    assert_eq!(
+        err(format!(
+            "{GOOD}\n[parallel]\nfsdp = true\n[checkpoint]\nevery = 5\nmemory_every = 1\n"
+        )),
+        "invalid job file job.toml: checkpoint.memory_every: is not available with \
+         parallel.fsdp yet: use checkpoint.every alone"
+    );
+}

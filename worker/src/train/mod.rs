@@ -29,6 +29,7 @@ use crate::config::ConfigError;
 use crate::device::{self, DeviceError};
 use crate::eval::EvalError;
 use crate::hf::HfError;
+use crate::memory::MemoryTier;
 use crate::optim::{LrSchedule, ScheduleKind};
 
 mod log;
@@ -77,6 +78,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error("snapshot in memory: {0}")]
+    Snapshot(String),
 }
 
 /// Where this process sits in a multi-process run: its global rank and every rank's
@@ -174,18 +177,26 @@ pub fn train(
     let ck_store = CheckpointStore::open(&job.checkpoint_dir())?;
     let claim = ck_store.claim(&launch.run_name(), launch.rank == 0, OwnerTimes::from_env())?;
     let mut run = setup::Setup::new(job, launch)?;
+    let memory = MemoryTier::new(ck.memory_every, launch.run_name(), launch.rank, run.mesh);
+    if memory.as_ref().is_some_and(|m| !m.kept()) {
+        eprintln!(
+            "warning: rank {}: checkpoint.memory_every is set, but no worker keeps this rank's \
+             snapshots (kiln worker processes of a coordinator keep them, unless started with \
+             --memory-budget-mb 0): only the store's checkpoints count",
+            launch.rank
+        );
+    }
     let mut resumed = None;
     if let Some(which) = &launch.resume {
         let _span = tracing::info_span!("checkpoint.load", kiln.resume = %which).entered();
-        let r = resume::resume(
+        let target = resume::Target {
             job,
-            which,
-            &run.config,
-            &run.data_id,
-            &run.model,
-            &mut run.optimizer,
-            &run.groups,
-        )?;
+            config: &run.config,
+            data_id: &run.data_id,
+            model: &run.model,
+            groups: &run.groups,
+        };
+        let r = resume::resume(which, &target, &mut run.optimizer, memory.as_ref())?;
         resumed = Some(r);
     }
     let start_step = resumed.as_ref().map_or(0, |r| r.step);
@@ -278,7 +289,7 @@ pub fn train(
     let mut trainer = steps::Trainer::new(
         job,
         run,
-        saver,
+        (saver, memory),
         emit,
         ledger,
         ledger_hash,

@@ -10,6 +10,7 @@ use super::TrainError;
 use crate::checkpoint;
 use crate::collective::{ProcessGroups, ReduceOp};
 use crate::config::LlamaConfig;
+use crate::memory::MemoryTier;
 use crate::model::Llama;
 use crate::optim::AdamW;
 
@@ -21,18 +22,32 @@ pub(super) struct ResumePoint {
     pub rejected: Vec<String>,
 }
 
+/// What resuming needs of the run being set up.
+pub(super) struct Target<'a> {
+    pub job: &'a JobConfig,
+    pub config: &'a LlamaConfig,
+    pub data_id: &'a str,
+    pub model: &'a Llama,
+    pub groups: &'a ProcessGroups,
+}
+
 /// Finds the checkpoint `which` names and loads it into `model` and `optimizer`. With
 /// `latest`, a checkpoint any rank cannot use is skipped for the one before it (the ranks
-/// agree on which); a checkpoint named explicitly must load.
+/// agree on which), and a newer snapshot in workers' memory that every rank finds is taken
+/// first; a checkpoint named explicitly must load.
 pub(super) fn resume(
-    job: &JobConfig,
     which: &str,
-    config: &LlamaConfig,
-    data_id: &str,
-    model: &Llama,
+    target: &Target,
     optimizer: &mut AdamW,
-    groups: &ProcessGroups,
+    memory: Option<&MemoryTier>,
 ) -> Result<ResumePoint, TrainError> {
+    let Target {
+        job,
+        config,
+        data_id,
+        model,
+        groups,
+    } = *target;
     let (store, step) = match which {
         "latest" => (CheckpointStore::open(&job.checkpoint_dir())?, None),
         name if kiln_checkpoint::layout::parse_step_dir(name).is_some() => (
@@ -60,10 +75,16 @@ pub(super) fn resume(
         from: format!("nothing: no checkpoint under {} yet", store.url()),
         rejected: Vec::new(),
     };
-    if candidates.is_empty() {
-        return Ok(fresh);
-    }
     let mut rejected = Vec::new();
+    if let (None, Some(memory)) = (step, memory) {
+        let newest = candidates.first().map_or(0, |m| m.step);
+        if let Some(point) = from_memory(target, optimizer, memory, newest, &mut rejected)? {
+            return Ok(point);
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(ResumePoint { rejected, ..fresh });
+    }
     for m in &candidates {
         let outcome = read_state(m).and_then(|state| {
             compatible(job, config, data_id, m.step, &state)?;
@@ -103,6 +124,79 @@ pub(super) fn resume(
         store.url(),
         rejected.join("; ")
     )))
+}
+
+/// The newest snapshot in workers' memory that every rank finds, when it is newer than the
+/// store's newest checkpoint (step `newest`), loaded; `None` when there is none or some rank
+/// could not load it (said in `rejected`). Every rank calls this, with or without addresses:
+/// the ranks agree through three all-reduces.
+fn from_memory(
+    target: &Target,
+    optimizer: &mut AdamW,
+    memory: &MemoryTier,
+    newest: u64,
+    rejected: &mut Vec<String>,
+) -> Result<Option<ResumePoint>, TrainError> {
+    let world = &target.groups.world;
+    let held = memory.held();
+    // The newest step every rank has a snapshot of (ranks are at most a few steps apart, and
+    // each worker keeps its ranks' last few, so the others still have it too).
+    // Minima as maxima of the negated values.
+    let all_min = |v: i64| -> Result<i64, TrainError> {
+        let flag = Tensor::from_slice(&[-v]);
+        world.all_reduce(&flag, ReduceOp::Max)?;
+        Ok(-flag.int64_value(&[0]))
+    };
+    let step = all_min(held.keys().next_back().copied().unwrap_or(0) as i64)? as u64;
+    if step <= newest {
+        return Ok(None);
+    }
+    let holders = held.get(&step).cloned().unwrap_or_default();
+    if all_min(i64::from(!holders.is_empty()))? == 0 {
+        rejected.push(format!(
+            "step {step} in workers' memory: some rank has no snapshot of it"
+        ));
+        return Ok(None);
+    }
+    let outcome = memory
+        .load(step, &holders, target.model, optimizer)
+        .map_err(TrainError::Resume)
+        .and_then(|(state, addr)| {
+            let state = TrainState::from_value(&state).map_err(|e| {
+                TrainError::Resume(format!(
+                    "snapshot of step {step} has a training state this version cannot read: {e}"
+                ))
+            })?;
+            compatible(target.job, target.config, target.data_id, step, &state)?;
+            Ok((state, addr))
+        });
+    let failed = match &outcome {
+        Ok(_) => 0,
+        Err(_) => target.groups.rank as i64 + 1,
+    };
+    let flag = Tensor::from_slice(&[failed]);
+    world.all_reduce(&flag, ReduceOp::Max)?;
+    let worst = flag.int64_value(&[0]);
+    match outcome {
+        Ok((state, addr)) if worst == 0 => {
+            optimizer.step = state.optimizer_step;
+            Ok(Some(ResumePoint {
+                step: state.steps.unwrap_or(step as i64),
+                ledger_hash: state.ledger.hash,
+                from: format!("step {step} in workers' memory (this rank's from {addr})"),
+                rejected: std::mem::take(rejected),
+            }))
+        }
+        outcome => {
+            let why = match outcome {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("rank {} could not load it (see its output)", worst - 1),
+            };
+            tracing::warn!("snapshot of step {step} in memory rejected: {why}");
+            rejected.push(format!("step {step} in workers' memory: {why}"));
+            Ok(None)
+        }
+    }
 }
 
 /// The training state checkpoint `m` records.

@@ -18,6 +18,7 @@ use crate::collective::ReduceOp;
 use crate::device;
 use crate::eval::evaluate;
 use crate::hf::{self, SaveOptions};
+use crate::memory::MemoryTier;
 use crate::optim::LrSchedule;
 use crate::parallel::train_step;
 
@@ -45,6 +46,8 @@ pub(super) struct Trainer<'a> {
     pub job: &'a JobConfig,
     pub run: Setup,
     pub saver: Option<Saver>,
+    /// Snapshots in workers' memory (`checkpoint.memory_every`).
+    pub memory: Option<MemoryTier>,
     pub log: Emitter<'a>,
     pub ledger: Ledger,
     /// The wrapping sum of the ledger's step hashes.
@@ -63,7 +66,7 @@ impl<'a> Trainer<'a> {
     pub fn new(
         job: &'a JobConfig,
         run: Setup,
-        saver: Option<Saver>,
+        (saver, memory): (Option<Saver>, Option<MemoryTier>),
         log: Emitter<'a>,
         ledger: Ledger,
         ledger_hash: u64,
@@ -75,6 +78,7 @@ impl<'a> Trainer<'a> {
             job,
             run,
             saver,
+            memory,
             log,
             ledger,
             ledger_hash,
@@ -246,8 +250,10 @@ impl<'a> Trainer<'a> {
         emitted
     }
 
-    /// Reports a save that finished meanwhile, and saves after step `step` when one is due.
+    /// Reports a save that finished meanwhile, and saves after step `step` when one is due;
+    /// snapshots into workers' memory when one is due.
     fn checkpoint(&mut self, step: i64, last: bool) -> Result<(), TrainError> {
+        self.snapshot(step, last)?;
         let Some(s) = self.saver.as_mut() else {
             return Ok(());
         };
@@ -273,6 +279,27 @@ impl<'a> Trainer<'a> {
         self.pause_s += held;
         // Saving does not count against training throughput.
         self.window.start += Duration::from_secs_f64(held);
+        Ok(())
+    }
+
+    /// Copies the state after step `step` into a snapshot for workers' memory when one is due
+    /// (not after the last step: the final checkpoint goes to the store).
+    fn snapshot(&mut self, step: i64, last: bool) -> Result<(), TrainError> {
+        if last || !self.memory.as_ref().is_some_and(|m| m.due(step + 1)) {
+            return Ok(());
+        }
+        let state = self.state(step + 1);
+        let run = &self.run;
+        let Some(m) = self.memory.as_mut() else {
+            return Ok(());
+        };
+        let sent = tracing::info_span!("checkpoint.memory", kiln.step = step + 1)
+            .in_scope(|| m.snapshot(step + 1, &run.model, &run.optimizer, state))
+            .map_err(TrainError::Snapshot)?;
+        tracing::debug!(bytes = sent.bytes, "snapshot of step {} sent", step + 1);
+        self.window.phases.checkpoint += sent.held_s;
+        self.pause_s += sent.held_s;
+        self.window.start += Duration::from_secs_f64(sent.held_s);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ fn spec(tp: u32, batch: u64, micro: u64) -> JobSpec {
         micro_batch_size: micro,
         steps: 100,
         checkpoint_every: 10,
+        memory_every: 0,
         min_workers: 1,
         max_workers: 0,
         outputs: Vec::new(),
@@ -153,6 +154,7 @@ fn start(
 mod elastic;
 mod failures;
 mod lifecycle;
+mod memory;
 mod pool;
 mod restore;
 mod retention;

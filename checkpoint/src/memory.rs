@@ -1,0 +1,439 @@
+//! Checkpoints in host memory (`checkpoint.memory_every`): after a step, each rank copies its
+//! whole state (parameters and optimizer moments as it holds them, and the training state) into
+//! one snapshot and sends it to two hosts' workers, its own and a peer's, which keep it in
+//! memory. A rank that restarts asks the workers that held its snapshots, and the ranks resume
+//! from the newest step every one of them still finds, when that is newer than the newest
+//! checkpoint in the store. The store stays the copy that survives everything; memory is the
+//! copy that is cheap to make every step.
+//!
+//! A snapshot is only ever read back at the mesh that wrote it (its rank's tensors as they
+//! were), so it holds no layout: [`SnapshotHeader`] names the tensors and their lengths.
+//!
+//! Wire protocol (one request per TCP connection): a 4-byte big-endian length and a JSON
+//! [`Request`], then for `put` the snapshot's bytes; the answer is a length and a JSON
+//! [`Answer`], then for `get` the snapshot's bytes.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::layout::Mesh;
+
+pub const FORMAT: &str = "kiln-memory-snapshot";
+pub const VERSION: u32 = 1;
+/// Snapshots a worker keeps per rank of a run: a rank can be one snapshot ahead of another
+/// whose send was cut, and that one's previous must still be there.
+pub const KEEP: usize = 3;
+/// The longest request header accepted (a header is a few hundred bytes).
+const MAX_HEADER: u32 = 1 << 20;
+/// How long a connection may make no progress before the call fails.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a snapshot is of: read back only where every field but the step and the state
+/// matches the reader's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub format: String,
+    pub version: u32,
+    pub rank: usize,
+    pub step: u64,
+    pub mesh: Mesh,
+    /// The trainer's state after `step` steps, as a checkpoint manifest's `train_state`.
+    pub train_state: serde_json::Value,
+    /// The tensors, in order, as little-endian f32 after the header.
+    pub tensors: Vec<SnapshotTensor>,
+    /// CRC-32 of the tensors' bytes.
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotTensor {
+    pub name: String,
+    pub numel: u64,
+}
+
+impl SnapshotHeader {
+    pub fn data_len(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel * 4).sum()
+    }
+}
+
+/// A snapshot's bytes: an 8-byte little-endian header length, the header as JSON (its
+/// `crc32` set here, from `data`), the data.
+pub fn encode(mut header: SnapshotHeader, data: &[u8]) -> Vec<u8> {
+    header.crc32 = crc32fast::hash(data);
+    let json = serde_json::to_vec(&header).expect("a snapshot header serializes");
+    let mut out = Vec::with_capacity(8 + json.len() + data.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(data);
+    out
+}
+
+/// The header and the data of `bytes`, checked whole (lengths and CRC).
+pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, &[u8]), String> {
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(|| format!("{} bytes: too short for a snapshot", bytes.len()))?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(8))
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| format!("header of {len} bytes runs past the {} bytes", bytes.len()))?;
+    let header: SnapshotHeader = serde_json::from_slice(&bytes[8..end])
+        .map_err(|e| format!("the header is not a snapshot header: {e}"))?;
+    if header.format != FORMAT || header.version != VERSION {
+        return Err(format!(
+            "format {} version {}; this Kiln reads {FORMAT} version {VERSION}",
+            header.format, header.version
+        ));
+    }
+    let data = &bytes[end..];
+    if data.len() as u64 != header.data_len() {
+        return Err(format!(
+            "{} bytes of tensors, the header lists {}",
+            data.len(),
+            header.data_len()
+        ));
+    }
+    let crc = crc32fast::hash(data);
+    if crc != header.crc32 {
+        return Err(format!(
+            "CRC-32 {crc:08x} of the tensors, the header says {:08x}",
+            header.crc32
+        ));
+    }
+    Ok((header, data))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Keep this snapshot (`len` bytes follow); `meta` is returned by `list`.
+    Put {
+        run: String,
+        rank: u32,
+        step: u64,
+        meta: serde_json::Value,
+        len: u64,
+    },
+    /// The snapshots held for a rank of a run.
+    List { run: String, rank: u32 },
+    /// One snapshot's bytes.
+    Get { run: String, rank: u32, step: u64 },
+}
+
+/// A snapshot a worker holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub step: u64,
+    pub len: u64,
+    pub meta: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub held: Vec<Held>,
+    /// For `get`: the bytes that follow.
+    #[serde(default)]
+    pub len: u64,
+}
+
+struct Entry {
+    bytes: bytes::Bytes,
+    meta: serde_json::Value,
+    /// Arrival order: the oldest goes first when the budget is reached.
+    seq: u64,
+}
+
+/// The snapshots one worker process keeps, within a byte budget.
+pub struct Hold {
+    budget: u64,
+    held: u64,
+    seq: u64,
+    runs: BTreeMap<(String, u32), BTreeMap<u64, Entry>>,
+}
+
+impl Hold {
+    pub fn new(budget: u64) -> Self {
+        Hold {
+            budget,
+            held: 0,
+            seq: 0,
+            runs: BTreeMap::new(),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.held
+    }
+
+    /// Keeps a snapshot: the [`KEEP`] newest of its rank, and within the budget, dropping the
+    /// oldest snapshots of any run first.
+    pub fn put(
+        &mut self,
+        run: &str,
+        rank: u32,
+        step: u64,
+        meta: serde_json::Value,
+        bytes: bytes::Bytes,
+    ) -> Result<(), String> {
+        let len = bytes.len() as u64;
+        if let Some(why) = over_budget(len, self.budget) {
+            return Err(why);
+        }
+        self.seq += 1;
+        let steps = self.runs.entry((run.to_owned(), rank)).or_default();
+        let entry = Entry {
+            bytes,
+            meta,
+            seq: self.seq,
+        };
+        if let Some(old) = steps.insert(step, entry) {
+            self.held -= old.bytes.len() as u64;
+        }
+        self.held += len;
+        while steps.len() > KEEP {
+            let (_, old) = steps.pop_first().expect("non-empty");
+            self.held -= old.bytes.len() as u64;
+        }
+        while self.held > self.budget {
+            let oldest = self
+                .runs
+                .iter()
+                .flat_map(|(key, steps)| steps.iter().map(move |(s, e)| (e.seq, key.clone(), *s)))
+                .filter(|(seq, _, _)| *seq != self.seq)
+                .min();
+            let Some((_, key, s)) = oldest else { break };
+            let steps = self.runs.get_mut(&key).expect("listed");
+            let old = steps.remove(&s).expect("listed");
+            self.held -= old.bytes.len() as u64;
+            if steps.is_empty() {
+                self.runs.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self, run: &str, rank: u32) -> Vec<Held> {
+        self.runs
+            .get(&(run.to_owned(), rank))
+            .map(|steps| {
+                steps
+                    .iter()
+                    .map(|(step, e)| Held {
+                        step: *step,
+                        len: e.bytes.len() as u64,
+                        meta: e.meta.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn get(&self, run: &str, rank: u32, step: u64) -> Option<bytes::Bytes> {
+        self.runs
+            .get(&(run.to_owned(), rank))
+            .and_then(|steps| steps.get(&step))
+            .map(|e| e.bytes.clone())
+    }
+}
+
+/// Serves `hold` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, hold: Arc<Mutex<Hold>>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(conn, &hold).await {
+                tracing::debug!("memory snapshot connection: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(mut conn: tokio::net::TcpStream, hold: &Mutex<Hold>) -> std::io::Result<()> {
+    let len = conn.read_u32().await?;
+    if len > MAX_HEADER {
+        return reply(&mut conn, &fail(format!("a request of {len} bytes")), &[]).await;
+    }
+    let mut buf = vec![0; len as usize];
+    conn.read_exact(&mut buf).await?;
+    let request: Request = match serde_json::from_slice(&buf) {
+        Ok(r) => r,
+        Err(e) => return reply(&mut conn, &fail(format!("not a request: {e}")), &[]).await,
+    };
+    let lock = || hold.lock().unwrap_or_else(|p| p.into_inner());
+    match request {
+        Request::Put {
+            run,
+            rank,
+            step,
+            meta,
+            len,
+        } => {
+            let budget = lock().budget;
+            // Refused without keeping what would not fit: read past it, so that the sender
+            // gets the answer rather than a reset connection.
+            if let Some(why) = over_budget(len, budget) {
+                tokio::io::copy(&mut (&mut conn).take(len), &mut tokio::io::sink()).await?;
+                return reply(&mut conn, &fail(why), &[]).await;
+            }
+            let mut bytes = vec![0; len as usize];
+            conn.read_exact(&mut bytes).await?;
+            let answer = match lock().put(&run, rank, step, meta, bytes.into()) {
+                Ok(()) => Answer::default(),
+                Err(e) => fail(e),
+            };
+            reply(&mut conn, &answer, &[]).await
+        }
+        Request::List { run, rank } => {
+            let held = lock().list(&run, rank);
+            reply(
+                &mut conn,
+                &Answer {
+                    held,
+                    ..Answer::default()
+                },
+                &[],
+            )
+            .await
+        }
+        Request::Get { run, rank, step } => {
+            let got = lock().get(&run, rank, step);
+            match got {
+                Some(bytes) => {
+                    let answer = Answer {
+                        len: bytes.len() as u64,
+                        ..Answer::default()
+                    };
+                    reply(&mut conn, &answer, &bytes).await
+                }
+                None => {
+                    let why = format!("no snapshot of step {step} for rank {rank} of {run}");
+                    reply(&mut conn, &fail(why), &[]).await
+                }
+            }
+        }
+    }
+}
+
+fn over_budget(len: u64, budget: u64) -> Option<String> {
+    (len > budget).then(|| {
+        format!(
+            "a snapshot of {:.1} MiB does not fit this worker's memory budget of {:.1} MiB \
+             (kiln worker --memory-budget-mb)",
+            len as f64 / (1 << 20) as f64,
+            budget as f64 / (1 << 20) as f64
+        )
+    })
+}
+
+fn fail(error: String) -> Answer {
+    Answer {
+        error: Some(error),
+        ..Answer::default()
+    }
+}
+
+async fn reply(
+    conn: &mut tokio::net::TcpStream,
+    answer: &Answer,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let json = serde_json::to_vec(answer).expect("an answer serializes");
+    conn.write_u32(json.len() as u32).await?;
+    conn.write_all(&json).await?;
+    conn.write_all(bytes).await?;
+    conn.flush().await
+}
+
+/// One call to the worker at `addr`: the answer, and for `get` its bytes.
+fn call(addr: &str, request: &Request, body: &[u8]) -> Result<(Answer, Vec<u8>), String> {
+    let io = |e: std::io::Error| format!("{addr}: {e}");
+    let target = addr
+        .to_socket_addrs()
+        .map_err(io)?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    let mut conn = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(io)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    let _ = conn.set_nodelay(true);
+    let json = serde_json::to_vec(request).expect("a request serializes");
+    conn.write_all(&(json.len() as u32).to_be_bytes())
+        .and_then(|()| conn.write_all(&json))
+        .and_then(|()| conn.write_all(body))
+        .and_then(|()| conn.flush())
+        .map_err(io)?;
+    let mut len = [0; 4];
+    conn.read_exact(&mut len).map_err(io)?;
+    let len = u32::from_be_bytes(len);
+    if len > MAX_HEADER {
+        return Err(format!("{addr}: an answer of {len} bytes"));
+    }
+    let mut buf = vec![0; len as usize];
+    conn.read_exact(&mut buf).map_err(io)?;
+    let answer: Answer =
+        serde_json::from_slice(&buf).map_err(|e| format!("{addr}: not an answer: {e}"))?;
+    if let Some(e) = &answer.error {
+        return Err(format!("{addr}: {e}"));
+    }
+    let mut bytes = vec![0; answer.len as usize];
+    conn.read_exact(&mut bytes).map_err(io)?;
+    Ok((answer, bytes))
+}
+
+/// Sends a snapshot to the worker at `addr`; returns once it holds it.
+pub fn put(
+    addr: &str,
+    run: &str,
+    rank: u32,
+    step: u64,
+    meta: serde_json::Value,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let request = Request::Put {
+        run: run.to_owned(),
+        rank,
+        step,
+        meta,
+        len: bytes.len() as u64,
+    };
+    call(addr, &request, bytes).map(|_| ())
+}
+
+/// The snapshots the worker at `addr` holds for `rank` of `run`, oldest first.
+pub fn list(addr: &str, run: &str, rank: u32) -> Result<Vec<Held>, String> {
+    let request = Request::List {
+        run: run.to_owned(),
+        rank,
+    };
+    call(addr, &request, &[]).map(|(a, _)| a.held)
+}
+
+/// One snapshot's bytes from the worker at `addr`.
+pub fn get(addr: &str, run: &str, rank: u32, step: u64) -> Result<Vec<u8>, String> {
+    let request = Request::Get {
+        run: run.to_owned(),
+        rank,
+        step,
+    };
+    call(addr, &request, &[]).map(|(_, bytes)| bytes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,123 @@
+use super::*;
+
+fn header(step: u64, data: &[u8]) -> SnapshotHeader {
+    SnapshotHeader {
+        format: FORMAT.into(),
+        version: VERSION,
+        rank: 1,
+        step,
+        mesh: Mesh {
+            world: 2,
+            dp: 2,
+            tp: 1,
+            zero1: false,
+            fsdp: false,
+            shard: 0,
+        },
+        train_state: serde_json::json!({ "steps": step }),
+        tensors: vec![SnapshotTensor {
+            name: "params".into(),
+            numel: data.len() as u64 / 4,
+        }],
+        crc32: crc32fast::hash(data),
+    }
+}
+
+#[test]
+fn a_snapshot_reads_back_and_damage_is_named() {
+    let data: Vec<u8> = (0..64u8).collect();
+    let bytes = encode(header(7, &data), &data);
+    let (h, d) = decode(&bytes).unwrap();
+    assert_eq!((h.step, d), (7, &data[..]));
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert!(decode(&flipped).unwrap_err().starts_with("CRC-32 "));
+    let cut = &bytes[..bytes.len() - 4];
+    assert_eq!(
+        decode(cut).unwrap_err(),
+        "60 bytes of tensors, the header lists 64"
+    );
+    assert!(decode(&bytes[..5]).unwrap_err().contains("too short"));
+}
+
+#[test]
+fn a_worker_keeps_the_newest_snapshots_within_its_budget() {
+    let mut hold = Hold::new(1000);
+    for step in 1..=5 {
+        hold.put("run", 0, step, serde_json::json!(step), vec![0; 100].into())
+            .unwrap();
+    }
+    let steps: Vec<u64> = hold.list("run", 0).iter().map(|h| h.step).collect();
+    assert_eq!(steps, [3, 4, 5], "the {KEEP} newest of a rank");
+    assert_eq!(hold.bytes(), 300);
+    // Another rank's snapshots push the oldest out once the budget is reached.
+    for step in 1..=3 {
+        hold.put("run", 1, step, serde_json::json!(null), vec![0; 300].into())
+            .unwrap();
+    }
+    assert!(hold.bytes() <= 1000);
+    assert_eq!(hold.list("run", 1).len(), 3, "the newest arrivals stay");
+    assert!(hold.list("run", 0).len() < 3);
+    let why = hold
+        .put("run", 2, 1, serde_json::json!(null), vec![0; 2000].into())
+        .unwrap_err();
+    assert!(
+        why.contains("does not fit this worker's memory budget"),
+        "{why}"
+    );
+}
+
+#[test]
+fn snapshots_travel_over_tcp() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let hold = Arc::new(Mutex::new(Hold::new(1 << 20)));
+    rt.spawn(serve(listener, hold.clone()));
+    let data = vec![7u8; 4096];
+    put(
+        &addr,
+        "job a",
+        3,
+        12,
+        serde_json::json!({"world": 4}),
+        &data,
+    )
+    .unwrap();
+    let held = list(&addr, "job a", 3).unwrap();
+    assert_eq!(
+        held,
+        [Held {
+            step: 12,
+            len: 4096,
+            meta: serde_json::json!({"world": 4})
+        }]
+    );
+    assert_eq!(get(&addr, "job a", 3, 12).unwrap(), data);
+    assert!(list(&addr, "job b", 3).unwrap().is_empty());
+    let why = get(&addr, "job a", 3, 11).unwrap_err();
+    assert_eq!(
+        why,
+        format!("{addr}: no snapshot of step 11 for rank 3 of job a")
+    );
+    let why = put(
+        &addr,
+        "job a",
+        3,
+        13,
+        serde_json::json!(null),
+        &vec![0; 2 << 20],
+    )
+    .unwrap_err();
+    assert!(why.contains("memory budget of 1.0 MiB"), "{why}");
+    drop(rt);
+    // Nobody listening: the address is named.
+    let why = list(&addr, "job a", 3).unwrap_err();
+    assert!(why.starts_with(&addr), "{why}");
+}
