@@ -62,6 +62,7 @@ grad_clip = 1.0
 
 [checkpoint]
 every = {every}
+memory_every = {memory_every}
 
 [output]
 dir = "{out}"
@@ -168,7 +169,7 @@ def run(args, label, target, interval):
     work.mkdir(parents=True)
     job = work / "job.toml"
     job.write_text(JOB.format(data=args.data, steps=args.steps, every=args.every,
-                              out=work / "out"))
+                              memory_every=args.memory_every, out=work / "out"))
     tail = Tail(work / "out" / "metrics.jsonl")
     cluster = Cluster(args.kiln, work, args.heartbeat_timeout, args.max_restarts)
     t0 = time.time()
@@ -243,6 +244,10 @@ def run(args, label, target, interval):
             recoveries.append(first["time"] - kill["t"])
     losses = [last[s]["loss"] for s in sorted(last)]
     pauses = [e.get("pause_s", 0.0) for k, e in events if k == "checkpoint"]
+    resumes = [e.get("from", "") for k, e in events if k == "resumed"]
+    # Per step, the seconds training was held by checkpoints and snapshots (copies to host
+    # memory; uploads and sends go on in the background).
+    held = [e.get("phases", {}).get("checkpoint", 0.0) for e in last.values()]
     return {
         "run": label, "target": target, "interval_s": interval, "phase": phase,
         "wall_s": round(wall, 1), "steps": len(last), "executions": len(steps),
@@ -252,6 +257,9 @@ def run(args, label, target, interval):
         "recovery_p50_s": round(statistics.median(recoveries), 2) if recoveries else None,
         "recovery_max_s": round(max(recoveries), 2) if recoveries else None,
         "checkpoint_pause_s": round(statistics.mean(pauses), 6) if pauses else None,
+        "held_per_step_ms": round(1000 * statistics.mean(held), 3) if held else None,
+        "resumed_from_memory": sum("in workers' memory" in f for f in resumes),
+        "resumed_from_store": sum("step-" in f for f in resumes),
         "losses": losses,
     }
 
@@ -263,6 +271,8 @@ def main():
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--every", type=int, default=10)
+    p.add_argument("--memory-every", type=int, default=0,
+                   help="checkpoint.memory_every: snapshots in the workers' memory")
     p.add_argument("--runs", default="rank:60,rank:20,coordinator:20",
                    help="TARGET:T,... (TARGET rank or coordinator); an uninterrupted run "
                         "comes first")

@@ -186,6 +186,20 @@ async fn refuses_bad_ready_addresses(client: &mut Client) {
             format!("report.ready_addr: {ready_addr:?} is not HOST:PORT ({why})")
         );
     }
+    // The address a worker keeps snapshots at, likewise.
+    let memory = client
+        .register(rpc::RegisterRequest {
+            host: "127.0.0.1".into(),
+            memory_addr: "0.0.0.0:7000".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(memory.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        memory.message(),
+        "memory_addr: \"0.0.0.0:7000\" is not HOST:PORT (0.0.0.0 is not an address peers can connect to)"
+    );
 }
 
 /// A submitted job file that is not TOML, and one over the size limit.

@@ -7,7 +7,7 @@
 //! The format is specified in `ARCHITECTURE.md` and versioned by [`layout::VERSION`].
 
 pub mod layout;
-pub mod memory;
+pub mod snapshot;
 pub mod store;
 
 pub use layout::{CheckpointManifest, Dtype, Mesh, ObjectInfo, Piece, Region, TensorInfo};

@@ -105,8 +105,8 @@ async fn serve_memory(host: &str, budget_mb: u64) -> Result<String, AgentError> 
         .local_addr()
         .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?
         .port();
-    let hold = kiln_checkpoint::memory::Hold::new(budget_mb << 20);
-    tokio::spawn(kiln_checkpoint::memory::serve(
+    let hold = kiln_store::hold::Hold::new(budget_mb << 20);
+    tokio::spawn(kiln_store::hold::serve(
         listener,
         Arc::new(std::sync::Mutex::new(hold)),
     ));

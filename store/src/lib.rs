@@ -11,6 +11,7 @@
 //! Requests to remote stores are retried with exponential backoff: `KILN_STORE_RETRIES`
 //! times (default 5) within `KILN_STORE_RETRY_TIMEOUT_S` seconds (default 60).
 
+pub mod hold;
 pub mod owner;
 
 use std::collections::HashMap;

@@ -4,15 +4,17 @@
 //! sent, in the background, to the workers the coordinator named (`KILN_MEMORY_TO`: this
 //! host's and a peer's). A restarted rank asks the workers that held its snapshots
 //! (`KILN_MEMORY_FROM`), and the ranks agree on the newest step every one of them finds
-//! ([`crate::train`]'s resume). The wire format and the workers' side are
-//! [`kiln_checkpoint::memory`].
+//! ([`crate::train`]'s resume). The snapshot's format is [`kiln_checkpoint::snapshot`],
+//! the workers' side and the wire [`kiln_store::hold`].
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kiln_checkpoint::memory::{self, SnapshotHeader, SnapshotTensor};
+use kiln_checkpoint::snapshot::{self, SnapshotHeader, SnapshotTensor};
 use kiln_checkpoint::Mesh;
+use kiln_store::hold;
 use tch::{Kind, Tensor};
 
 use crate::model::Llama;
@@ -27,12 +29,8 @@ pub struct MemoryTier {
     to: Vec<String>,
     from: Vec<String>,
     in_flight: Option<JoinHandle<Vec<String>>>,
-}
-
-/// A snapshot sent: its size and the seconds training was held copying it.
-pub struct Sent {
-    pub bytes: u64,
-    pub held_s: f64,
+    /// Closed or signalled once the snapshot under way has copied the state.
+    copied: Option<mpsc::Receiver<()>>,
 }
 
 fn addrs(var: &str) -> Vec<String> {
@@ -65,6 +63,7 @@ impl MemoryTier {
             to: addrs("KILN_MEMORY_TO"),
             from: addrs("KILN_MEMORY_FROM"),
             in_flight: None,
+            copied: None,
         })
     }
 
@@ -78,39 +77,35 @@ impl MemoryTier {
         steps % self.every == 0 && !self.to.is_empty()
     }
 
-    /// Copies the state after `steps` steps and starts sending it. Waits for the previous
-    /// send first; a send that failed is reported as a warning (the store's checkpoints
-    /// still stand).
+    /// Starts a snapshot of the state after `steps` steps: a thread copies the tensors into
+    /// one host buffer while the next step's forward and backward passes run (call
+    /// [`MemoryTier::fence`] before the state changes), then sends it. Waits for the previous
+    /// send first; a send that failed is reported as a warning (the store's checkpoints still
+    /// stand). Returns the seconds training was held.
     pub fn snapshot(
         &mut self,
         steps: i64,
         model: &Llama,
         optimizer: &AdamW,
         train_state: serde_json::Value,
-    ) -> Result<Sent, String> {
+    ) -> Result<f64, String> {
         let start = Instant::now();
         self.wait();
-        let parts = tensors(model, optimizer);
-        let mut list = Vec::with_capacity(parts.len());
-        let total: usize = parts.iter().map(|(_, t)| t.numel() * 4).sum();
-        let mut data = vec![0u8; total];
-        let mut at = 0;
-        for (name, t) in parts {
+        let mut sources = Vec::with_capacity(3);
+        let mut list = Vec::with_capacity(3);
+        for (name, t) in tensors(model, optimizer) {
             if t.kind() != Kind::Float {
                 return Err(format!("{name} is {:?}, snapshots hold f32", t.kind()));
             }
-            let n = t.numel();
-            let host = t.detach().to_device(tch::Device::Cpu).contiguous();
-            host.copy_data_u8(&mut data[at..at + n * 4], n);
-            at += n * 4;
+            sources.push(t.detach());
             list.push(SnapshotTensor {
                 name: name.into(),
-                numel: n as u64,
+                numel: t.numel() as u64,
             });
         }
         let header = SnapshotHeader {
-            format: memory::FORMAT.into(),
-            version: memory::VERSION,
+            format: snapshot::FORMAT.into(),
+            version: snapshot::VERSION,
             rank: self.rank,
             step: steps as u64,
             mesh: self.mesh,
@@ -118,33 +113,53 @@ impl MemoryTier {
             tensors: list,
             crc32: 0,
         };
-        let bytes = memory::encode(header, &data);
-        drop(data);
-        let held_s = start.elapsed().as_secs_f64();
-        let sent = bytes.len() as u64;
-        let (to, run, rank, mesh) = (self.to.clone(), self.run.clone(), self.rank, self.mesh);
-        let meta = serde_json::json!({ "mesh": mesh });
-        self.in_flight = Some(
-            std::thread::Builder::new()
-                .name("kiln-snapshot".into())
-                .spawn(move || {
-                    to.iter()
-                        .filter_map(|addr| {
-                            memory::put(addr, &run, rank as u32, steps as u64, meta.clone(), &bytes)
-                                .err()
-                        })
-                        .collect()
+        let (to, run, rank) = (self.to.clone(), self.run.clone(), self.rank as u32);
+        let meta = serde_json::json!({ "mesh": self.mesh });
+        let (copied_tx, copied) = mpsc::channel();
+        let send = move || -> Vec<String> {
+            let total: usize = sources.iter().map(|t| t.numel() * 4).sum();
+            let mut data = vec![0u8; total];
+            let mut at = 0;
+            for t in &sources {
+                let n = t.numel();
+                let host = t.to_device(tch::Device::Cpu).contiguous();
+                host.copy_data_u8(&mut data[at..at + n * 4], n);
+                at += n * 4;
+            }
+            drop(sources);
+            // From here on training may change the state.
+            let _ = copied_tx.send(());
+            let head = snapshot::encode_header(header, &data);
+            to.iter()
+                .filter_map(|addr| {
+                    let parts: [&[u8]; 2] = [&head, &data];
+                    hold::put(addr, &run, rank, steps as u64, meta.clone(), &parts).err()
                 })
-                .map_err(|e| format!("cannot start the snapshot thread: {e}"))?,
-        );
-        Ok(Sent {
-            bytes: sent,
-            held_s,
-        })
+                .collect()
+        };
+        let thread = std::thread::Builder::new()
+            .name("kiln-snapshot".into())
+            .spawn(send)
+            .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
+        self.in_flight = Some(thread);
+        self.copied = Some(copied);
+        Ok(start.elapsed().as_secs_f64())
+    }
+
+    /// Call before the parameters or the optimizer state change: blocks until the snapshot
+    /// under way has copied them. Returns the seconds it waited.
+    pub fn fence(&mut self) -> f64 {
+        let start = Instant::now();
+        if let Some(copied) = self.copied.take() {
+            // An error in the copy closes the channel; the send reports it.
+            let _ = copied.recv();
+        }
+        start.elapsed().as_secs_f64()
     }
 
     /// Waits for the send in flight; its failures become warnings.
     pub fn wait(&mut self) {
+        self.copied = None;
         if let Some(f) = self.in_flight.take() {
             for e in f
                 .join()
@@ -162,7 +177,7 @@ impl MemoryTier {
         let mut held: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         let meta = serde_json::json!({ "mesh": self.mesh });
         for addr in &self.from {
-            match memory::list(addr, &self.run, self.rank as u32) {
+            match hold::list(addr, &self.run, self.rank as u32) {
                 Ok(list) => {
                     for h in list.into_iter().filter(|h| h.meta == meta) {
                         held.entry(h.step).or_default().push(addr.clone());
@@ -185,8 +200,9 @@ impl MemoryTier {
     ) -> Result<(serde_json::Value, String), String> {
         let mut why = Vec::new();
         for addr in holders {
-            let read = memory::get(addr, &self.run, self.rank as u32, step).and_then(|bytes| {
-                let (header, data) = memory::decode(&bytes).map_err(|e| format!("{addr}: {e}"))?;
+            let read = hold::get(addr, &self.run, self.rank as u32, step).and_then(|bytes| {
+                let (header, data) =
+                    snapshot::decode(&bytes).map_err(|e| format!("{addr}: {e}"))?;
                 self.restore(&header, data, model, optimizer)
                     .map_err(|e| format!("{addr}: {e}"))?;
                 Ok(header.train_state)

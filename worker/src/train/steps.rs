@@ -115,7 +115,7 @@ impl<'a> Trainer<'a> {
         let lr = self.schedule.at(step);
         let (batches, hash, data_s) = self.read_batches(step)?;
         self.record_in_ledger(step, hash)?;
-        let (saver, pause_s) = (&mut self.saver, &mut self.pause_s);
+        let (saver, memory, pause_s) = (&mut self.saver, &mut self.memory, &mut self.pause_s);
         let stats = train_step(
             &self.run.model,
             &mut self.run.optimizer,
@@ -127,6 +127,9 @@ impl<'a> Trainer<'a> {
             &mut || {
                 if let Some(s) = saver.as_mut() {
                     *pause_s += s.fence();
+                }
+                if let Some(m) = memory.as_mut() {
+                    *pause_s += m.fence();
                 }
             },
         )?;
@@ -293,13 +296,12 @@ impl<'a> Trainer<'a> {
         let Some(m) = self.memory.as_mut() else {
             return Ok(());
         };
-        let sent = tracing::info_span!("checkpoint.memory", kiln.step = step + 1)
+        let held = tracing::info_span!("checkpoint.memory", kiln.step = step + 1)
             .in_scope(|| m.snapshot(step + 1, &run.model, &run.optimizer, state))
             .map_err(TrainError::Snapshot)?;
-        tracing::debug!(bytes = sent.bytes, "snapshot of step {} sent", step + 1);
-        self.window.phases.checkpoint += sent.held_s;
-        self.pause_s += sent.held_s;
-        self.window.start += Duration::from_secs_f64(sent.held_s);
+        self.window.phases.checkpoint += held;
+        self.pause_s += held;
+        self.window.start += Duration::from_secs_f64(held);
         Ok(())
     }
 

@@ -1,13 +1,8 @@
-//! Checkpoints in host memory (`checkpoint.memory_every`): after a step, each rank copies its
-//! whole state (parameters and optimizer moments as it holds them, and the training state) into
-//! one snapshot and sends it to two hosts' workers, its own and a peer's, which keep it in
-//! memory. A rank that restarts asks the workers that held its snapshots, and the ranks resume
-//! from the newest step every one of them still finds, when that is newer than the newest
-//! checkpoint in the store. The store stays the copy that survives everything; memory is the
-//! copy that is cheap to make every step.
-//!
-//! A snapshot is only ever read back at the mesh that wrote it (its rank's tensors as they
-//! were), so it holds no layout: [`SnapshotHeader`] names the tensors and their lengths.
+//! Bytes kept in one process's memory for other processes: the snapshots of training ranks'
+//! state (`checkpoint.memory_every`) that a `kiln worker` keeps for its own ranks and its
+//! peers'. `Hold` keeps the newest [`KEEP`] of each rank of each run within a byte budget,
+//! [`serve`] answers over TCP, and [`put`], [`list`] and [`get`] are the blocking client.
+//! What the bytes are is the caller's (`kiln_checkpoint::snapshot`).
 //!
 //! Wire protocol (one request per TCP connection): a 4-byte big-endian length and a JSON
 //! [`Request`], then for `put` the snapshot's bytes; the answer is a length and a JSON
@@ -22,10 +17,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::layout::Mesh;
-
-pub const FORMAT: &str = "kiln-memory-snapshot";
-pub const VERSION: u32 = 1;
 /// Snapshots a worker keeps per rank of a run: a rank can be one snapshot ahead of another
 /// whose send was cut, and that one's previous must still be there.
 pub const KEEP: usize = 3;
@@ -34,84 +25,6 @@ const MAX_HEADER: u32 = 1 << 20;
 /// How long a connection may make no progress before the call fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// What a snapshot is of: read back only where every field but the step and the state
-/// matches the reader's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotHeader {
-    pub format: String,
-    pub version: u32,
-    pub rank: usize,
-    pub step: u64,
-    pub mesh: Mesh,
-    /// The trainer's state after `step` steps, as a checkpoint manifest's `train_state`.
-    pub train_state: serde_json::Value,
-    /// The tensors, in order, as little-endian f32 after the header.
-    pub tensors: Vec<SnapshotTensor>,
-    /// CRC-32 of the tensors' bytes.
-    pub crc32: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotTensor {
-    pub name: String,
-    pub numel: u64,
-}
-
-impl SnapshotHeader {
-    pub fn data_len(&self) -> u64 {
-        self.tensors.iter().map(|t| t.numel * 4).sum()
-    }
-}
-
-/// A snapshot's bytes: an 8-byte little-endian header length, the header as JSON (its
-/// `crc32` set here, from `data`), the data.
-pub fn encode(mut header: SnapshotHeader, data: &[u8]) -> Vec<u8> {
-    header.crc32 = crc32fast::hash(data);
-    let json = serde_json::to_vec(&header).expect("a snapshot header serializes");
-    let mut out = Vec::with_capacity(8 + json.len() + data.len());
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(data);
-    out
-}
-
-/// The header and the data of `bytes`, checked whole (lengths and CRC).
-pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, &[u8]), String> {
-    let len = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        .ok_or_else(|| format!("{} bytes: too short for a snapshot", bytes.len()))?;
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| l.checked_add(8))
-        .filter(|&e| e <= bytes.len())
-        .ok_or_else(|| format!("header of {len} bytes runs past the {} bytes", bytes.len()))?;
-    let header: SnapshotHeader = serde_json::from_slice(&bytes[8..end])
-        .map_err(|e| format!("the header is not a snapshot header: {e}"))?;
-    if header.format != FORMAT || header.version != VERSION {
-        return Err(format!(
-            "format {} version {}; this Kiln reads {FORMAT} version {VERSION}",
-            header.format, header.version
-        ));
-    }
-    let data = &bytes[end..];
-    if data.len() as u64 != header.data_len() {
-        return Err(format!(
-            "{} bytes of tensors, the header lists {}",
-            data.len(),
-            header.data_len()
-        ));
-    }
-    let crc = crc32fast::hash(data);
-    if crc != header.crc32 {
-        return Err(format!(
-            "CRC-32 {crc:08x} of the tensors, the header says {:08x}",
-            header.crc32
-        ));
-    }
-    Ok((header, data))
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -258,9 +171,8 @@ pub async fn serve(listener: tokio::net::TcpListener, hold: Arc<Mutex<Hold>>) {
         };
         let hold = hold.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &hold).await {
-                tracing::debug!("memory snapshot connection: {e}");
-            }
+            // A connection that breaks is the caller's to report.
+            let _ = answer(conn, &hold).await;
         });
     }
 }
@@ -361,8 +273,9 @@ async fn reply(
     conn.flush().await
 }
 
-/// One call to the worker at `addr`: the answer, and for `get` its bytes.
-fn call(addr: &str, request: &Request, body: &[u8]) -> Result<(Answer, Vec<u8>), String> {
+/// One call to the worker at `addr` (`body`: the parts of a `put`'s bytes, in order): the
+/// answer, and for `get` its bytes.
+fn call(addr: &str, request: &Request, body: &[&[u8]]) -> Result<(Answer, Vec<u8>), String> {
     let io = |e: std::io::Error| format!("{addr}: {e}");
     let target = addr
         .to_socket_addrs()
@@ -376,7 +289,7 @@ fn call(addr: &str, request: &Request, body: &[u8]) -> Result<(Answer, Vec<u8>),
     let json = serde_json::to_vec(request).expect("a request serializes");
     conn.write_all(&(json.len() as u32).to_be_bytes())
         .and_then(|()| conn.write_all(&json))
-        .and_then(|()| conn.write_all(body))
+        .and_then(|()| body.iter().try_for_each(|part| conn.write_all(part)))
         .and_then(|()| conn.flush())
         .map_err(io)?;
     let mut len = [0; 4];
@@ -397,23 +310,24 @@ fn call(addr: &str, request: &Request, body: &[u8]) -> Result<(Answer, Vec<u8>),
     Ok((answer, bytes))
 }
 
-/// Sends a snapshot to the worker at `addr`; returns once it holds it.
+/// Sends a snapshot, the concatenation of `parts`, to the worker at `addr`; returns once it
+/// holds it.
 pub fn put(
     addr: &str,
     run: &str,
     rank: u32,
     step: u64,
     meta: serde_json::Value,
-    bytes: &[u8],
+    parts: &[&[u8]],
 ) -> Result<(), String> {
     let request = Request::Put {
         run: run.to_owned(),
         rank,
         step,
         meta,
-        len: bytes.len() as u64,
+        len: parts.iter().map(|p| p.len() as u64).sum(),
     };
-    call(addr, &request, bytes).map(|_| ())
+    call(addr, &request, parts).map(|_| ())
 }
 
 /// The snapshots the worker at `addr` holds for `rank` of `run`, oldest first.
