@@ -114,6 +114,18 @@ class Cluster:
         return subprocess.run([self.kiln, *args, "--coordinator", self.url],
                               env=self.env, capture_output=True, text=True)
 
+    def worker_cpu_s(self):
+        """CPU seconds of the worker processes and of their training processes, which have
+        all exited and been waited for by now (utime, stime, cutime, cstime)."""
+        total = 0
+        for p in self.workers:
+            try:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(f) for f in fields[11:15])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         for p in self.workers + [self.coordinator]:
             p.terminate()
@@ -221,6 +233,7 @@ def run(args, label, target, interval):
     wall = time.time() - t0
     tail.poll()
     logs = cluster.kiln_cmd("logs", job_id).stdout
+    cpu = cluster.worker_cpu_s()
     cluster.stop()
     (work / "job.log").write_text(logs)
 
@@ -257,6 +270,7 @@ def run(args, label, target, interval):
         "recovery_p50_s": round(statistics.median(recoveries), 2) if recoveries else None,
         "recovery_max_s": round(max(recoveries), 2) if recoveries else None,
         "checkpoint_pause_s": round(statistics.mean(pauses), 6) if pauses else None,
+        "worker_cpu_s": round(cpu, 1),
         "held_per_step_ms": round(1000 * statistics.mean(held), 3) if held else None,
         "resumed_from_memory": sum("in workers' memory" in f for f in resumes),
         "resumed_from_store": sum("step-" in f for f in resumes),

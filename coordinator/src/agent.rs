@@ -97,7 +97,7 @@ fn bind_host(host: &str) -> &'static str {
 
 /// Starts keeping snapshots in memory for other workers (within `budget_mb`): the address
 /// to offer them, `HOST:PORT`.
-async fn serve_memory(host: &str, budget_mb: u64) -> Result<String, AgentError> {
+async fn serve_memory(host: &str, budget_mb: u64, token: &str) -> Result<String, AgentError> {
     let listener = tokio::net::TcpListener::bind((bind_host(host), 0))
         .await
         .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?;
@@ -109,6 +109,7 @@ async fn serve_memory(host: &str, budget_mb: u64) -> Result<String, AgentError> 
     tokio::spawn(kiln_store::hold::serve(
         listener,
         Arc::new(std::sync::Mutex::new(hold)),
+        token.to_owned(),
     ));
     Ok(format!("{host}:{port}"))
 }
@@ -161,7 +162,7 @@ async fn run_host(options: Vec<AgentOptions>) -> Result<(), AgentError> {
     let client = first.target.connect_lazy()?;
     // One store of snapshots for the host's agents: their ranks' and their peers'.
     let memory_addr = if first.memory_budget_mb > 0 {
-        serve_memory(&first.host, first.memory_budget_mb).await?
+        serve_memory(&first.host, first.memory_budget_mb, &first.target.token).await?
     } else {
         String::new()
     };
@@ -569,6 +570,10 @@ impl Agent {
         }
         if !a.memory_from.is_empty() {
             cmd.env("KILN_MEMORY_FROM", a.memory_from.join(","));
+        }
+        if !a.memory_to.is_empty() || !a.memory_from.is_empty() {
+            // The workers keep snapshots for holders of the coordinator's token alone.
+            cmd.env("KILN_MEMORY_TOKEN", &self.options.target.token);
         }
         if let Some(local) = self.options.local_rank {
             cmd.env("LOCAL_RANK", local.to_string());

@@ -5,8 +5,9 @@
 //! What the bytes are is the caller's (`kiln_checkpoint::snapshot`).
 //!
 //! Wire protocol (one request per TCP connection): a 4-byte big-endian length and a JSON
-//! [`Request`], then for `put` the snapshot's bytes; the answer is a length and a JSON
-//! [`Answer`], then for `get` the snapshot's bytes.
+//! [`Envelope`] (the [`Request`] and the token), then for `put` the snapshot's bytes; the
+//! answer is a length and a JSON [`Answer`], then for `get` the snapshot's bytes. A server
+//! given a token answers only requests that carry it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -41,6 +42,14 @@ pub enum Request {
     List { run: String, rank: u32 },
     /// One snapshot's bytes.
     Get { run: String, rank: u32, step: u64 },
+}
+
+/// A request as it travels, with the token the server checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    #[serde(default)]
+    pub token: String,
+    pub request: Request,
 }
 
 /// A snapshot a worker holds.
@@ -163,31 +172,50 @@ impl Hold {
     }
 }
 
-/// Serves `hold` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, hold: Arc<Mutex<Hold>>) {
+/// Serves `hold` on `listener` until the task is dropped; with a `token`, only to requests
+/// that carry it.
+pub async fn serve(listener: tokio::net::TcpListener, hold: Arc<Mutex<Hold>>, token: String) {
+    let token = Arc::new(token);
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
-        let hold = hold.clone();
+        let (hold, token) = (hold.clone(), token.clone());
         tokio::spawn(async move {
             // A connection that breaks is the caller's to report.
-            let _ = answer(conn, &hold).await;
+            let _ = answer(conn, &hold, &token).await;
         });
     }
 }
 
-async fn answer(mut conn: tokio::net::TcpStream, hold: &Mutex<Hold>) -> std::io::Result<()> {
+/// Whether `a` and `b` are equal, in a time that depends on their lengths alone.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+async fn answer(
+    mut conn: tokio::net::TcpStream,
+    hold: &Mutex<Hold>,
+    token: &str,
+) -> std::io::Result<()> {
     let len = conn.read_u32().await?;
     if len > MAX_HEADER {
         return reply(&mut conn, &fail(format!("a request of {len} bytes")), &[]).await;
     }
     let mut buf = vec![0; len as usize];
     conn.read_exact(&mut buf).await?;
-    let request: Request = match serde_json::from_slice(&buf) {
+    let envelope: Envelope = match serde_json::from_slice(&buf) {
         Ok(r) => r,
         Err(e) => return reply(&mut conn, &fail(format!("not a request: {e}")), &[]).await,
     };
+    let request = envelope.request;
+    if !token.is_empty() && !same(token, &envelope.token) {
+        if let Request::Put { len, .. } = request {
+            tokio::io::copy(&mut (&mut conn).take(len), &mut tokio::io::sink()).await?;
+        }
+        let why = "wrong token: this worker keeps snapshots for its coordinator's jobs alone";
+        return reply(&mut conn, &fail(why.into()), &[]).await;
+    }
     let lock = || hold.lock().unwrap_or_else(|p| p.into_inner());
     match request {
         Request::Put {
@@ -275,7 +303,12 @@ async fn reply(
 
 /// One call to the worker at `addr` (`body`: the parts of a `put`'s bytes, in order): the
 /// answer, and for `get` its bytes.
-fn call(addr: &str, request: &Request, body: &[&[u8]]) -> Result<(Answer, Vec<u8>), String> {
+fn call(
+    addr: &str,
+    token: &str,
+    request: Request,
+    body: &[&[u8]],
+) -> Result<(Answer, Vec<u8>), String> {
     let io = |e: std::io::Error| format!("{addr}: {e}");
     let target = addr
         .to_socket_addrs()
@@ -286,7 +319,11 @@ fn call(addr: &str, request: &Request, body: &[&[u8]]) -> Result<(Answer, Vec<u8
     conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     let _ = conn.set_nodelay(true);
-    let json = serde_json::to_vec(request).expect("a request serializes");
+    let envelope = Envelope {
+        token: token.to_owned(),
+        request,
+    };
+    let json = serde_json::to_vec(&envelope).expect("a request serializes");
     conn.write_all(&(json.len() as u32).to_be_bytes())
         .and_then(|()| conn.write_all(&json))
         .and_then(|()| body.iter().try_for_each(|part| conn.write_all(part)))
@@ -314,6 +351,7 @@ fn call(addr: &str, request: &Request, body: &[&[u8]]) -> Result<(Answer, Vec<u8
 /// holds it.
 pub fn put(
     addr: &str,
+    token: &str,
     run: &str,
     rank: u32,
     step: u64,
@@ -327,26 +365,26 @@ pub fn put(
         meta,
         len: parts.iter().map(|p| p.len() as u64).sum(),
     };
-    call(addr, &request, parts).map(|_| ())
+    call(addr, token, request, parts).map(|_| ())
 }
 
 /// The snapshots the worker at `addr` holds for `rank` of `run`, oldest first.
-pub fn list(addr: &str, run: &str, rank: u32) -> Result<Vec<Held>, String> {
+pub fn list(addr: &str, token: &str, run: &str, rank: u32) -> Result<Vec<Held>, String> {
     let request = Request::List {
         run: run.to_owned(),
         rank,
     };
-    call(addr, &request, &[]).map(|(a, _)| a.held)
+    call(addr, token, request, &[]).map(|(a, _)| a.held)
 }
 
 /// One snapshot's bytes from the worker at `addr`.
-pub fn get(addr: &str, run: &str, rank: u32, step: u64) -> Result<Vec<u8>, String> {
+pub fn get(addr: &str, token: &str, run: &str, rank: u32, step: u64) -> Result<Vec<u8>, String> {
     let request = Request::Get {
         run: run.to_owned(),
         rank,
         step,
     };
-    call(addr, &request, &[]).map(|(_, bytes)| bytes)
+    call(addr, token, request, &[]).map(|(_, bytes)| bytes)
 }
 
 #[cfg(test)]

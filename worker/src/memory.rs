@@ -28,6 +28,8 @@ pub struct MemoryTier {
     mesh: Mesh,
     to: Vec<String>,
     from: Vec<String>,
+    /// What the workers ask of those who call them (`KILN_MEMORY_TOKEN`).
+    token: String,
     in_flight: Option<JoinHandle<Vec<String>>>,
     /// Closed or signalled once the snapshot under way has copied the state.
     copied: Option<mpsc::Receiver<()>>,
@@ -62,6 +64,7 @@ impl MemoryTier {
             mesh,
             to: addrs("KILN_MEMORY_TO"),
             from: addrs("KILN_MEMORY_FROM"),
+            token: std::env::var("KILN_MEMORY_TOKEN").unwrap_or_default(),
             in_flight: None,
             copied: None,
         })
@@ -114,6 +117,7 @@ impl MemoryTier {
             crc32: 0,
         };
         let (to, run, rank) = (self.to.clone(), self.run.clone(), self.rank as u32);
+        let token = self.token.clone();
         let meta = serde_json::json!({ "mesh": self.mesh });
         let (copied_tx, copied) = mpsc::channel();
         let send = move || -> Vec<String> {
@@ -130,12 +134,23 @@ impl MemoryTier {
             // From here on training may change the state.
             let _ = copied_tx.send(());
             let head = snapshot::encode_header(header, &data);
-            to.iter()
-                .filter_map(|addr| {
-                    let parts: [&[u8]; 2] = [&head, &data];
-                    hold::put(addr, &run, rank, steps as u64, meta.clone(), &parts).err()
-                })
-                .collect()
+            // To both workers at once.
+            let parts: [&[u8]; 2] = [&head, &data];
+            std::thread::scope(|s| {
+                let sends: Vec<_> = to
+                    .iter()
+                    .map(|addr| {
+                        let (run, token, meta) = (&run, &token, meta.clone());
+                        s.spawn(move || {
+                            hold::put(addr, token, run, rank, steps as u64, meta, &parts)
+                        })
+                    })
+                    .collect();
+                sends
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())).err())
+                    .collect()
+            })
         };
         let thread = std::thread::Builder::new()
             .name("kiln-snapshot".into())
@@ -177,7 +192,7 @@ impl MemoryTier {
         let mut held: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         let meta = serde_json::json!({ "mesh": self.mesh });
         for addr in &self.from {
-            match hold::list(addr, &self.run, self.rank as u32) {
+            match hold::list(addr, &self.token, &self.run, self.rank as u32) {
                 Ok(list) => {
                     for h in list.into_iter().filter(|h| h.meta == meta) {
                         held.entry(h.step).or_default().push(addr.clone());
@@ -200,13 +215,14 @@ impl MemoryTier {
     ) -> Result<(serde_json::Value, String), String> {
         let mut why = Vec::new();
         for addr in holders {
-            let read = hold::get(addr, &self.run, self.rank as u32, step).and_then(|bytes| {
-                let (header, data) =
-                    snapshot::decode(&bytes).map_err(|e| format!("{addr}: {e}"))?;
-                self.restore(&header, data, model, optimizer)
-                    .map_err(|e| format!("{addr}: {e}"))?;
-                Ok(header.train_state)
-            });
+            let read =
+                hold::get(addr, &self.token, &self.run, self.rank as u32, step).and_then(|bytes| {
+                    let (header, data) =
+                        snapshot::decode(&bytes).map_err(|e| format!("{addr}: {e}"))?;
+                    self.restore(&header, data, model, optimizer)
+                        .map_err(|e| format!("{addr}: {e}"))?;
+                    Ok(header.train_state)
+                });
             match read {
                 Ok(state) => return Ok((state, addr.clone())),
                 Err(e) => why.push(e),

@@ -272,23 +272,17 @@ fn try_form(job: &mut Job, pool: &Pool<'_>, tally: Option<&Tally>, now: f64, ful
     job.generation += 1;
     job.commit_step = job.committed_step;
     let dp = world / job.spec.tp;
-    let snapshots = if job.spec.memory_every > 0 {
-        " or the newest snapshot in workers' memory that every rank finds"
-    } else {
-        ""
+    let from = match (job.committed_step, job.spec.memory_every > 0) {
+        (0, false) => "the newest checkpoint, if any".to_owned(),
+        (0, true) => "the newest checkpoint or snapshot in workers' memory, if any".to_owned(),
+        (step, false) => format!("the newest checkpoint (step {step} or later)"),
+        (step, true) => format!(
+            "the newest checkpoint (step {step} or later) or a newer snapshot in workers' memory"
+        ),
     };
     let message = format!(
-        "generation {}: {world} workers (dp {dp} x tp {}), from {}{snapshots}",
-        job.generation,
-        job.spec.tp,
-        if job.committed_step > 0 {
-            format!(
-                "the newest checkpoint (step {} or later)",
-                job.committed_step
-            )
-        } else {
-            "the newest checkpoint, if any".into()
-        }
+        "generation {}: {world} workers (dp {dp} x tp {}), from {from}",
+        job.generation, job.spec.tp,
     );
     set_phase(job, now, Phase::Rendezvous, message);
     true

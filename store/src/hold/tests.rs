@@ -1,5 +1,7 @@
 use super::*;
 
+const T: &str = "secret";
+
 #[test]
 fn a_worker_keeps_the_newest_snapshots_within_its_budget() {
     let mut hold = Hold::new(1000);
@@ -39,13 +41,20 @@ fn snapshots_travel_over_tcp() {
         .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let hold = Arc::new(Mutex::new(Hold::new(1 << 20)));
-    rt.spawn(serve(listener, hold.clone()));
+    rt.spawn(serve(listener, hold.clone(), "secret".into()));
     let data: Vec<u8> = (0..4096).map(|i| i as u8).collect();
     // Sent in parts, kept and read back whole.
     let (head, tail) = data.split_at(100);
     let meta = serde_json::json!({"world": 4});
-    put(&addr, "job a", 3, 12, meta, &[head, tail]).unwrap();
-    let held = list(&addr, "job a", 3).unwrap();
+    // Without the token, nothing is kept or told.
+    let why = put(&addr, "guess", "job a", 3, 12, meta.clone(), &[head, tail]).unwrap_err();
+    assert!(
+        why.ends_with("wrong token: this worker keeps snapshots for its coordinator's jobs alone"),
+        "{why}"
+    );
+    assert!(list(&addr, "", "job a", 3).is_err());
+    put(&addr, T, "job a", 3, 12, meta, &[head, tail]).unwrap();
+    let held = list(&addr, T, "job a", 3).unwrap();
     assert_eq!(
         held,
         [Held {
@@ -54,15 +63,16 @@ fn snapshots_travel_over_tcp() {
             meta: serde_json::json!({"world": 4})
         }]
     );
-    assert_eq!(get(&addr, "job a", 3, 12).unwrap(), data);
-    assert!(list(&addr, "job b", 3).unwrap().is_empty());
-    let why = get(&addr, "job a", 3, 11).unwrap_err();
+    assert_eq!(get(&addr, T, "job a", 3, 12).unwrap(), data);
+    assert!(list(&addr, T, "job b", 3).unwrap().is_empty());
+    let why = get(&addr, T, "job a", 3, 11).unwrap_err();
     assert_eq!(
         why,
         format!("{addr}: no snapshot of step 11 for rank 3 of job a")
     );
     let why = put(
         &addr,
+        T,
         "job a",
         3,
         13,
@@ -73,6 +83,6 @@ fn snapshots_travel_over_tcp() {
     assert!(why.contains("memory budget of 1.0 MiB"), "{why}");
     drop(rt);
     // Nobody listening: the address is named.
-    let why = list(&addr, "job a", 3).unwrap_err();
+    let why = list(&addr, T, "job a", 3).unwrap_err();
     assert!(why.starts_with(&addr), "{why}");
 }
