@@ -72,7 +72,7 @@ pub struct Answer {
 }
 
 struct Entry {
-    bytes: bytes::Bytes,
+    bytes: Arc<Vec<u8>>,
     meta: serde_json::Value,
     /// Arrival order: the oldest goes first when the budget is reached.
     seq: u64,
@@ -84,7 +84,13 @@ pub struct Hold {
     held: u64,
     seq: u64,
     runs: BTreeMap<(String, u32), BTreeMap<u64, Entry>>,
+    /// Buffers of dropped snapshots, kept for the next ones (counted in `held`; the first to
+    /// go when the budget is reached): a snapshot a step makes the next one's memory warm.
+    spare: Vec<Vec<u8>>,
 }
+
+/// At most this many spare buffers.
+const SPARE: usize = 2;
 
 impl Hold {
     pub fn new(budget: u64) -> Self {
@@ -93,6 +99,31 @@ impl Hold {
             held: 0,
             seq: 0,
             runs: BTreeMap::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// An empty buffer for a snapshot of `len` bytes: a spare one when one is that large.
+    pub fn buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.spare.swap_remove(i);
+                self.held -= b.capacity() as u64;
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Lets go of a snapshot; its buffer is kept as a spare unless a reader still has it.
+    fn retire(&mut self, e: Entry) {
+        self.held -= e.bytes.len() as u64;
+        if let Ok(b) = Arc::try_unwrap(e.bytes) {
+            if self.spare.len() < SPARE {
+                self.held += b.capacity() as u64;
+                self.spare.push(b);
+            }
         }
     }
 
@@ -109,7 +140,7 @@ impl Hold {
         rank: u32,
         step: u64,
         meta: serde_json::Value,
-        bytes: bytes::Bytes,
+        bytes: Vec<u8>,
     ) -> Result<(), String> {
         let len = bytes.len() as u64;
         if let Some(why) = over_budget(len, self.budget) {
@@ -118,19 +149,24 @@ impl Hold {
         self.seq += 1;
         let steps = self.runs.entry((run.to_owned(), rank)).or_default();
         let entry = Entry {
-            bytes,
+            bytes: Arc::new(bytes),
             meta,
             seq: self.seq,
         };
-        if let Some(old) = steps.insert(step, entry) {
-            self.held -= old.bytes.len() as u64;
+        let mut dropped = Vec::new();
+        dropped.extend(steps.insert(step, entry));
+        while steps.len() > KEEP {
+            dropped.push(steps.pop_first().expect("non-empty").1);
         }
         self.held += len;
-        while steps.len() > KEEP {
-            let (_, old) = steps.pop_first().expect("non-empty");
-            self.held -= old.bytes.len() as u64;
+        for e in dropped {
+            self.retire(e);
         }
         while self.held > self.budget {
+            if let Some(b) = self.spare.pop() {
+                self.held -= b.capacity() as u64;
+                continue;
+            }
             let oldest = self
                 .runs
                 .iter()
@@ -140,10 +176,10 @@ impl Hold {
             let Some((_, key, s)) = oldest else { break };
             let steps = self.runs.get_mut(&key).expect("listed");
             let old = steps.remove(&s).expect("listed");
-            self.held -= old.bytes.len() as u64;
             if steps.is_empty() {
                 self.runs.remove(&key);
             }
+            self.held -= old.bytes.len() as u64;
         }
         Ok(())
     }
@@ -164,7 +200,7 @@ impl Hold {
             .unwrap_or_default()
     }
 
-    pub fn get(&self, run: &str, rank: u32, step: u64) -> Option<bytes::Bytes> {
+    pub fn get(&self, run: &str, rank: u32, step: u64) -> Option<Arc<Vec<u8>>> {
         self.runs
             .get(&(run.to_owned(), rank))
             .and_then(|steps| steps.get(&step))
@@ -232,9 +268,12 @@ async fn answer(
                 tokio::io::copy(&mut (&mut conn).take(len), &mut tokio::io::sink()).await?;
                 return reply(&mut conn, &fail(why), &[]).await;
             }
-            let mut bytes = vec![0; len as usize];
-            conn.read_exact(&mut bytes).await?;
-            let answer = match lock().put(&run, rank, step, meta, bytes.into()) {
+            let mut bytes = lock().buffer(len as usize);
+            (&mut conn).take(len).read_to_end(&mut bytes).await?;
+            if bytes.len() as u64 != len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let answer = match lock().put(&run, rank, step, meta, bytes) {
                 Ok(()) => Answer::default(),
                 Err(e) => fail(e),
             };

@@ -30,7 +30,10 @@ pub struct MemoryTier {
     from: Vec<String>,
     /// What the workers ask of those who call them (`KILN_MEMORY_TOKEN`).
     token: String,
-    in_flight: Option<JoinHandle<Vec<String>>>,
+    /// The send under way: it gives back its buffer (kept for the next snapshot, so that its
+    /// memory is not faulted in again every step) and its failures.
+    in_flight: Option<JoinHandle<(Vec<u8>, Vec<String>)>>,
+    buffer: Vec<u8>,
     /// Closed or signalled once the snapshot under way has copied the state.
     copied: Option<mpsc::Receiver<()>>,
 }
@@ -66,6 +69,7 @@ impl MemoryTier {
             from: addrs("KILN_MEMORY_FROM"),
             token: std::env::var("KILN_MEMORY_TOKEN").unwrap_or_default(),
             in_flight: None,
+            buffer: Vec::new(),
             copied: None,
         })
     }
@@ -120,9 +124,11 @@ impl MemoryTier {
         let token = self.token.clone();
         let meta = serde_json::json!({ "mesh": self.mesh });
         let (copied_tx, copied) = mpsc::channel();
-        let send = move || -> Vec<String> {
+        let mut data = std::mem::take(&mut self.buffer);
+        let send = move || -> (Vec<u8>, Vec<String>) {
             let total: usize = sources.iter().map(|t| t.numel() * 4).sum();
-            let mut data = vec![0u8; total];
+            data.clear();
+            data.resize(total, 0);
             let mut at = 0;
             for t in &sources {
                 let n = t.numel();
@@ -136,7 +142,7 @@ impl MemoryTier {
             let head = snapshot::encode_header(header, &data);
             // To both workers at once.
             let parts: [&[u8]; 2] = [&head, &data];
-            std::thread::scope(|s| {
+            let failed = std::thread::scope(|s| {
                 let sends: Vec<_> = to
                     .iter()
                     .map(|addr| {
@@ -150,7 +156,8 @@ impl MemoryTier {
                     .into_iter()
                     .filter_map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())).err())
                     .collect()
-            })
+            });
+            (data, failed)
         };
         let thread = std::thread::Builder::new()
             .name("kiln-snapshot".into())
@@ -176,10 +183,11 @@ impl MemoryTier {
     pub fn wait(&mut self) {
         self.copied = None;
         if let Some(f) = self.in_flight.take() {
-            for e in f
+            let (buffer, failed) = f
                 .join()
-                .unwrap_or_else(|_| vec!["the send thread panicked".into()])
-            {
+                .unwrap_or_else(|_| (Vec::new(), vec!["the send thread panicked".into()]));
+            self.buffer = buffer;
+            for e in failed {
                 tracing::warn!("snapshot in memory not kept: {e}");
                 eprintln!("warning: a snapshot in memory was not kept: {e}");
             }

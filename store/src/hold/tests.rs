@@ -6,22 +6,29 @@ const T: &str = "secret";
 fn a_worker_keeps_the_newest_snapshots_within_its_budget() {
     let mut hold = Hold::new(1000);
     for step in 1..=5 {
-        hold.put("run", 0, step, serde_json::json!(step), vec![0; 100].into())
+        hold.put("run", 0, step, serde_json::json!(step), vec![0; 100])
             .unwrap();
     }
     let steps: Vec<u64> = hold.list("run", 0).iter().map(|h| h.step).collect();
     assert_eq!(steps, [3, 4, 5], "the {KEEP} newest of a rank");
-    assert_eq!(hold.bytes(), 300);
+    // The two dropped ones' buffers are kept for the next snapshots, and counted.
+    assert_eq!(hold.bytes(), 500);
+    let spare = hold.buffer(100);
+    assert!(spare.is_empty() && spare.capacity() >= 100);
+    assert_eq!(hold.bytes(), 400);
+    hold.put("run", 0, 6, serde_json::json!(6), spare_filled(spare))
+        .unwrap();
+    assert_eq!(hold.bytes(), 500, "steps 4 to 6, and step 3's buffer spare");
     // Another rank's snapshots push the oldest out once the budget is reached.
     for step in 1..=3 {
-        hold.put("run", 1, step, serde_json::json!(null), vec![0; 300].into())
+        hold.put("run", 1, step, serde_json::json!(null), vec![0; 300])
             .unwrap();
     }
     assert!(hold.bytes() <= 1000);
     assert_eq!(hold.list("run", 1).len(), 3, "the newest arrivals stay");
     assert!(hold.list("run", 0).len() < 3);
     let why = hold
-        .put("run", 2, 1, serde_json::json!(null), vec![0; 2000].into())
+        .put("run", 2, 1, serde_json::json!(null), vec![0; 2000])
         .unwrap_err();
     assert!(
         why.contains("does not fit this worker's memory budget"),
@@ -85,4 +92,9 @@ fn snapshots_travel_over_tcp() {
     // Nobody listening: the address is named.
     let why = list(&addr, T, "job a", 3).unwrap_err();
     assert!(why.starts_with(&addr), "{why}");
+}
+
+fn spare_filled(mut b: Vec<u8>) -> Vec<u8> {
+    b.resize(100, 1);
+    b
 }
