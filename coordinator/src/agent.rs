@@ -98,13 +98,11 @@ fn bind_host(host: &str) -> &'static str {
 /// Starts keeping snapshots in memory for other workers (within `budget_mb`): the address
 /// to offer them, `HOST:PORT`.
 async fn serve_memory(host: &str, budget_mb: u64, token: &str) -> Result<String, AgentError> {
+    let failed = |e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}"));
     let listener = tokio::net::TcpListener::bind((bind_host(host), 0))
         .await
-        .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| AgentError::Refused(format!("cannot listen for memory snapshots: {e}")))?
-        .port();
+        .map_err(failed)?;
+    let port = listener.local_addr().map_err(failed)?.port();
     let hold = kiln_store::hold::Hold::new(budget_mb << 20);
     tokio::spawn(kiln_store::hold::serve(
         listener,

@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kiln_proto::client::{AUTHORIZATION, MAX_MESSAGE_BYTES};
-use kiln_proto::control::{check_host_port, check_id, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
+use kiln_proto::client::{same_token, AUTHORIZATION, MAX_MESSAGE_BYTES};
+use kiln_proto::control::{check_addr, check_id, WorkerReport, MAX_JOB_BYTES, MAX_WORKERS};
 use kiln_proto::job::JobConfig;
 use kiln_proto::rpc::{self, coordinator_server::CoordinatorServer};
 use tokio::sync::{watch, Mutex};
@@ -428,12 +428,7 @@ impl rpc::coordinator_server::Coordinator for Service {
         check_id("previous_id", &r.previous_id, false).map_err(invalid)?;
         let report = report(r.report)?;
         if !r.memory_addr.is_empty() {
-            check_host_port(&r.memory_addr).map_err(|why| {
-                invalid(format!(
-                    "memory_addr: {:?} is not HOST:PORT ({why})",
-                    r.memory_addr
-                ))
-            })?;
+            check_addr("memory_addr", &r.memory_addr).map_err(invalid)?;
         }
         let memory_addr = r.memory_addr;
         let worker_id = self
@@ -508,14 +503,7 @@ fn auth(token: Arc<String>) -> impl Fn(Request<()>) -> Result<Request<()>, Statu
                 "no token: pass --token or set KILN_TOKEN",
             ));
         };
-        let given = value.as_bytes();
-        let expected = format!("Bearer {token}");
-        let expected = expected.as_bytes();
-        let mut diff = given.len() ^ expected.len();
-        for (i, b) in expected.iter().enumerate() {
-            diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ b);
-        }
-        if diff != 0 {
+        if !same_token(value.as_bytes(), format!("Bearer {token}").as_bytes()) {
             return Err(Status::unauthenticated("wrong token"));
         }
         Ok(request)

@@ -13,6 +13,16 @@ use crate::rpc::coordinator_client::CoordinatorClient;
 
 /// The metadata key a token travels under, as `Bearer TOKEN`.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Whether a token `given` is the `expected` one, compared in a time that depends on the
+/// expected token's length alone, not on where they differ.
+pub fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, b) in expected.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ b);
+    }
+    diff == 0
+}
 /// The largest message either side decodes: a job file plus headroom.
 pub const MAX_MESSAGE_BYTES: usize = crate::control::MAX_JOB_BYTES + (64 << 10);
 

@@ -341,6 +341,12 @@ impl From<Progress> for rpc::Progress {
     }
 }
 
+/// [`check_host_port`] of the value of field `field`, the error naming the field.
+pub fn check_addr(field: &'static str, addr: &str) -> Result<(), FieldError> {
+    check_host_port(addr)
+        .map_err(|why| field_error(field, format!("{addr:?} is not HOST:PORT ({why})")))
+}
+
 /// Checks that `addr` is an address peers can connect to: `HOST:PORT` with a port in
 /// 1..=65535 and a host that is an IPv4 address, a bracketed IPv6 address (`[::1]:7000`) or a
 /// DNS name (labels of letters, digits and inner hyphens). Says what is wrong otherwise.
@@ -408,12 +414,7 @@ impl TryFrom<rpc::WorkerReport> for WorkerReport {
             None
         } else {
             check_id("report.ready_addr", &r.ready_addr, true)?;
-            check_host_port(&r.ready_addr).map_err(|why| {
-                field_error(
-                    "report.ready_addr",
-                    format!("{:?} is not HOST:PORT ({why})", r.ready_addr),
-                )
-            })?;
+            check_addr("report.ready_addr", &r.ready_addr)?;
             Some(r.ready_addr)
         };
         if r.rank >= MAX_WORKERS {
@@ -549,15 +550,7 @@ impl TryFrom<rpc::HeartbeatReply> for Reply {
                     ("run.memory_to", &a.memory_to),
                     ("run.memory_from", &a.memory_from),
                 ] {
-                    if let Some((addr, why)) = addrs
-                        .iter()
-                        .find_map(|addr| check_host_port(addr).err().map(|why| (addr, why)))
-                    {
-                        return Err(field_error(
-                            key,
-                            format!("{addr:?} is not HOST:PORT ({why})"),
-                        ));
-                    }
+                    addrs.iter().try_for_each(|addr| check_addr(key, addr))?;
                 }
                 Command::Run(Assignment {
                     job_id: a.job_id,

@@ -15,6 +15,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_proto::client::same_token;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -224,11 +225,6 @@ pub async fn serve(listener: tokio::net::TcpListener, hold: Arc<Mutex<Hold>>, to
     }
 }
 
-/// Whether `a` and `b` are equal, in a time that depends on their lengths alone.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0, |d, (x, y)| d | (x ^ y)) == 0
-}
-
 async fn answer(
     mut conn: tokio::net::TcpStream,
     hold: &Mutex<Hold>,
@@ -245,14 +241,22 @@ async fn answer(
         Err(e) => return reply(&mut conn, &fail(format!("not a request: {e}")), &[]).await,
     };
     let request = envelope.request;
-    if !token.is_empty() && !same(token, &envelope.token) {
+    let lock = || hold.lock().unwrap_or_else(|p| p.into_inner());
+    let refused = if !token.is_empty() && !same_token(envelope.token.as_bytes(), token.as_bytes()) {
+        Some("wrong token: this worker keeps snapshots for its coordinator's jobs alone".into())
+    } else if let Request::Put { len, .. } = request {
+        over_budget(len, lock().budget)
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        // Whatever a refused `put` sends is read past and dropped, so that the sender gets
+        // the answer rather than a reset connection.
         if let Request::Put { len, .. } = request {
             tokio::io::copy(&mut (&mut conn).take(len), &mut tokio::io::sink()).await?;
         }
-        let why = "wrong token: this worker keeps snapshots for its coordinator's jobs alone";
-        return reply(&mut conn, &fail(why.into()), &[]).await;
+        return reply(&mut conn, &fail(why), &[]).await;
     }
-    let lock = || hold.lock().unwrap_or_else(|p| p.into_inner());
     match request {
         Request::Put {
             run,
@@ -261,13 +265,6 @@ async fn answer(
             meta,
             len,
         } => {
-            let budget = lock().budget;
-            // Refused without keeping what would not fit: read past it, so that the sender
-            // gets the answer rather than a reset connection.
-            if let Some(why) = over_budget(len, budget) {
-                tokio::io::copy(&mut (&mut conn).take(len), &mut tokio::io::sink()).await?;
-                return reply(&mut conn, &fail(why), &[]).await;
-            }
             let mut bytes = lock().buffer(len as usize);
             (&mut conn).take(len).read_to_end(&mut bytes).await?;
             if bytes.len() as u64 != len {

@@ -91,27 +91,18 @@ pub(super) fn resume(
             checkpoint::load(&store, m, model, optimizer)?;
             Ok(state)
         });
-        // The highest rank that failed, plus one; 0 when every rank loaded it.
-        let failed = match &outcome {
-            Ok(_) => 0,
-            Err(_) => groups.rank as i64 + 1,
-        };
-        let flag = Tensor::from_slice(&[failed]);
-        groups.world.all_reduce(&flag, ReduceOp::Max)?;
-        let worst = flag.int64_value(&[0]);
         let name = store.display(m.step, "");
-        if let (0, Ok(state)) = (worst, &outcome) {
-            optimizer.step = state.optimizer_step;
-            return Ok(ResumePoint {
-                step: state.steps.unwrap_or(m.step as i64),
-                ledger_hash: state.ledger.hash,
-                from: name,
-                rejected,
-            });
-        }
-        let why = match outcome {
-            Err(e) => e.to_string(),
-            Ok(_) => format!("rank {} could not load it (see its output)", worst - 1),
+        let why = match agree(groups, outcome)? {
+            Ok(state) => {
+                optimizer.step = state.optimizer_step;
+                return Ok(ResumePoint {
+                    step: state.steps.unwrap_or(m.step as i64),
+                    ledger_hash: state.ledger.hash,
+                    from: name,
+                    rejected,
+                });
+            }
+            Err(why) => why,
         };
         tracing::warn!("checkpoint {name} rejected: {why}");
         if step.is_some() {
@@ -170,15 +161,8 @@ fn from_memory(
             compatible(target.job, target.config, target.data_id, step, &state)?;
             Ok((state, addr))
         });
-    let failed = match &outcome {
-        Ok(_) => 0,
-        Err(_) => target.groups.rank as i64 + 1,
-    };
-    let flag = Tensor::from_slice(&[failed]);
-    world.all_reduce(&flag, ReduceOp::Max)?;
-    let worst = flag.int64_value(&[0]);
-    match outcome {
-        Ok((state, addr)) if worst == 0 => {
+    match agree(target.groups, outcome)? {
+        Ok((state, addr)) => {
             optimizer.step = state.optimizer_step;
             Ok(Some(ResumePoint {
                 step: state.steps.unwrap_or(step as i64),
@@ -187,16 +171,36 @@ fn from_memory(
                 rejected: std::mem::take(rejected),
             }))
         }
-        outcome => {
-            let why = match outcome {
-                Err(e) => e.to_string(),
-                Ok(_) => format!("rank {} could not load it (see its output)", worst - 1),
-            };
+        Err(why) => {
             tracing::warn!("snapshot of step {step} in memory rejected: {why}");
             rejected.push(format!("step {step} in workers' memory: {why}"));
             Ok(None)
         }
     }
+}
+
+/// What every rank's attempt to load came to: this rank's value when every rank loaded,
+/// else why not (this rank's error, or the highest rank that failed named).
+fn agree<T>(
+    groups: &ProcessGroups,
+    outcome: Result<T, TrainError>,
+) -> Result<Result<T, String>, TrainError> {
+    // The highest rank that failed, plus one; 0 when every rank loaded it.
+    let failed = match &outcome {
+        Ok(_) => 0,
+        Err(_) => groups.rank as i64 + 1,
+    };
+    let flag = Tensor::from_slice(&[failed]);
+    groups.world.all_reduce(&flag, ReduceOp::Max)?;
+    let worst = flag.int64_value(&[0]);
+    Ok(match outcome {
+        Ok(value) if worst == 0 => Ok(value),
+        Ok(_) => Err(format!(
+            "rank {} could not load it (see its output)",
+            worst - 1
+        )),
+        Err(e) => Err(e.to_string()),
+    })
 }
 
 /// The training state checkpoint `m` records.

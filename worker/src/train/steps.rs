@@ -274,14 +274,11 @@ impl<'a> Trainer<'a> {
         };
         let (previous, held) = tracing::info_span!("checkpoint.snapshot", kiln.step = step + 1)
             .in_scope(|| s.save((step + 1) as u64, &run.model, &run.optimizer, state))?;
-        self.window.phases.checkpoint += held;
         if let Some(done) = previous {
             let pause_s = std::mem::take(&mut self.pause_s);
             self.log.checkpoint(done, pause_s)?;
         }
-        self.pause_s += held;
-        // Saving does not count against training throughput.
-        self.window.start += Duration::from_secs_f64(held);
+        self.held_by_checkpoint(held);
         Ok(())
     }
 
@@ -299,10 +296,16 @@ impl<'a> Trainer<'a> {
         let held = tracing::info_span!("checkpoint.memory", kiln.step = step + 1)
             .in_scope(|| m.snapshot(step + 1, &run.model, &run.optimizer, state))
             .map_err(TrainError::Snapshot)?;
+        self.held_by_checkpoint(held);
+        Ok(())
+    }
+
+    /// Counts `held` seconds training waited for a save or a snapshot: in the step's phases
+    /// and the next checkpoint event's pause, and not against training throughput.
+    fn held_by_checkpoint(&mut self, held: f64) {
         self.window.phases.checkpoint += held;
         self.pause_s += held;
         self.window.start += Duration::from_secs_f64(held);
-        Ok(())
     }
 
     /// The training state a checkpoint after `steps` steps records, as its manifest holds it.
